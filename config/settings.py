@@ -1,0 +1,147 @@
+"""Every setting Sluice reads, from the environment (12-factor), each with a safe default.
+
+This module is the one place a setting is named. The README's configuration table is written
+from `SETTINGS_DOC` below, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+# name -> (default, description). The README table mirrors this.
+SETTINGS_DOC: dict[str, tuple[str, str]] = {
+    "PORT": ("5000", "HTTP port to listen on."),
+    "HOST": ("0.0.0.0", "Interface to listen on."),
+    "DATABASE_URL": ("(unset: embedded PostgreSQL)", "PostgreSQL URL."),
+    "REDIS_URL": ("(unset: embedded Redis)", "Redis URL."),
+    "SLUICE_SECRET": ("(unset)", "HS256 secret for tokens."),
+    "SLUICE_SECRETS": ("(unset)", "Several keys for rotation: `kid:secret,kid2:secret2`."),
+    "SLUICE_ENV": ("development", "`production` refuses to start without a secret. `DYNO` implies production."),
+    "SLUICE_DATA_DIR": ("./.sluice", "Where embedded servers keep their data and the dev secret."),
+    "DB_POOL_SIZE": ("4", "Most Postgres connections one process opens."),
+    "DB_POOL_TIMEOUT_S": ("2", "How long a request waits for a pooled connection before 503."),
+    "DB_CONNECT_TIMEOUT_S": ("3", "Postgres connect timeout."),
+    "BATCH_MAX_EVENTS": ("2000", "Most events in one group commit (one request is never split)."),
+    "BATCH_MAX_WAIT_MS": ("2", "How long the batcher waits for more events after the oldest arrived."),
+    "INGEST_MAX_BACKLOG": ("50000", "Most events accepted but not yet committed, per process; past it: 503 + Retry-After."),
+    "INGEST_COMMIT_TIMEOUT_S": ("10", "How long an ingest request waits for its commit before 503."),
+    "MAX_BODY_BYTES": ("1048576", "Largest ingest body (413 past it)."),
+    "MAX_BATCH_EVENTS": ("1000", "Most events in one ingest request (413 past it)."),
+    "MAX_DATA_BYTES": ("65536", "Largest encoded `data` of one event (400 past it)."),
+    "READ_MAX_LIMIT": ("1000", "Largest `limit` a history read accepts."),
+    "SUBSCRIBER_QUEUE_MAX": ("1000", "Outbound queue bound per subscriber."),
+    "HEARTBEAT_S": ("15", "SSE heartbeat comment interval."),
+    "RETRY_BASE_MS": ("1000", "Smallest SSE `retry:` handed out."),
+    "RETRY_MAX_MS": ("60000", "Largest SSE `retry:` handed out."),
+    "LONGPOLL_MAX_S": ("25", "Longest long-poll hold."),
+    "SHUTDOWN_TIMEOUT_S": ("20", "How long SIGTERM waits for in-flight requests before exiting."),
+}
+
+
+class SettingsError(ValueError):
+    """A setting has a value Sluice cannot use; raised at startup, never later."""
+
+
+def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
+    raw = env.get(name, SETTINGS_DOC[name][0])
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, minimum: float = 0.0) -> float:
+    raw = env.get(name, SETTINGS_DOC[name][0])
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """Parse SLUICE_SECRETS (`kid:secret,...`) and SLUICE_SECRET (kid `default`)."""
+    keys: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in env.get("SLUICE_SECRETS", "").split(","))):
+        kid, sep, secret = item.partition(":")
+        if not sep or not kid or not secret:
+            raise SettingsError("SLUICE_SECRETS must look like `kid:secret,kid2:secret2`")
+        keys[kid] = secret
+    if env.get("SLUICE_SECRET"):
+        keys.setdefault("default", env["SLUICE_SECRET"])
+    return keys
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The process's configuration; built once by `from_env` and passed down, never global."""
+
+    port: int = 5000
+    host: str = "0.0.0.0"
+    database_url: str | None = None
+    redis_url: str | None = None
+    secrets: dict[str, str] = field(default_factory=dict)
+    production: bool = False
+    data_dir: str = ".sluice"
+    db_pool_size: int = 4
+    db_pool_timeout_s: float = 2.0
+    db_connect_timeout_s: int = 3
+    batch_max_events: int = 2000
+    batch_max_wait_ms: float = 2.0
+    ingest_max_backlog: int = 50000
+    ingest_commit_timeout_s: float = 10.0
+    max_body_bytes: int = 1048576
+    max_batch_events: int = 1000
+    max_data_bytes: int = 65536
+    read_max_limit: int = 1000
+    subscriber_queue_max: int = 1000
+    heartbeat_s: float = 15.0
+    retry_base_ms: int = 1000
+    retry_max_ms: int = 60000
+    longpoll_max_s: float = 25.0
+    shutdown_timeout_s: float = 20.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        production = env.get("SLUICE_ENV", "").lower() == "production" or bool(env.get("DYNO"))
+        secrets = _secrets(env)
+        if production and not secrets:
+            raise SettingsError(
+                "SLUICE_ENV=production (or DYNO set) requires SLUICE_SECRET or SLUICE_SECRETS"
+            )
+        settings = cls(
+            port=_int(env, "PORT", 0),
+            host=env.get("HOST", "0.0.0.0"),
+            database_url=env.get("DATABASE_URL") or None,
+            redis_url=env.get("REDIS_URL") or None,
+            secrets=secrets,
+            production=production,
+            data_dir=env.get("SLUICE_DATA_DIR", SETTINGS_DOC["SLUICE_DATA_DIR"][0]),
+            db_pool_size=_int(env, "DB_POOL_SIZE", 1),
+            db_pool_timeout_s=_float(env, "DB_POOL_TIMEOUT_S"),
+            db_connect_timeout_s=_int(env, "DB_CONNECT_TIMEOUT_S", 1),
+            batch_max_events=_int(env, "BATCH_MAX_EVENTS", 1),
+            batch_max_wait_ms=_float(env, "BATCH_MAX_WAIT_MS"),
+            ingest_max_backlog=_int(env, "INGEST_MAX_BACKLOG", 1),
+            ingest_commit_timeout_s=_float(env, "INGEST_COMMIT_TIMEOUT_S", 0.1),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", 1),
+            max_batch_events=_int(env, "MAX_BATCH_EVENTS", 1),
+            max_data_bytes=_int(env, "MAX_DATA_BYTES", 1),
+            read_max_limit=_int(env, "READ_MAX_LIMIT", 1),
+            subscriber_queue_max=_int(env, "SUBSCRIBER_QUEUE_MAX", 1),
+            heartbeat_s=_float(env, "HEARTBEAT_S", 0.1),
+            retry_base_ms=_int(env, "RETRY_BASE_MS", 0),
+            retry_max_ms=_int(env, "RETRY_MAX_MS", 0),
+            longpoll_max_s=_float(env, "LONGPOLL_MAX_S", 0.0),
+            shutdown_timeout_s=_float(env, "SHUTDOWN_TIMEOUT_S", 0.0),
+        )
+        if settings.max_batch_events > settings.ingest_max_backlog:
+            raise SettingsError("MAX_BATCH_EVENTS must not exceed INGEST_MAX_BACKLOG")
+        return settings

@@ -1,0 +1,241 @@
+"""The batcher: one greenlet per process that turns many small ingest requests into few commits.
+
+Request greenlets `submit` their events and wait; the batcher collects requests until it has
+`max_events` or the oldest has waited `max_wait_ms`, writes them in one transaction on one pooled
+connection, and wakes each request once its events are durable (group commit). The backlog is
+bounded: past `max_backlog` events, `submit` refuses with 503 + Retry-After at once.
+
+A request is never split across batches, so it is all-or-nothing. If a batch fails on bad data,
+its requests are retried one by one so one request's data never fails another's.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Callable, Iterable, Sequence
+
+import gevent
+import psycopg2
+from gevent.event import Event
+
+from ingest.events import IngestRequest, StoredEvent
+from ingest.pool import DatabaseUnavailable, Pool
+from ingest.store import EventStore, ReservationFailed
+from web.problems import Problem, Unavailable
+
+log = logging.getLogger("sluice.batcher")
+
+CommitListener = Callable[[Sequence[IngestRequest]], None]
+
+
+class Backpressure(Unavailable):
+    """The ingest backlog is full: the client should retry after a moment."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retry_after=1, slug="backlog-full")
+
+
+class Batcher:
+    """Coalesces ingest requests into group commits; see the module docstring."""
+
+    def __init__(self, store: EventStore, pool: Pool, *, max_events: int = 2000,
+                 max_wait_ms: float = 2.0, max_backlog: int = 50000,
+                 metrics: "BatcherMetrics | None" = None) -> None:
+        self.store = store
+        self.pool = pool
+        self.max_events = max_events
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_backlog = max_backlog
+        self.metrics = metrics
+        self.backlog = 0                      # events submitted, not yet committed or failed
+        self._queue: deque[IngestRequest] = deque()
+        self._queued_events = 0
+        self._inflight: list[IngestRequest] = []
+        self._wakeup = Event()
+        self._stopping = False
+        self._listeners: list[CommitListener] = []
+        self._greenlet: gevent.Greenlet | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> "Batcher":
+        self._greenlet = gevent.spawn(self._run)
+        return self
+
+    def add_listener(self, listener: CommitListener) -> None:
+        """Call `listener(requests)` after each commit (the hub publishes from here)."""
+        self._listeners.append(listener)
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        """Refuse new work, flush everything accepted, then end; True if it all flushed in time."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._greenlet is None:
+            return True
+        self._greenlet.join(timeout)
+        if not self._greenlet.dead:
+            self._greenlet.kill(block=False)
+            return False
+        return True
+
+    # -- request side -------------------------------------------------------------------------
+    def submit(self, req: IngestRequest) -> None:
+        """Queue a request's events for the next batch, or refuse at once if full or stopping."""
+        if self._stopping:
+            raise Unavailable("the server is shutting down", retry_after=2, slug="shutting-down")
+        n = len(req.events)
+        if self.backlog + n > self.max_backlog:
+            if self.metrics:
+                self.metrics.rejected.inc(n)
+            raise Backpressure(f"ingest backlog is full ({self.backlog} events waiting)")
+        self.backlog += n
+        self._queued_events += n
+        self._queue.append(req)
+        if self.metrics:
+            self.metrics.backlog.set(self.backlog)
+        self._wakeup.set()
+
+    def commit(self, req: IngestRequest, timeout: float) -> None:
+        """Submit and wait until the request's events are committed (or raise why not)."""
+        self.submit(req)
+        try:
+            req.done.get(timeout=timeout)
+        except gevent.Timeout:
+            # Not acknowledged: it may still commit later, which a retry with the same keys
+            # handles. If it is still queued, take it back so it does not commit unseen.
+            self._cancel(req)
+            raise Unavailable("the database did not commit in time", retry_after=2,
+                              slug="commit-timeout") from None
+
+    def _cancel(self, req: IngestRequest) -> None:
+        if req in self._queue and not req.cancelled:
+            req.cancelled = True
+            self._queue.remove(req)
+            self._queued_events -= len(req.events)
+            self.backlog -= len(req.events)
+
+    def pending(self) -> Iterable[IngestRequest]:
+        """Requests accepted but not yet committed (in flight first, then queued)."""
+        return [*self._inflight, *self._queue]
+
+    # -- the batcher greenlet -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            while not self._queue:
+                if self._stopping:
+                    return
+                self._wakeup.clear()
+                self._wakeup.wait()
+            deadline = self._queue[0].accepted_at + self.max_wait_s
+            while self._queued_events < self.max_events and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                self._wakeup.wait(remaining)
+            batch = self._take()
+            if batch:
+                self._flush(batch)
+
+    def _take(self) -> list[IngestRequest]:
+        batch: list[IngestRequest] = []
+        count = 0
+        while self._queue:
+            n = len(self._queue[0].events)
+            if batch and count + n > self.max_events:
+                break
+            req = self._queue.popleft()
+            self._queued_events -= n
+            count += n
+            batch.append(req)
+        return batch
+
+    def _flush(self, batch: list[IngestRequest]) -> None:
+        self._inflight = batch
+        started = time.monotonic()
+        try:
+            failed = self._write(batch)
+        finally:
+            self._inflight = []
+            self.backlog -= sum(len(r.events) for r in batch)
+            if self.metrics:
+                self.metrics.backlog.set(self.backlog)
+        if self.metrics:
+            self.metrics.flush_seconds.observe(time.monotonic() - started)
+            self.metrics.batch_events.observe(sum(len(r.events) for r in batch))
+        committed = [r for r in batch if r not in failed]
+        for req in committed:
+            req.done.set(req.results)
+        if committed:
+            for listener in self._listeners:
+                try:
+                    listener(committed)
+                except Exception:  # noqa: BLE001 - a listener must never stop ingest
+                    log.exception("commit listener failed")
+
+    def _write(self, batch: list[IngestRequest]) -> set[IngestRequest]:
+        """Write the batch; return the requests that failed (each already told why)."""
+        try:
+            self._write_once(batch)
+            return set()
+        except Problem as problem:
+            for req in batch:
+                req.done.set_exception(problem)
+            return set(batch)
+        except psycopg2.Error as exc:
+            if len(batch) == 1:
+                log.error("ingest request failed in the database: %s", exc)
+                batch[0].done.set_exception(Problem(
+                    400 if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)) else 500,
+                    "rejected-by-database", "the database rejected this request's events"))
+                return set(batch)
+        # Bad data somewhere in a multi-request batch: isolate it by writing requests alone.
+        failed: set[IngestRequest] = set()
+        for req in batch:
+            failed |= self._write([req])
+        return failed
+
+    def _write_once(self, batch: list[IngestRequest]) -> None:
+        for attempt in (1, 2):
+            try:
+                with self.pool.connection() as conn:
+                    self.store.write_batch(conn, batch)
+                return
+            except ReservationFailed:
+                # A stale connection fails on the first statement; nothing can have committed,
+                # so one retry on a fresh connection is safe.
+                if attempt == 2:
+                    raise DatabaseUnavailable("database connection lost") from None
+
+
+class BatcherMetrics:
+    """The Prometheus instruments the batcher updates (created by the app factory)."""
+
+    def __init__(self, registry) -> None:  # type: ignore[no-untyped-def]
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.backlog = Gauge("sluice_ingest_backlog_events", "Events accepted, not yet committed",
+                             registry=registry)
+        self.rejected = Counter("sluice_ingest_rejected_events", "Events refused by backpressure",
+                                registry=registry)
+        self.flush_seconds = Histogram(
+            "sluice_batch_flush_seconds", "Time to write and commit one batch", registry=registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.batch_events = Histogram(
+            "sluice_batch_events", "Events per committed batch", registry=registry,
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
+
+
+def pending_events(batcher: Batcher, *, client_id: str | None, stream: str | None) -> list[tuple[IngestRequest, int]]:
+    """(request, event index) of pending events matching the filters, in acceptance order."""
+    out: list[tuple[IngestRequest, int]] = []
+    for req in batcher.pending():
+        if client_id is not None and req.client_id != client_id:
+            continue
+        for i, ev in enumerate(req.events):
+            if stream is None or ev.stream == stream:
+                out.append((req, i))
+    return out
+
+
+__all__ = ["Batcher", "BatcherMetrics", "Backpressure", "pending_events", "StoredEvent"]

@@ -1,0 +1,70 @@
+"""The shapes events take inside Sluice, from accepted request to stored row."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from gevent.event import AsyncResult
+
+
+@dataclass(slots=True)
+class NewEvent:
+    """One validated event of an ingest request, its data already JSON-encoded."""
+
+    stream: str
+    type: str
+    data: str
+    key: str | None = None
+
+
+@dataclass(slots=True)
+class Written:
+    """Where one event of a request ended up: its id, or the original id of a repeated key."""
+
+    id: int
+    stream: str
+    key: str | None
+    duplicate: bool = False
+
+
+@dataclass(eq=False)
+class IngestRequest:
+    """One ingest request's events, handed to the batcher and committed all together."""
+
+    client_id: str
+    events: list[NewEvent]
+    accepted_at: float = field(default_factory=time.monotonic)
+    results: list[Written] | None = None
+    cancelled: bool = False
+    done: AsyncResult = field(default_factory=AsyncResult)
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    """An event as reads return it; `id` is None while it is accepted but not yet committed."""
+
+    id: int | None
+    stream: str
+    type: str
+    data: str
+    client_id: str
+    key: str | None
+    created_at: str | None
+    pending: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The API representation, for orjson; `data` is spliced in as the JSON stored."""
+        out: dict[str, Any] = {
+            "id": None if self.id is None else str(self.id),
+            "stream": self.stream,
+            "type": self.type,
+            "data": orjson.Fragment(self.data),
+            "clientId": self.client_id,
+            "key": self.key,
+            "createdAt": self.created_at,
+        }
+        if self.pending:
+            out["pending"] = True
+        return out

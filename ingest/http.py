@@ -1,0 +1,146 @@
+"""HTTP for producers and readers: POST/GET /api/v1/events and /api/v1/streams/{stream}.
+
+Translates requests into calls on the batcher, the store and the token verifier; holds no
+logic of its own beyond status codes.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, Response, request
+
+from ingest.events import IngestRequest
+from ingest.ids import format_position, parse_position
+from ingest.reads import read_history
+from ingest.validation import parse_body, valid_stream
+from streaming.tokens import Principal
+from web.http import authenticate, json_response, services
+from web.problems import Problem
+
+bp = Blueprint("ingest", __name__)
+
+
+def _forbidden(stream: str, action: str, index: int | None = None) -> Problem:
+    return Problem(403, "not-granted", f"the token does not grant `{action}` on `{stream}`",
+                   stream=stream, index=index)
+
+
+@bp.post("/api/v1/events")
+def post_events() -> Response:
+    svc = services()
+    settings = svc.settings
+    principal = authenticate()
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        raise Problem(413, "body-too-large", f"body is {length} bytes; at most "
+                      f"{settings.max_body_bytes} are allowed", limit=settings.max_body_bytes)
+    body = request.get_data(cache=False)  # MAX_CONTENT_LENGTH bounds chunked bodies too
+    events = parse_body(body, request.content_type or "", max_events=settings.max_batch_events,
+                        max_data_bytes=settings.max_data_bytes,
+                        header_key=request.headers.get("Idempotency-Key"))
+    for i, ev in enumerate(events):
+        if not principal.publish.allows(ev.stream):
+            raise _forbidden(ev.stream, "publish", i if len(events) > 1 else None)
+    req = IngestRequest(principal.subject, events)
+    svc.batcher.commit(req, timeout=settings.ingest_commit_timeout_s)
+    results = req.results or []
+    created = any(not w.duplicate for w in results)
+    svc.metrics.events_in.inc(sum(1 for w in results if not w.duplicate))
+    payload = {"events": [
+        {"id": format_position(w.id), "stream": w.stream, "key": w.key,
+         **({"duplicate": True} if w.duplicate else {})} for w in results]}
+    return json_response(payload, 201 if created else 200)
+
+
+def _limit(settings) -> int:  # type: ignore[no-untyped-def]
+    raw = request.args.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= settings.read_max_limit:
+        raise Problem(400, "invalid-parameter",
+                      f"`limit` must be an integer from 1 to {settings.read_max_limit}", field="limit")
+    return int(raw)
+
+
+def _after() -> int:
+    raw = request.args.get("after")
+    if raw is None or raw == "":
+        return 0
+    try:
+        return parse_position(raw)
+    except ValueError:
+        raise Problem(400, "invalid-parameter", "`after` must be an event id", field="after") from None
+
+
+@bp.get("/api/v1/events")
+def get_events() -> Response:
+    svc = services()
+    principal = authenticate()
+    client_id = request.args.get("clientId")
+    stream = request.args.get("stream")
+    if client_id is None and stream is None:
+        raise Problem(400, "invalid-parameter", "give `clientId`, `stream`, or both")
+    if client_id is not None and not 1 <= len(client_id) <= 200:
+        raise Problem(400, "invalid-parameter", "`clientId` must be 1 to 200 characters",
+                      field="clientId")
+    if stream is not None:
+        _check_stream_name(stream)
+        if not principal.subscribe.allows(stream):
+            raise _forbidden(stream, "subscribe")
+    limit, after = _limit(svc.settings), _after()
+    page = read_history(svc.store, svc.pool, svc.batcher, principal.subscribe, client_id=client_id,
+                        stream=stream, after=after, limit=limit)
+    if stream is not None and not page.events and after == 0:
+        with svc.pool.connection() as conn:
+            if svc.store.describe_stream(conn, stream) is None:
+                raise Problem(404, "unknown-stream", f"stream `{stream}` does not exist")
+    return json_response({"events": [e.to_json() for e in page.events],
+                          "next": format_position(page.next)})
+
+
+def _check_stream_name(stream: str) -> None:
+    if not valid_stream(stream):
+        raise Problem(400, "invalid-stream",
+                      "stream names match ^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$", field="stream")
+
+
+def _stream_principal(stream: str, action: str) -> Principal:
+    _check_stream_name(stream)
+    principal = authenticate()
+    grants = principal.publish if action == "publish" else principal.subscribe
+    if not grants.allows(stream):
+        raise _forbidden(stream, action)
+    return principal
+
+
+@bp.put("/api/v1/streams/<path:stream>")
+def put_stream(stream: str) -> Response:
+    svc = services()
+    _stream_principal(stream, "publish")
+    with svc.pool.connection() as conn:
+        created = svc.store.create_stream(conn, stream)
+        info = svc.store.describe_stream(conn, stream)
+    return json_response(_describe(info), 201 if created else 200)
+
+
+@bp.get("/api/v1/streams/<path:stream>")
+def get_stream(stream: str) -> Response:
+    svc = services()
+    _stream_principal(stream, "subscribe")
+    with svc.pool.connection() as conn:
+        info = svc.store.describe_stream(conn, stream)
+    if info is None:
+        raise Problem(404, "unknown-stream", f"stream `{stream}` does not exist")
+    return json_response(_describe(info))
+
+
+@bp.delete("/api/v1/streams/<path:stream>")
+def delete_stream(stream: str) -> Response:
+    svc = services()
+    _stream_principal(stream, "publish")
+    with svc.pool.connection() as conn:
+        existed = svc.store.delete_stream(conn, stream)
+    if not existed:
+        raise Problem(404, "unknown-stream", f"stream `{stream}` does not exist")
+    return Response(status=204)
+
+
+def _describe(info: dict) -> dict:
+    return {**info, "subscribers": services().subscriber_count(info["name"])}
+

@@ -1,0 +1,117 @@
+"""Turn an ingest request body into validated events, or a 4xx problem naming what is wrong.
+
+Nothing here touches the database: a request that fails validation stores nothing.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from ingest.events import NewEvent
+from web.problems import Problem
+
+STREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
+TYPE_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+KEY_MAX = 200
+EVENT_FIELDS = frozenset({"stream", "type", "data", "key"})
+JSON_TYPES = ("application/json", "")
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+
+
+def bad_event(index: int | None, field: str | None, detail: str) -> Problem:
+    return Problem(400, "invalid-event", detail, index=index, field=field)
+
+
+def valid_stream(name: Any) -> bool:
+    return isinstance(name, str) and STREAM_RE.match(name) is not None
+
+
+def parse_body(body: bytes, content_type: str, *, max_events: int, max_data_bytes: int,
+               header_key: str | None = None) -> list[NewEvent]:
+    """Parse one event, a JSON array, or NDJSON into NewEvents; raise a Problem on any fault."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime in NDJSON_TYPES:
+        items = _parse_ndjson(body, max_events)
+        single = False
+    elif mime in JSON_TYPES or mime.endswith("+json"):
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise Problem(400, "invalid-json", f"body is not valid JSON: {exc}") from None
+        single = isinstance(doc, dict)
+        if single:
+            items = [doc]
+        elif isinstance(doc, list):
+            items = doc
+        else:
+            raise Problem(400, "invalid-json", "body must be an event object or an array of events")
+    else:
+        raise Problem(415, "unsupported-media-type",
+                      "send application/json (an event or an array) or application/x-ndjson")
+    if not items:
+        raise Problem(400, "empty-batch", "the request holds no events")
+    if len(items) > max_events:
+        raise Problem(413, "too-many-events",
+                      f"a request may hold at most {max_events} events, this one has {len(items)}",
+                      limit=max_events)
+    if header_key is not None and not single:
+        raise Problem(400, "invalid-idempotency-key",
+                      "Idempotency-Key applies to a single event; put `key` in each event of a batch")
+    events = [_event(item, i if not single else None, max_data_bytes) for i, item in enumerate(items)]
+    if header_key is not None:
+        if not header_key or len(header_key) > KEY_MAX or "\x00" in header_key:
+            raise Problem(400, "invalid-idempotency-key",
+                          f"Idempotency-Key must be 1 to {KEY_MAX} characters")
+        if events[0].key is not None and events[0].key != header_key:
+            raise Problem(400, "invalid-idempotency-key",
+                          "Idempotency-Key header and the event's `key` differ")
+        events[0].key = header_key
+    return events
+
+
+def _parse_ndjson(body: bytes, max_events: int) -> list[Any]:
+    items = []
+    for lineno, line in enumerate(body.split(b"\n")):
+        if not line.strip():
+            continue
+        if len(items) >= max_events:
+            raise Problem(413, "too-many-events", f"a request may hold at most {max_events} events",
+                          limit=max_events)
+        try:
+            items.append(orjson.loads(line))
+        except orjson.JSONDecodeError as exc:
+            raise Problem(400, "invalid-json", f"line {lineno + 1} is not valid JSON: {exc}",
+                          index=len(items)) from None
+    return items
+
+
+def _event(item: Any, index: int | None, max_data_bytes: int) -> NewEvent:
+    if not isinstance(item, dict):
+        raise bad_event(index, None, "each event must be a JSON object")
+    unknown = item.keys() - EVENT_FIELDS
+    if unknown:
+        raise bad_event(index, sorted(unknown)[0], f"unknown field `{sorted(unknown)[0]}`")
+    stream = item.get("stream")
+    if stream is None:
+        raise bad_event(index, "stream", "`stream` is required")
+    if not valid_stream(stream):
+        raise bad_event(index, "stream",
+                        "`stream` must match ^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
+    etype = item.get("type", "message")
+    if not isinstance(etype, str) or not TYPE_RE.match(etype):
+        raise bad_event(index, "type", "`type` must match ^[A-Za-z0-9._:-]{1,64}$")
+    if "data" not in item:
+        raise bad_event(index, "data", "`data` is required (any JSON value, null included)")
+    data = orjson.dumps(item["data"])
+    if len(data) > max_data_bytes:
+        raise Problem(413, "data-too-large",
+                      f"`data` is {len(data)} bytes encoded; at most {max_data_bytes} are allowed",
+                      index=index, field="data", limit=max_data_bytes)
+    key = item.get("key")
+    if key is not None and (not isinstance(key, str) or not key or len(key) > KEY_MAX
+                            or "\x00" in key):
+        raise bad_event(index, "key", f"`key` must be a string of 1 to {KEY_MAX} characters "
+                        "without NUL")
+    return NewEvent(stream, etype, data.decode(), key)

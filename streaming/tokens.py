@@ -1,0 +1,185 @@
+"""Token verification and stream grants: the one place a JWT is decoded or a pattern matched.
+
+A token is a JWT signed with one of the server's keys (`kid` picks it; without `kid` every key is
+tried, which keeps rotation painless). Its `publish` and `subscribe` claims are lists of stream
+patterns, compiled once per token into a `Grants` object whose answers are memoised, so a
+permission is decided once, not per event. Verified tokens are cached until they expire.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import jwt
+
+from web.problems import Problem, Unavailable
+
+PATTERN_RE = re.compile(r"^[A-Za-z0-9._:/*-]{1,200}$")
+JTI_KEY = "sluice:jti:{}"  # Redis key remembering a used single-use token until its exp
+
+
+def pattern_to_regex(pattern: str) -> str:
+    """Compile a stream pattern to a regex valid in both Python and PostgreSQL (`~`).
+
+    `*` matches within one `/`-separated segment, a trailing `/**` matches any depth below,
+    and `**` alone matches every stream.
+    """
+    if pattern == "**":
+        return "^.*$"
+    deep = pattern.endswith("/**")
+    body = pattern[:-3] if deep else pattern
+    if "**" in body:
+        raise ValueError(f"`**` may only stand alone or end a pattern: {pattern!r}")
+    parts = [re.escape(p) if p != "*" else "[^/]*" for p in re.split(r"(\*)", body) if p]
+    regex = "^" + "".join(parts).replace("\\/", "/").replace("\\-", "-").replace("\\:", ":")
+    return regex + ("/.+$" if deep else "$")
+
+
+class Grants:
+    """The set of streams a token grants for one action, with memoised answers."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.patterns = tuple(patterns)
+        self.everything = "**" in self.patterns
+        self.regexes = [pattern_to_regex(p) for p in self.patterns]
+        self._compiled = [re.compile(r) for r in self.regexes]
+        self._memo: dict[str, bool] = {}
+
+    def allows(self, stream: str) -> bool:
+        answer = self._memo.get(stream)
+        if answer is None:
+            answer = self.everything or any(r.match(stream) for r in self._compiled)
+            if len(self._memo) < 4096:
+                self._memo[stream] = answer
+        return answer
+
+    def sql_filter(self) -> list[str] | None:
+        """Regexes for the store to filter reads by, or None when everything is granted."""
+        return None if self.everything else list(self.regexes)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a verified token speaks for, and what it may do."""
+
+    subject: str
+    publish: Grants
+    subscribe: Grants
+    expires_at: float
+    claims: dict[str, Any]
+
+
+def unauthorized(detail: str) -> Problem:
+    return Problem(401, "invalid-token", detail,
+                   headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+class TokenVerifier:
+    """Verifies tokens against the configured keys; single-use tokens are checked in Redis."""
+
+    def __init__(self, keys: dict[str, str], *, algorithms: Iterable[str] = ("HS256",),
+                 leeway_s: float = 5.0, redis: Any = None, cache_size: int = 10000) -> None:
+        if not keys:
+            raise ValueError("at least one key is required")
+        self.keys = dict(keys)
+        self.algorithms = [a for a in algorithms if a.lower() != "none"]
+        self.leeway_s = leeway_s
+        self.redis = redis
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Principal] = OrderedDict()
+
+    def verify(self, token: str) -> Principal:
+        now = time.time()
+        cached = self._cache.get(token)
+        if cached is not None:
+            if now <= cached.expires_at + self.leeway_s:
+                self._cache.move_to_end(token)
+                return cached
+            del self._cache[token]
+            raise unauthorized("token has expired")
+        principal = self._decode(token)
+        if principal.claims.get("once") is True:
+            self._spend(principal)
+        elif self.cache_size:
+            self._cache[token] = principal
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return principal
+
+    def _decode(self, token: str) -> Principal:
+        if len(token) > 8192:
+            raise unauthorized("token is too long")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise unauthorized("token is not a valid JWT") from None
+        kid = header.get("kid")
+        if kid is not None:
+            if kid not in self.keys:
+                raise unauthorized("token is signed with an unknown key (kid)")
+            candidates = [self.keys[kid]]
+        else:
+            candidates = list(self.keys.values())
+        claims = None
+        error: jwt.PyJWTError | None = None
+        for key in candidates:
+            try:
+                claims = jwt.decode(token, key, algorithms=self.algorithms, leeway=self.leeway_s,
+                                    options={"require": ["exp", "sub"]})
+                break
+            except jwt.InvalidSignatureError as exc:
+                error = exc
+            except jwt.ExpiredSignatureError:
+                raise unauthorized("token has expired") from None
+            except jwt.ImmatureSignatureError:
+                raise unauthorized("token is not valid yet (nbf)") from None
+            except jwt.MissingRequiredClaimError as exc:
+                raise unauthorized(f"token lacks the `{exc.claim}` claim") from None
+            except jwt.PyJWTError as exc:
+                raise unauthorized(f"token is invalid: {exc}") from None
+        if claims is None:
+            raise unauthorized("token signature does not verify") from error
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > 200 or "\x00" in sub:
+            raise unauthorized("token `sub` must be a non-empty string of at most 200 characters")
+        return Principal(sub, self._grants(claims, "publish"), self._grants(claims, "subscribe"),
+                         float(claims["exp"]), claims)
+
+    @staticmethod
+    def _grants(claims: dict[str, Any], name: str) -> Grants:
+        patterns = claims.get(name, [])
+        if not isinstance(patterns, list) or not all(
+                isinstance(p, str) and PATTERN_RE.match(p) for p in patterns):
+            raise unauthorized(f"token `{name}` must be a list of stream patterns")
+        try:
+            return Grants(patterns)
+        except ValueError as exc:
+            raise unauthorized(f"token `{name}`: {exc}") from None
+
+    def _spend(self, principal: Principal) -> None:
+        """Remember a single-use token's jti until it expires; refuse it if already used."""
+        jti = principal.claims.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > 200:
+            raise unauthorized("a single-use token needs a `jti`")
+        if self.redis is None:
+            raise Unavailable("single-use tokens need Redis", slug="redis-unavailable")
+        try:
+            fresh = self.redis.set(JTI_KEY.format(principal.subject + "\x00" + jti), b"1", nx=True,
+                                   exat=int(principal.expires_at + self.leeway_s) + 1)
+        except Exception as exc:  # noqa: BLE001 - any Redis failure means we cannot decide
+            raise Unavailable("cannot check a single-use token right now",
+                              slug="redis-unavailable") from exc
+        if not fresh:
+            raise unauthorized("single-use token was already used")
+
+
+def mint(key: str, subject: str, *, publish: Sequence[str] = (), subscribe: Sequence[str] = (),
+         ttl_s: float = 3600, kid: str | None = None, **claims: Any) -> str:
+    """Make a token (for the dev banner, tests and origins written in Python)."""
+    now = int(time.time())
+    payload = {"sub": subject, "iat": now, "exp": now + int(ttl_s), "publish": list(publish),
+               "subscribe": list(subscribe), **claims}
+    return jwt.encode(payload, key, algorithm="HS256", headers={"kid": kid} if kid else None)

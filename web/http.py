@@ -1,0 +1,71 @@
+"""Small HTTP helpers shared by every blueprint: JSON and problem responses, auth extraction."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from flask import Flask, Response, current_app, request
+from werkzeug.exceptions import HTTPException
+
+from streaming.tokens import Principal, unauthorized
+from web.problems import Problem
+
+PROBLEM_MIME = "application/problem+json"
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(obj), status=status, headers=headers, mimetype="application/json")
+
+
+def problem_response(problem: Problem) -> Response:
+    return Response(orjson.dumps(problem.body()), status=problem.status, headers=problem.headers,
+                    mimetype=PROBLEM_MIME)
+
+
+def services() -> Any:
+    """The Services object the app factory built (see app.py)."""
+    return current_app.extensions["sluice"]
+
+
+def bearer_token(*, allow_query: bool = False, allow_cookie: bool = False) -> str | None:
+    """The request's token: `Authorization: Bearer`, else (if allowed) `?token=`, else cookie."""
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise unauthorized("Authorization must be `Bearer <token>`")
+        return value.strip()
+    if allow_query and request.args.get("token"):
+        return request.args["token"]
+    if allow_cookie and request.cookies.get("sluice_token"):
+        return request.cookies["sluice_token"]
+    return None
+
+
+def authenticate(**where: bool) -> Principal:
+    token = bearer_token(**where)
+    if token is None:
+        raise unauthorized("a token is required (Authorization: Bearer <token>)")
+    return services().tokens.verify(token)
+
+
+def install_error_handlers(app: Flask) -> None:
+    """Every error leaves as application/problem+json, including Flask's own 404/405/413."""
+
+    @app.errorhandler(Problem)
+    def _problem(problem: Problem) -> Response:
+        return problem_response(problem)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        slug = (exc.name or "error").lower().replace(" ", "-")
+        headers = {}
+        if exc.code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+            headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        return problem_response(Problem(exc.code or 500, slug, exc.description or exc.name,
+                                        headers=headers))
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        app.logger.exception("unhandled error")
+        return problem_response(Problem(500, "internal-error", "an unexpected error occurred"))

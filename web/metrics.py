@@ -1,0 +1,32 @@
+"""The process's Prometheus instruments, created once by the app factory (never module-global)."""
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ingest.batcher import BatcherMetrics
+
+
+class AppMetrics:
+    """Counters and gauges for ingest, the pool and HTTP responses."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.batcher = BatcherMetrics(self.registry)
+        self.events_in = Counter("sluice_events_in", "Events committed by ingest",
+                                 registry=self.registry)
+        self.responses = Counter("sluice_http_responses", "HTTP responses by status",
+                                 ["status"], registry=self.registry)
+        self.pool_in_use = Gauge("sluice_db_pool_in_use", "Database connections borrowed now",
+                                 registry=self.registry)
+        self.pool_waiting = Gauge("sluice_db_pool_waiters", "Callers waiting for a connection",
+                                  registry=self.registry)
+        self.pool_open = Gauge("sluice_db_pool_open", "Database connections open",
+                               registry=self.registry)
+
+    def refresh(self, services: Any) -> None:
+        """Copy point-in-time values into gauges just before a scrape."""
+        self.pool_in_use.set(services.pool.in_use)
+        self.pool_waiting.set(services.pool.waiting)
+        self.pool_open.set(services.pool.opened)
