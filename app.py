@@ -100,7 +100,6 @@ def create_app(services: Services) -> Flask:
     from web.ops import bp as ops_bp
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
     app.extensions["sluice"] = services
     app.register_blueprint(ingest_bp)
     app.register_blueprint(ops_bp)

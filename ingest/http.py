@@ -12,7 +12,7 @@ from ingest.ids import format_position, parse_position
 from ingest.reads import read_history
 from ingest.validation import parse_body, valid_stream
 from streaming.tokens import Principal
-from web.http import authenticate, json_response, services
+from web.http import authenticate, json_response, read_body, services
 from web.problems import Problem
 
 bp = Blueprint("ingest", __name__)
@@ -28,11 +28,7 @@ def post_events() -> Response:
     svc = services()
     settings = svc.settings
     principal = authenticate()
-    length = request.content_length
-    if length is not None and length > settings.max_body_bytes:
-        raise Problem(413, "body-too-large", f"body is {length} bytes; at most "
-                      f"{settings.max_body_bytes} are allowed", limit=settings.max_body_bytes)
-    body = request.get_data(cache=False)  # MAX_CONTENT_LENGTH bounds chunked bodies too
+    body = read_body(settings.max_body_bytes)
     events = parse_body(body, request.content_type or "", max_events=settings.max_batch_events,
                         max_data_bytes=settings.max_data_bytes,
                         header_key=request.headers.get("Idempotency-Key"))

@@ -22,6 +22,25 @@ def problem_response(problem: Problem) -> Response:
                     mimetype=PROBLEM_MIME)
 
 
+def read_body(limit: int) -> bytes:
+    """The request body, refusing with 413 past `limit` bytes, chunked bodies included."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise Problem(413, "body-too-large", f"body is {length} bytes; at most {limit} are allowed",
+                      limit=limit)
+    stream = request.environ["wsgi.input"]
+    chunks, size = [], 0
+    while True:
+        chunk = stream.read(min(65536, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, "body-too-large", f"body is over {limit} bytes", limit=limit)
+    return b"".join(chunks)
+
+
 def services() -> Any:
     """The Services object the app factory built (see app.py)."""
     return current_app.extensions["sluice"]
