@@ -1,0 +1,118 @@
+"""The batcher against a real Postgres: group commit, backpressure, isolation, draining."""
+import gevent
+import pytest
+
+from ingest.batcher import Backpressure, Batcher
+from ingest.events import IngestRequest, NewEvent
+from ingest.pool import DatabaseUnavailable, Pool
+from ingest.store import EventStore
+from web.problems import Problem
+
+
+@pytest.fixture
+def pool(database_url):
+    p = Pool(database_url, 2, timeout_s=5)
+    yield p
+    p.close()
+
+
+def req(client="c", n=1, stream="s", key=None):
+    return IngestRequest(client, [NewEvent(stream, "message", str(i), key) for i in range(n)])
+
+
+def stored_count(pool):
+    with pool.connection() as conn:
+        return len(EventStore().read_events(conn, after=0, limit=100000))
+
+
+def test_concurrent_requests_are_coalesced_into_few_commits(pool):
+    batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=20).start()
+    flushes = []
+    batcher.add_listener(lambda committed: flushes.append(len(committed)))
+    requests = [req(client=f"c{i}") for i in range(300)]
+    gevent.joinall([gevent.spawn(batcher.commit, r, 10) for r in requests], raise_error=True)
+    ids = [r.results[0].id for r in requests]
+    assert len(set(ids)) == 300
+    assert sum(flushes) == 300 and len(flushes) < 30  # group commit, not one commit per request
+    assert batcher.backlog == 0 and stored_count(pool) == 300
+    batcher.stop()
+
+
+def test_max_events_bounds_a_batch_but_never_splits_a_request(pool):
+    batcher = Batcher(EventStore(), pool, max_events=10, max_wait_ms=50).start()
+    sizes = []
+    batcher.add_listener(lambda committed: sizes.append(sum(len(r.events) for r in committed)))
+    requests = [req(n=4) for _ in range(10)] + [req(n=25)]
+    gevent.joinall([gevent.spawn(batcher.commit, r, 10) for r in requests], raise_error=True)
+    assert sorted(sizes)[-1] == 25 and all(s <= 10 for s in sizes if s != 25)
+    assert stored_count(pool) == 65
+    batcher.stop()
+
+
+def test_backlog_is_bounded(pool):
+    batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=60000,
+                      max_backlog=10).start()
+    batcher.submit(req(n=6))
+    batcher.submit(req(n=4))
+    with pytest.raises(Backpressure) as info:
+        batcher.submit(req(n=1))
+    assert info.value.status == 503 and info.value.headers["Retry-After"]
+    assert batcher.stop(timeout=10)  # stopping flushes what was accepted
+    assert stored_count(pool) == 10
+
+
+def test_bad_data_in_one_request_does_not_fail_the_others(pool):
+    batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=100).start()
+    good = [req(client=f"good{i}", n=3) for i in range(5)]
+    bad = req(client="bad\x00client")  # Postgres text cannot hold NUL: the database refuses it
+    greenlets = [gevent.spawn(batcher.commit, r, 10) for r in [*good[:2], bad, *good[2:]]]
+    gevent.joinall(greenlets)
+    errors = [g.exception for g in greenlets]
+    assert isinstance(errors[2], Problem) and errors[2].status == 400
+    assert [e for i, e in enumerate(errors) if i != 2] == [None] * 5
+    assert all(r.results and len(r.results) == 3 for r in good)
+    assert stored_count(pool) == 15
+    batcher.stop()
+
+
+def test_pending_lists_accepted_uncommitted_requests(pool):
+    batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=60000).start()
+    r = req(client="p")
+    batcher.submit(r)
+    assert list(batcher.pending()) == [r]
+    batcher.stop(timeout=10)
+    assert list(batcher.pending()) == [] and r.results is not None
+
+
+def test_stop_flushes_everything_and_refuses_new_work(pool):
+    batcher = Batcher(EventStore(), pool, max_events=5, max_wait_ms=60000).start()
+    requests = [req(n=2) for _ in range(20)]
+    waiting = [gevent.spawn(batcher.commit, r, 30) for r in requests]
+    gevent.sleep(0)
+    assert batcher.stop(timeout=20)
+    gevent.joinall(waiting, raise_error=True)
+    assert stored_count(pool) == 40
+    with pytest.raises(Problem) as info:
+        batcher.submit(req())
+    assert info.value.status == 503
+
+
+def test_database_down_fails_requests_with_503_and_keeps_running():
+    dead = Pool("postgresql://postgres@127.0.0.1:1/none", 1, timeout_s=1, connect_timeout_s=1)
+    batcher = Batcher(EventStore(), dead, max_events=100, max_wait_ms=1).start()
+    with pytest.raises(DatabaseUnavailable):
+        batcher.commit(req(), timeout=10)
+    with pytest.raises(DatabaseUnavailable):  # the batcher greenlet is still alive
+        batcher.commit(req(), timeout=10)
+    assert batcher.backlog == 0
+    batcher.stop()
+
+
+def test_commit_timeout_takes_a_queued_request_back(pool):
+    batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=60000).start()
+    r = req()
+    with pytest.raises(Problem) as info:
+        batcher.commit(r, timeout=0.05)
+    assert info.value.status == 503 and r.cancelled and batcher.backlog == 0
+    batcher.stop(timeout=10)
+    assert stored_count(pool) == 0

@@ -1,0 +1,160 @@
+"""The event store and pool against a real Postgres: ids, idempotency, ordering, bounds."""
+import random
+
+import gevent
+import psycopg2
+import pytest
+
+from ingest.events import IngestRequest, NewEvent
+from ingest.pool import DatabaseUnavailable, Pool
+from ingest.store import EventStore
+from tests.conftest import wait_until
+
+
+@pytest.fixture
+def pool(database_url):
+    p = Pool(database_url, 4, timeout_s=5)
+    yield p
+    p.close()
+
+
+def req(client="c", n=1, stream="s", key=None):
+    return IngestRequest(client, [NewEvent(stream, "message", str(i), key) for i in range(n)])
+
+
+def write(pool, *requests):
+    with pool.connection() as conn:
+        EventStore().write_batch(conn, list(requests))
+    return requests
+
+
+def test_migrate_is_idempotent(pool):
+    with pool.connection() as conn:
+        assert EventStore().migrate(conn) == []  # the template is already migrated
+
+
+def test_batch_ids_are_consecutive_in_request_order(pool):
+    a, b = write(pool, req(n=3), req(n=2, stream="t"))
+    ids = [w.id for w in a.results + b.results]
+    assert ids == list(range(ids[0], ids[0] + 5))
+    with pool.connection() as conn:
+        rows = EventStore().read_events(conn, after=0, limit=10)
+        assert [r.id for r in rows] == ids
+        assert EventStore().describe_stream(conn, "t")["lastId"] == str(ids[-1])
+
+
+def test_existing_key_returns_original(pool):
+    (first,) = write(pool, req(key="k"))
+    (second,) = write(pool, req(key="k"))
+    assert second.results[0].duplicate and second.results[0].id == first.results[0].id
+    with pool.connection() as conn:
+        assert len(EventStore().read_events(conn, after=0, limit=10)) == 1
+
+
+def test_unique_index_backs_idempotency(pool):
+    write(pool, req(key="k"))
+    with pool.connection() as conn, conn.cursor() as cur:
+        with pytest.raises(psycopg2.IntegrityError):
+            cur.execute("INSERT INTO events (id, stream, type, data, client_id, key) "
+                        "VALUES (999, 's', 'message', '1', 'c', 'k')")
+
+
+def test_commit_order_equals_id_order_under_concurrent_writers(database_url):
+    """A reader tailing with `after=<last id seen>` must receive every event exactly once.
+
+    Writers hold their transactions open for a random moment between taking ids and committing;
+    with ids from a plain sequence, a later id could commit first and the tail would skip the
+    earlier one for good.
+    """
+    class SlowStore(EventStore):
+        def _write_reserved(self, cur, requests, first):
+            gevent.sleep(random.uniform(0, 0.01))
+            super()._write_reserved(cur, requests, first)
+
+    pool = Pool(database_url, 6, timeout_s=30)
+    store = SlowStore()
+    done = []
+
+    def writer(w):
+        for i in range(30):
+            with pool.connection() as conn:
+                store.write_batch(conn, [req(client=f"w{w}", n=random.randint(1, 5))])
+        done.append(w)
+
+    seen = []
+
+    def reader():
+        cursor = 0
+        while True:
+            finished = len(done) == 4
+            with pool.connection() as conn:
+                rows = store.read_events(conn, after=cursor, limit=1000)
+            seen.extend(r.id for r in rows)
+            if rows:
+                cursor = rows[-1].id
+            elif finished:
+                return
+            gevent.sleep(0.001)
+
+    gevent.joinall([gevent.spawn(writer, w) for w in range(4)] + [gevent.spawn(reader)],
+                   raise_error=True, timeout=120)
+    with pool.connection() as conn:
+        everything = [r.id for r in store.read_events(conn, after=0, limit=100000)]
+    pool.close()
+    assert len(everything) >= 120
+    assert seen == everything  # every id, once, in order
+
+
+def test_pool_never_opens_more_than_its_size(database_url):
+    pool = Pool(database_url, 3, timeout_s=30, application_name="bounded-test")
+    peak = []
+
+    def use():
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_sleep(0.02)")
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bounded-test'")
+            peak.append(cur.fetchone()[0])
+
+    gevent.joinall([gevent.spawn(use) for _ in range(30)], raise_error=True)
+    assert max(peak) <= 3 and pool.opened <= 3
+    pool.close()
+
+
+def test_pool_timeout_is_unavailable_with_retry_after(database_url):
+    pool = Pool(database_url, 1, timeout_s=0.05)
+    with pool.connection():
+        with pytest.raises(DatabaseUnavailable) as info:
+            with pool.connection():
+                pass
+    assert info.value.status == 503 and "Retry-After" in info.value.headers
+    pool.close()
+
+
+def test_pool_unreachable_database_is_unavailable():
+    pool = Pool("postgresql://postgres@127.0.0.1:1/none", 1, connect_timeout_s=1)
+    with pytest.raises(DatabaseUnavailable):
+        with pool.connection():
+            pass
+
+
+def test_pool_heals_after_postgres_restart(own_postgres):
+    pool = Pool(own_postgres.url, 2, timeout_s=5)
+    with pool.connection() as conn:
+        EventStore().ping(conn)
+    own_postgres.stop()
+    with pytest.raises(DatabaseUnavailable):
+        with pool.connection() as conn:
+            EventStore().ping(conn)
+    own_postgres.start()
+
+    def works():
+        try:
+            with pool.connection() as conn:
+                EventStore().ping(conn)
+            return True
+        except DatabaseUnavailable:
+            return False
+
+    wait_until(works, message="the pool to reconnect")
+    assert pool.opened <= 2
+    pool.close()
