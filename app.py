@@ -21,6 +21,7 @@ import os  # noqa: E402
 import resource  # noqa: E402
 import secrets as secrets_lib  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field, replace  # noqa: E402
@@ -30,7 +31,7 @@ from typing import Any, Callable  # noqa: E402
 import gevent  # noqa: E402
 import redis as redis_lib  # noqa: E402
 from flask import Flask, Response  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
+from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 
 from config.settings import Settings, SettingsError  # noqa: E402
 from ingest.batcher import Batcher  # noqa: E402
@@ -107,13 +108,29 @@ def create_app(services: Services) -> Flask:
 
     @app.after_request
     def _count(response: Response) -> Response:
-        services.metrics.responses.labels(str(response.status_code)).inc()
+        services.metrics.count_response(response.status_code)
         return response
 
     return app
 
 
 # -- running it -------------------------------------------------------------------------------
+
+class SluiceHandler(WSGIHandler):
+    """pywsgi's handler with TCP_NODELAY (a response must not wait for the client's delayed
+    ACK: measured 40 ms per request without it) and without access-log formatting, which
+    pywsgi does for every request even with log=None."""
+
+    def handle(self) -> None:
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not TCP (a Unix socket): nothing to do
+            pass
+        super().handle()
+
+    def log_request(self) -> None:
+        pass
+
 
 def raise_open_files_limit() -> int:
     """Lift the soft open-files limit to the hard limit: each connection is a file."""
@@ -180,6 +197,14 @@ def prepare_settings(embedded: EmbeddedServices) -> Settings:
     return embedded.complete(settings)
 
 
+def wsgi() -> Flask:
+    """The WSGI application for gunicorn (`gunicorn 'app:wsgi()'`), built in each worker."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = prepare_settings(EmbeddedServices())  # URLs come from the master (config/gunicorn.py)
+    raise_open_files_limit()
+    return create_app(build_services(settings))
+
+
 def serve() -> None:
     embedded = EmbeddedServices()
     try:
@@ -190,7 +215,8 @@ def serve() -> None:
         embedded.stop()
         raise
     app = create_app(services)
-    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log)
+    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log,
+                        handler_class=SluiceHandler)
     stopping = gevent.event.Event()
 
     def on_signal() -> None:

@@ -19,7 +19,7 @@ import gevent
 import psycopg2
 from gevent.event import Event
 
-from ingest.events import IngestRequest, StoredEvent
+from ingest.events import IngestRequest
 from ingest.pool import DatabaseUnavailable, Pool
 from ingest.store import EventStore, ReservationFailed
 from web.problems import Problem, Unavailable
@@ -93,7 +93,10 @@ class Batcher:
         self._queue.append(req)
         if self.metrics:
             self.metrics.backlog.set(self.backlog)
-        self._wakeup.set()
+        # Wake the batcher only when it has something new to decide: the first request of a
+        # batch (it sleeps until one comes) or a full batch (it stops waiting for the deadline).
+        if len(self._queue) == 1 or self._queued_events >= self.max_events:
+            self._wakeup.set()
 
     def commit(self, req: IngestRequest, timeout: float) -> None:
         """Submit and wait until the request's events are committed (or raise why not)."""
@@ -237,5 +240,3 @@ def pending_events(batcher: Batcher, *, client_id: str | None, stream: str | Non
                 out.append((req, i))
     return out
 
-
-__all__ = ["Batcher", "BatcherMetrics", "Backpressure", "pending_events", "StoredEvent"]

@@ -8,16 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import gevent
 import psycopg2
-import pytest
 import requests
 
 from embedded.servers import free_port
-from tests.conftest import ROOT, SECRET, auth, wait_until
+from tests.conftest import ROOT, auth, wait_until
 
 EVENTS = "/api/v1/events"
 BATCH = 10

@@ -25,6 +25,14 @@ class AppMetrics:
         self.pool_open = Gauge("sluice_db_pool_open", "Database connections open",
                                registry=self.registry)
 
+        self._by_status: dict[int, Any] = {}
+
+    def count_response(self, status: int) -> None:
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self.responses.labels(str(status))
+        child.inc()
+
     def refresh(self, services: Any) -> None:
         """Copy point-in-time values into gauges just before a scrape."""
         self.pool_in_use.set(services.pool.in_use)

@@ -1,6 +1,182 @@
-"""The OpenAPI document served at /openapi.json (filled in by the full spec below)."""
+"""The OpenAPI 3.1 document served at /openapi.json: every endpoint, parameter, status, problem.
+
+Kept next to the code it describes; a test checks that every route the app serves appears here.
+"""
 from __future__ import annotations
 
+from typing import Any
 
-def openapi_document() -> dict:
-    return {"openapi": "3.1.0", "info": {"title": "Sluice", "version": "1"}, "paths": {}}
+STREAM_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
+TYPE_PATTERN = "^[A-Za-z0-9._:-]{1,64}$"
+
+
+def _problem(description: str, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    if retry_after:
+        response["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                               "description": "Seconds to wait before retrying."}}
+    return response
+
+
+def _json(ref: str, description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+AUTH_ERRORS = {
+    "401": _problem("Missing, malformed, expired, not-yet-valid or wrongly signed token."),
+    "403": _problem("The token does not grant this stream."),
+}
+UNAVAILABLE = {"503": _problem("Database unreachable, pool exhausted, backlog full, or shutting "
+                               "down.", retry_after=True)}
+STREAM_PARAM = {"name": "stream", "in": "path", "required": True,
+                "description": "Stream name; may contain `/`.",
+                "schema": {"type": "string", "pattern": STREAM_PATTERN}}
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Sluice",
+            "version": "1",
+            "description": "Real-time event gateway: durable ingest into PostgreSQL with group "
+                           "commit, history reads that include accepted-but-uncommitted events.",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "schemas": SCHEMAS,
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/v1/events": {
+                "post": {
+                    "summary": "Publish events (one, an array of up to 1,000, or NDJSON).",
+                    "description": "Answered only once every event is committed. All or nothing. "
+                                   "A repeated `key` (per client) returns the original id.",
+                    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                                    "description": "Key for a single-event body."}],
+                    "requestBody": {"required": True, "content": {
+                        "application/json": {"schema": {"oneOf": [
+                            {"$ref": "#/components/schemas/NewEvent"},
+                            {"type": "array", "minItems": 1, "maxItems": 1000,
+                             "items": {"$ref": "#/components/schemas/NewEvent"}}]}},
+                        "application/x-ndjson": {"schema": {"type": "string"}},
+                    }},
+                    "responses": {
+                        "201": _json("Written", "Committed; at least one event is new."),
+                        "200": _json("Written", "Every event repeated an earlier key."),
+                        "400": _problem("Bad JSON or field; `index` and `field` name it."),
+                        **AUTH_ERRORS,
+                        "413": _problem("Body over 1 MiB, more than 1,000 events, or data over 64 KiB."),
+                        "415": _problem("Not JSON or NDJSON."),
+                        **UNAVAILABLE,
+                    },
+                },
+                "get": {
+                    "summary": "Read history by client and/or stream, oldest first.",
+                    "description": "Includes events accepted but not yet committed (`pending`), "
+                                   "never twice. Only streams the token may subscribe to.",
+                    "parameters": [
+                        {"name": "clientId", "in": "query", "schema": {"type": "string"}},
+                        {"name": "stream", "in": "query",
+                         "schema": {"type": "string", "pattern": STREAM_PATTERN}},
+                        {"name": "after", "in": "query", "schema": {"type": "string"},
+                         "description": "Resume after this id (`next` of the previous page)."},
+                        {"name": "limit", "in": "query",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                    ],
+                    "responses": {
+                        "200": _json("Page", "A page of events."),
+                        "400": _problem("Neither filter given, or a bad parameter."),
+                        **AUTH_ERRORS,
+                        "404": _problem("The stream does not exist."),
+                        **UNAVAILABLE,
+                    },
+                },
+            },
+            "/api/v1/streams/{stream}": {
+                "parameters": [STREAM_PARAM],
+                "put": {"summary": "Create a stream (idempotent; needs `publish`).",
+                        "responses": {"201": _json("Stream", "Created."),
+                                      "200": _json("Stream", "Already existed."),
+                                      "400": _problem("Bad stream name."), **AUTH_ERRORS,
+                                      **UNAVAILABLE}},
+                "get": {"summary": "Describe a stream (needs `subscribe`).",
+                        "responses": {"200": _json("Stream", "The stream."),
+                                      "400": _problem("Bad stream name."), **AUTH_ERRORS,
+                                      "404": _problem("No such stream."), **UNAVAILABLE}},
+                "delete": {"summary": "Delete a stream and its history (needs `publish`).",
+                           "responses": {"204": {"description": "Deleted."},
+                                         "400": _problem("Bad stream name."), **AUTH_ERRORS,
+                                         "404": _problem("No such stream."), **UNAVAILABLE}},
+            },
+            "/healthz": {"get": {"summary": "Liveness.", "security": [],
+                                 "responses": {"200": {"description": "Alive."}}}},
+            "/readyz": {"get": {"summary": "Readiness: Postgres and Redis reachable, not draining.",
+                                "security": [],
+                                "responses": {"200": {"description": "Ready."},
+                                              "503": {"description": "Not ready."}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics.", "security": [],
+                                 "responses": {"200": {"description": "Prometheus text format.",
+                                                       "content": {"text/plain": {}}}}}},
+            "/openapi.json": {"get": {"summary": "This document.", "security": [],
+                                      "responses": {"200": {"description": "OpenAPI 3.1."}}}},
+        },
+    }
+
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object", "required": ["type", "title", "status", "detail"],
+        "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                       "status": {"type": "integer"}, "detail": {"type": "string"},
+                       "index": {"type": "integer", "description": "Offending event in a batch."},
+                       "field": {"type": "string"}, "stream": {"type": "string"},
+                       "limit": {"type": "integer"}},
+    },
+    "NewEvent": {
+        "type": "object", "required": ["stream", "data"], "additionalProperties": False,
+        "properties": {
+            "stream": {"type": "string", "pattern": STREAM_PATTERN},
+            "type": {"type": "string", "pattern": TYPE_PATTERN, "default": "message"},
+            "data": {"description": "Any JSON value, at most 64 KiB encoded."},
+            "key": {"type": "string", "minLength": 1, "maxLength": 200,
+                    "description": "Idempotency key, unique per client."},
+        },
+    },
+    "Written": {
+        "type": "object", "required": ["events"],
+        "properties": {"events": {"type": "array", "items": {
+            "type": "object", "required": ["id", "stream", "key"],
+            "properties": {"id": {"type": "string"}, "stream": {"type": "string"},
+                           "key": {"type": ["string", "null"]},
+                           "duplicate": {"type": "boolean"}}}}},
+    },
+    "Event": {
+        "type": "object",
+        "required": ["id", "stream", "type", "data", "clientId", "key", "createdAt"],
+        "properties": {
+            "id": {"type": ["string", "null"], "description": "null while pending."},
+            "stream": {"type": "string"}, "type": {"type": "string"}, "data": {},
+            "clientId": {"type": "string"}, "key": {"type": ["string", "null"]},
+            "createdAt": {"type": ["string", "null"], "format": "date-time"},
+            "pending": {"type": "boolean", "description": "Accepted, not yet committed."},
+        },
+    },
+    "Page": {
+        "type": "object", "required": ["events", "next"],
+        "properties": {"events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+                       "next": {"type": "string", "description": "Pass as `after` to continue."}},
+    },
+    "Stream": {
+        "type": "object", "required": ["name", "lastId", "createdAt", "subscribers"],
+        "properties": {"name": {"type": "string"}, "lastId": {"type": ["string", "null"]},
+                       "createdAt": {"type": "string", "format": "date-time"},
+                       "subscribers": {"type": "integer"}},
+    },
+}

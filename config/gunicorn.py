@@ -1,0 +1,50 @@
+"""gunicorn settings for the Procfile's `web` process: several gevent pywsgi workers.
+
+    gunicorn -c config/gunicorn.py 'app:wsgi()'
+
+Each worker is gevent's WSGIServer (`gevent_pywsgi`) and builds its own services after the fork
+(pool, batcher, Redis client), so `DB_POOL_SIZE` is per worker: the process group opens at most
+WEB_CONCURRENCY × DB_POOL_SIZE connections. With no DATABASE_URL / REDIS_URL the master starts
+the embedded servers once, before forking, and the workers inherit their URLs.
+"""
+import os
+
+from config.settings import SETTINGS_DOC
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', SETTINGS_DOC['PORT'][0])}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gevent_pywsgi"
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "10000"))
+graceful_timeout = int(float(os.environ.get("SHUTDOWN_TIMEOUT_S", SETTINGS_DOC["SHUTDOWN_TIMEOUT_S"][0])))
+timeout = 30
+keepalive = 75
+accesslog = None
+errorlog = "-"
+
+_embedded = None
+
+
+def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
+    """In the master, before any fork: start embedded servers when no URLs are set."""
+    global _embedded
+    if os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"):
+        return
+    from app import EmbeddedServices, prepare_settings
+
+    _embedded = EmbeddedServices()
+    settings = prepare_settings(_embedded)
+    os.environ["DATABASE_URL"] = settings.database_url or ""
+    os.environ["REDIS_URL"] = settings.redis_url or ""
+
+
+def worker_exit(server, worker):  # noqa: ANN001
+    """The worker stopped serving: flush its batcher and release its connections."""
+    services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("sluice")
+    if services is not None:
+        flushed = services.close(graceful_timeout)
+        worker.log.info("worker %s: batcher %s", worker.pid, "flushed" if flushed else "NOT flushed")
+
+
+def on_exit(server):  # noqa: ANN001
+    if _embedded is not None:
+        _embedded.stop()

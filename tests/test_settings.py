@@ -1,0 +1,43 @@
+"""Settings come from the environment with safe defaults; bad values fail at startup."""
+from pathlib import Path
+
+import pytest
+
+from config.settings import SETTINGS_DOC, Settings, SettingsError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_safe():
+    s = Settings.from_env({})
+    assert s.db_pool_size == 4 and s.max_body_bytes == 1 << 20 and s.max_batch_events == 1000
+    assert s.database_url is None and not s.production and s.secrets == {}
+
+
+def test_production_refuses_without_a_secret():
+    with pytest.raises(SettingsError):
+        Settings.from_env({"SLUICE_ENV": "production"})
+    with pytest.raises(SettingsError):
+        Settings.from_env({"DYNO": "web.1"})  # Heroku implies production
+    assert Settings.from_env({"DYNO": "web.1", "SLUICE_SECRET": "s"}).production
+
+
+def test_secrets_for_rotation():
+    s = Settings.from_env({"SLUICE_SECRETS": "old:aaa, new:bbb", "SLUICE_SECRET": "ccc"})
+    assert s.secrets == {"old": "aaa", "new": "bbb", "default": "ccc"}
+    with pytest.raises(SettingsError):
+        Settings.from_env({"SLUICE_SECRETS": "no-colon"})
+
+
+@pytest.mark.parametrize("env", [{"DB_POOL_SIZE": "zero"}, {"DB_POOL_SIZE": "0"},
+                                 {"BATCH_MAX_WAIT_MS": "-1"}, {"PORT": "x"},
+                                 {"MAX_BATCH_EVENTS": "100", "INGEST_MAX_BACKLOG": "10"}])
+def test_bad_values_fail_at_startup(env):
+    with pytest.raises(SettingsError):
+        Settings.from_env(env)
+
+
+def test_readme_lists_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in SETTINGS_DOC if f"`{name}`" not in readme]
+    assert missing == []
