@@ -25,7 +25,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from embedded.servers import EmbeddedPostgres, EmbeddedRedis, free_port  # noqa: E402
+from embedded.servers import EmbeddedPostgres, EmbeddedRedis, child_pids, free_port  # noqa: E402
 from streaming.tokens import mint  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef0123456789"
@@ -37,14 +37,7 @@ GUNICORN = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "config" / "gunic
 def cpu_seconds(pid: int) -> float:
     """CPU time of a process and its children that are still running (gunicorn's workers)."""
     total = 0.0
-    pids = [pid]
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            pids.append(int(stat.parent.name))
+    pids = [pid, *child_pids(pid)]
     for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()

@@ -76,8 +76,46 @@ def _reachable_by(path: Path, user: str) -> bool:
     return True
 
 
-class EmbeddedPostgres:
+def child_pids(pid: int) -> list[int]:
+    """Pids of the live children of `pid`, read from /proc (no `ps` needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+class ChildServer:
+    """A server process this process started and stops: signal it, wait, and kill if stuck."""
+
+    proc: subprocess.Popen | None = None
+    stop_signal: int = signal.SIGTERM
+
+    def stop(self, sig: int | None = None, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        self.proc.send_signal(self.stop_signal if sig is None else sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """Simulate a crash."""
+        self.stop(signal.SIGKILL)
+
+
+class EmbeddedPostgres(ChildServer):
     """One PostgreSQL server, a child of this process, with its data in `data_dir`."""
+
+    stop_signal = signal.SIGINT  # PostgreSQL's fast shutdown
 
     def __init__(self, data_dir: str | Path, port: int | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
@@ -196,27 +234,15 @@ class EmbeddedPostgres:
             time.sleep(0.05)
         raise RuntimeError(f"postgres on {self.port} not ready; see {self.log}")
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> None:
-        """Stop the server: SIGINT is PostgreSQL's fast shutdown, SIGKILL simulates a crash."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-        if sig == signal.SIGKILL:
+    def stop(self, sig: int | None = None, timeout: float = 20.0) -> None:
+        killed = sig == signal.SIGKILL and self.proc is not None
+        super().stop(sig, timeout)
+        if killed:
             # Backends notice the postmaster is gone and exit; wait so the port frees up.
             self._reap_stale()
 
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
 
-
-class EmbeddedRedis:
+class EmbeddedRedis(ChildServer):
     """One Redis server, a child of this process, persistence off (it holds no durable state)."""
 
     def __init__(self, data_dir: str | Path, port: int | None = None) -> None:
@@ -244,21 +270,6 @@ class EmbeddedRedis:
         logf.close()
         _wait_port(self.port, self.proc, timeout, "redis", self.log)
         return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
 
 
 def main() -> None:  # pragma: no cover - a manual check: python -m embedded.servers

@@ -14,8 +14,9 @@ idempotency check (look up existing keys, then insert) race-free without a retry
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import orjson
 import psycopg2
@@ -49,6 +50,20 @@ _EVENT_COLUMNS = (
 )
 
 
+@contextmanager
+def _transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extensions.cursor]:
+    """BEGIN ... COMMIT on an autocommit connection; ROLLBACK if the block raises."""
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        try:
+            yield cur
+            cur.execute(SQL_COMMIT)
+        except BaseException:
+            if not conn.closed:
+                cur.execute(SQL_ROLLBACK)
+            raise
+
+
 class ReservationFailed(Exception):
     """The first statement of a batch failed: nothing was sent that could have committed."""
 
@@ -60,27 +75,20 @@ class EventStore:
     def migrate(self, conn: psycopg2.extensions.connection) -> list[str]:
         """Apply migrations not yet applied, under an advisory lock so processes do not race."""
         applied_now: list[str] = []
-        with conn.cursor() as cur:
-            cur.execute("BEGIN")
-            try:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-                cur.execute(
-                    "CREATE TABLE IF NOT EXISTS sluice_migrations ("
-                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                cur.execute("SELECT version FROM sluice_migrations")
-                done = {row[0] for row in cur.fetchall()}
-                for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
-                    if path.stem in done:
-                        continue
-                    cur.execute(path.read_text())
-                    cur.execute("INSERT INTO sluice_migrations (version) VALUES (%s)", (path.stem,))
-                    applied_now.append(path.stem)
-                cur.execute(SQL_COMMIT)
-            except BaseException:
-                if not conn.closed:
-                    cur.execute(SQL_ROLLBACK)
-                raise
+        with _transaction(conn) as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS sluice_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur.execute("SELECT version FROM sluice_migrations")
+            done = {row[0] for row in cur.fetchall()}
+            for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+                if path.stem in done:
+                    continue
+                cur.execute(path.read_text())
+                cur.execute("INSERT INTO sluice_migrations (version) VALUES (%s)", (path.stem,))
+                applied_now.append(path.stem)
         return applied_now
 
     # -- writes -------------------------------------------------------------------------------
@@ -215,18 +223,11 @@ class EventStore:
 
         Takes the position lock so no batch writes to the stream halfway through the delete.
         """
-        with conn.cursor() as cur:
-            cur.execute("BEGIN")
-            try:
-                cur.execute("SELECT last FROM sluice_position FOR UPDATE")
-                cur.execute("DELETE FROM streams WHERE name = %s", (name,))
-                existed = cur.rowcount == 1
-                cur.execute("DELETE FROM events WHERE stream = %s", (name,))
-                cur.execute(SQL_COMMIT)
-            except BaseException:
-                if not conn.closed:
-                    cur.execute(SQL_ROLLBACK)
-                raise
+        with _transaction(conn) as cur:
+            cur.execute("SELECT last FROM sluice_position FOR UPDATE")
+            cur.execute("DELETE FROM streams WHERE name = %s", (name,))
+            existed = cur.rowcount == 1
+            cur.execute("DELETE FROM events WHERE stream = %s", (name,))
         return existed
 
     def ping(self, conn: psycopg2.extensions.connection) -> None:

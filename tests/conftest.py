@@ -123,6 +123,13 @@ def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
     pg.stop()
 
 
+def ingest_request(client: str = "c", n: int = 1, stream: str = "s", key: str | None = None):
+    """An IngestRequest of `n` events, for tests that drive the store or batcher directly."""
+    from ingest.events import IngestRequest, NewEvent
+
+    return IngestRequest(client, [NewEvent(stream, "message", str(i), key) for i in range(n)])
+
+
 def token(sub: str = "client-1", publish=("**",), subscribe=("**",), ttl_s: float = 3600,
           secret: str = SECRET, **claims) -> str:
     return mint(secret, sub, publish=publish, subscribe=subscribe, ttl_s=ttl_s, **claims)

@@ -3,9 +3,9 @@ import gevent
 import pytest
 
 from ingest.batcher import Backpressure, Batcher
-from ingest.events import IngestRequest, NewEvent
 from ingest.pool import DatabaseUnavailable, Pool
 from ingest.store import EventStore
+from tests.conftest import ingest_request as req
 from web.problems import Problem
 
 
@@ -14,10 +14,6 @@ def pool(database_url):
     p = Pool(database_url, 2, timeout_s=5)
     yield p
     p.close()
-
-
-def req(client="c", n=1, stream="s", key=None):
-    return IngestRequest(client, [NewEvent(stream, "message", str(i), key) for i in range(n)])
 
 
 def stored_count(pool):

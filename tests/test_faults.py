@@ -14,7 +14,7 @@ import gevent
 import psycopg2
 import requests
 
-from embedded.servers import free_port
+from embedded.servers import child_pids, free_port
 from tests.conftest import ROOT, auth, wait_until
 
 EVENTS = "/api/v1/events"
@@ -209,7 +209,7 @@ def test_embedded_default_starts_serves_and_stops_cleanly(tmp_path):
                           headers={"Authorization": f"Bearer {dev_token}"}, timeout=10)
         assert r.status_code == 201
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
-        children = _children(proc.pid)
+        children = child_pids(proc.pid)
         assert len(children) >= 2  # postgres and redis
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=25) == 0
@@ -218,18 +218,6 @@ def test_embedded_default_starts_serves_and_stops_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
         log.close()
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _alive(pid: int) -> bool:

@@ -5,10 +5,9 @@ import gevent
 import psycopg2
 import pytest
 
-from ingest.events import IngestRequest, NewEvent
 from ingest.pool import DatabaseUnavailable, Pool
 from ingest.store import EventStore
-from tests.conftest import wait_until
+from tests.conftest import ingest_request as req, wait_until
 
 
 @pytest.fixture
@@ -16,10 +15,6 @@ def pool(database_url):
     p = Pool(database_url, 4, timeout_s=5)
     yield p
     p.close()
-
-
-def req(client="c", n=1, stream="s", key=None):
-    return IngestRequest(client, [NewEvent(stream, "message", str(i), key) for i in range(n)])
 
 
 def write(pool, *requests):
