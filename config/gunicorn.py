@@ -10,10 +10,11 @@ the embedded servers once, before forking, and the workers inherit their URLs.
 import os
 
 from config.settings import SETTINGS_DOC
+from web.wsgi import gunicorn_worker_class
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', SETTINGS_DOC['PORT'][0])}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gevent_pywsgi"
+worker_class = gunicorn_worker_class()  # gevent_pywsgi with Sluice's header parser
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "10000"))
 graceful_timeout = int(float(os.environ.get("SHUTDOWN_TIMEOUT_S", SETTINGS_DOC["SHUTDOWN_TIMEOUT_S"][0])))
 timeout = 30

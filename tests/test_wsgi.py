@@ -1,0 +1,65 @@
+"""The lean request-header parser, alone and on a real server over raw sockets."""
+import io
+import socket
+
+import pytest
+
+from tests.conftest import auth
+from web.wsgi import MAX_HEADERS, RequestHeaders
+
+
+def parse(raw: bytes) -> RequestHeaders:
+    return RequestHeaders(io.BytesIO(raw))
+
+
+def test_parses_names_case_insensitively_and_keeps_raw_lines():
+    h = parse(b"Host: x\r\nContent-Type: application/json\r\nX-A: 1\r\n\r\nBODY")
+    assert h.status == "" and h.get("content-type") == "application/json"
+    assert h.typeheader == "application/json" and h.getheader("HOST") == "x"
+    assert list(h.headers) == ["Host: x\r\n", "Content-Type: application/json\r\n", "X-A: 1\r\n"]
+    del h["x-a"]
+    assert "X-A" not in h and len(list(h.headers)) == 2
+
+
+def test_limits_and_malformed_lines_set_status():
+    assert parse(b"X: " + b"a" * 70000 + b"\r\n\r\n").status
+    many = b"".join(b"X-%d: 1\r\n" % i for i in range(MAX_HEADERS + 1)) + b"\r\n"
+    assert parse(many).status
+    assert parse(b"no colon here\r\n\r\n").status
+
+
+def raw_request(server, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(payload)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks):
+                break
+        return b"".join(chunks)
+
+
+@pytest.fixture
+def srv(module_server):
+    return module_server
+
+
+def test_folded_header_is_accepted(srv):
+    token = auth()["Authorization"]
+    req = (b"GET /api/v1/events?clientId=nobody HTTP/1.1\r\nHost: x\r\nAuthorization: "
+           + token.encode() + b"\r\nX-Folded: a\r\n b\r\nConnection: close\r\n\r\n")
+    assert raw_request(srv, req).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("headers", [
+    b"X-Big: " + b"a" * 70000 + b"\r\n",
+    b"".join(b"X-%d: 1\r\n" % i for i in range(MAX_HEADERS + 1)),
+    b"garbage without colon\r\n",
+])
+def test_oversized_or_malformed_headers_are_400(srv, headers):
+    req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n"
+    assert raw_request(srv, req).startswith(b"HTTP/1.1 400")
+    assert srv.get("/healthz").status_code == 200  # and the server carries on

@@ -1,0 +1,104 @@
+"""Sluice's pywsgi handler: gevent's WSGIHandler with three changes that matter at 2,000 req/s.
+
+1. TCP_NODELAY on every connection: without it a response waits for the client's delayed ACK
+   (measured: 68 ms instead of 23 ms per sequential request with a 20 ms batch wait).
+2. A lean request-header parser in place of the stdlib `email` machinery pywsgi uses (12
+   `email.message.get` calls and a feedparser pass per request were its largest non-I/O cost),
+   with the same limits: lines of at most 64 KiB, at most 100 headers.
+3. No access-log formatting (pywsgi formats a line per request even with log=None).
+
+The same handler serves `python app.py` and gunicorn's workers (`SluiceGunicornWorker`).
+"""
+from __future__ import annotations
+
+import socket
+from typing import BinaryIO, Iterator
+
+from gevent.pywsgi import WSGIHandler
+
+MAX_LINE = 65536
+MAX_HEADERS = 100
+
+
+class RequestHeaders:
+    """Request headers as pywsgi consumes them (`status`, `get`, `headers`, `typeheader`)."""
+
+    __slots__ = ("status", "_lines", "_index")
+
+    def __init__(self, fp: BinaryIO) -> None:
+        self.status = ""
+        self._lines: list[str] = []          # raw "Name: value\r\n" lines, continuations kept
+        self._index: dict[str, str] = {}     # lower-cased name -> first value
+        while True:
+            line = fp.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                self.status = "Line too long"
+                return
+            if line in (b"\r\n", b"\n", b""):
+                return
+            if len(self._lines) >= MAX_HEADERS:
+                self.status = "Too many headers"
+                return
+            text = line.decode("iso-8859-1")
+            self._lines.append(text)
+            if text[:1] in " \t":
+                continue  # obsolete line folding: pywsgi joins it to the previous header
+            name, sep, value = text.partition(":")
+            if not sep:
+                self.status = "Malformed header line"
+                return
+            self._index.setdefault(name.strip().lower(), value.strip())
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._index.get(name.lower(), default)
+
+    getheader = get
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._index
+
+    def __delitem__(self, name: str) -> None:
+        key = name.lower()
+        self._index.pop(key, None)
+        self._lines = [line for line in self._lines
+                       if line[:1] in " \t" or line.partition(":")[0].strip().lower() != key]
+
+    @property
+    def headers(self) -> Iterator[str]:
+        return iter(self._lines)
+
+    @property
+    def typeheader(self) -> str | None:
+        return self._index.get("content-type")
+
+
+class SluiceHandler(WSGIHandler):
+    """pywsgi's handler with TCP_NODELAY, the lean header parser and no access-log work."""
+
+    def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:  # noqa: N802
+        return RequestHeaders(fp)
+
+    def handle(self) -> None:
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not TCP (a Unix socket): nothing to do
+            pass
+        super().handle()
+
+    def log_request(self) -> None:
+        pass
+
+
+def gunicorn_worker_class() -> type:
+    """gunicorn's gevent pywsgi worker using the same header parser (gunicorn keeps its own
+    access logging and already sets TCP_NODELAY on its listener)."""
+    from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+
+    class Handler(PyWSGIHandler):
+        def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:  # noqa: N802
+            return RequestHeaders(fp)
+
+    class SluiceGunicornWorker(GeventPyWSGIWorker):
+        wsgi_handler = Handler
+
+    return SluiceGunicornWorker
