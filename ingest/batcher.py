@@ -13,20 +13,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import gevent
 import psycopg2
 from gevent.event import Event
 
-from ingest.events import IngestRequest
+from ingest.events import Commit, IngestRequest
 from ingest.pool import DatabaseUnavailable, Pool
 from ingest.store import EventStore, ReservationFailed
 from web.problems import Problem, Unavailable
 
 log = logging.getLogger("sluice.batcher")
 
-CommitListener = Callable[[Sequence[IngestRequest]], None]
+CommitListener = Callable[[Commit], None]
 
 
 class Backpressure(Unavailable):
@@ -63,7 +63,7 @@ class Batcher:
         return self
 
     def add_listener(self, listener: CommitListener) -> None:
-        """Call `listener(requests)` after each commit (the hub publishes from here)."""
+        """Call `listener(commit)` after each commit, in commit order (the hub publishes here)."""
         self._listeners.append(listener)
 
     def stop(self, timeout: float = 20.0) -> bool:
@@ -157,7 +157,7 @@ class Batcher:
         self._inflight = batch
         started = time.monotonic()
         try:
-            failed = self._write(batch)
+            commits = self._write(batch)
         finally:
             self._inflight = []
             self.backlog -= sum(len(r.events) for r in batch)
@@ -166,49 +166,48 @@ class Batcher:
         if self.metrics:
             self.metrics.flush_seconds.observe(time.monotonic() - started)
             self.metrics.batch_events.observe(sum(len(r.events) for r in batch))
-        committed = [r for r in batch if r not in failed]
-        for req in committed:
-            req.done.set(req.results)
-        if committed:
+        for commit in commits:
+            for req in commit.requests:
+                req.done.set(req.results)
             for listener in self._listeners:
                 try:
-                    listener(committed)
+                    listener(commit)
                 except Exception:  # noqa: BLE001 - a listener must never stop ingest
                     log.exception("commit listener failed")
 
-    def _write(self, batch: list[IngestRequest]) -> set[IngestRequest]:
-        """Write the batch; return the requests that failed (each already told why)."""
+    def _write(self, batch: list[IngestRequest]) -> list[Commit]:
+        """Write the batch; return the commits made. Failed requests are told why."""
         try:
-            self._write_once(batch)
-            return set()
+            return [self._write_once(batch)]
         except Problem as problem:
             for req in batch:
                 req.done.set_exception(problem)
-            return set(batch)
+            return []
         except psycopg2.Error as exc:
             if len(batch) == 1:
                 log.error("ingest request failed in the database: %s", exc)
                 batch[0].done.set_exception(Problem(
                     400 if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)) else 500,
                     "rejected-by-database", "the database rejected this request's events"))
-                return set(batch)
+                return []
         # Bad data somewhere in a multi-request batch: isolate it by writing requests alone.
-        failed: set[IngestRequest] = set()
+        commits: list[Commit] = []
         for req in batch:
-            failed |= self._write([req])
-        return failed
+            commits += self._write([req])
+        return commits
 
-    def _write_once(self, batch: list[IngestRequest]) -> None:
+    def _write_once(self, batch: list[IngestRequest]) -> Commit:
         for attempt in (1, 2):
             try:
                 with self.pool.connection() as conn:
-                    self.store.write_batch(conn, batch)
-                return
+                    after, upto = self.store.write_batch(conn, batch)
+                return Commit(batch, after, upto)
             except ReservationFailed:
                 # A stale connection fails on the first statement; nothing can have committed,
                 # so one retry on a fresh connection is safe.
                 if attempt == 2:
                     raise DatabaseUnavailable("database connection lost") from None
+        raise AssertionError("unreachable")
 
 
 class BatcherMetrics:

@@ -42,6 +42,20 @@ class IngestRequest:
 
 
 @dataclass(slots=True)
+class Commit:
+    """One committed write transaction: its requests and the position range it reserved.
+
+    Ids of its new events lie in (after, upto]; some may be unused (repeated keys). Ranges of
+    successive commits are contiguous across all processes: the next commit's `after` is this
+    `upto`, so a consumer that sees a hole knows a commit is missing.
+    """
+
+    requests: list[IngestRequest]
+    after: int
+    upto: int
+
+
+@dataclass(slots=True)
 class StoredEvent:
     """An event as reads return it; `id` is None while it is accepted but not yet committed."""
 

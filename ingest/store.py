@@ -93,8 +93,10 @@ class EventStore:
 
     # -- writes -------------------------------------------------------------------------------
     def write_batch(self, conn: psycopg2.extensions.connection,
-                    requests: Sequence[IngestRequest]) -> None:
+                    requests: Sequence[IngestRequest]) -> tuple[int, int]:
         """Commit every event of `requests` in one transaction and fill in their results.
+
+        Returns the reserved position range (after, upto]: the position before and after.
 
         Raises ReservationFailed if the very first round trip failed (safe to retry on another
         connection); any later failure leaves the outcome to the transaction (all or nothing).
@@ -109,6 +111,7 @@ class EventStore:
                 raise ReservationFailed(str(exc)) from exc
             try:
                 self._write_reserved(cur, requests, last - total)
+                return last - total, last
             except BaseException:
                 if not conn.closed:
                     try:

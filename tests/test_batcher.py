@@ -24,7 +24,7 @@ def stored_count(pool):
 def test_concurrent_requests_are_coalesced_into_few_commits(pool):
     batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=20).start()
     flushes = []
-    batcher.add_listener(lambda committed: flushes.append(len(committed)))
+    batcher.add_listener(lambda commit: flushes.append(len(commit.requests)))
     requests = [req(client=f"c{i}") for i in range(300)]
     gevent.joinall([gevent.spawn(batcher.commit, r, 10) for r in requests], raise_error=True)
     ids = [r.results[0].id for r in requests]
@@ -37,7 +37,7 @@ def test_concurrent_requests_are_coalesced_into_few_commits(pool):
 def test_max_events_bounds_a_batch_but_never_splits_a_request(pool):
     batcher = Batcher(EventStore(), pool, max_events=10, max_wait_ms=50).start()
     sizes = []
-    batcher.add_listener(lambda committed: sizes.append(sum(len(r.events) for r in committed)))
+    batcher.add_listener(lambda commit: sizes.append(sum(len(r.events) for r in commit.requests)))
     requests = [req(n=4) for _ in range(10)] + [req(n=25)]
     gevent.joinall([gevent.spawn(batcher.commit, r, 10) for r in requests], raise_error=True)
     assert sorted(sizes)[-1] == 25 and all(s <= 10 for s in sizes if s != 25)
@@ -112,3 +112,18 @@ def test_commit_timeout_takes_a_queued_request_back(pool):
     assert info.value.status == 503 and r.cancelled and batcher.backlog == 0
     batcher.stop(timeout=10)
     assert stored_count(pool) == 0
+
+
+def test_commit_ranges_are_contiguous_and_cover_every_id(pool):
+    batcher = Batcher(EventStore(), pool, max_events=50, max_wait_ms=5).start()
+    commits = []
+    batcher.add_listener(commits.append)
+    requests = [req(n=1 + i % 7, key=None) for i in range(60)] + [req(key="dup"), req(key="dup")]
+    gevent.joinall([gevent.spawn(batcher.commit, r, 10) for r in requests], raise_error=True)
+    assert commits[0].after == 0
+    for prev, nxt in zip(commits, commits[1:]):
+        assert nxt.after == prev.upto
+    for commit in commits:
+        ids = [w.id for r in commit.requests for w in r.results if not w.duplicate]
+        assert all(commit.after < i <= commit.upto for i in ids)
+    batcher.stop()

@@ -1,0 +1,52 @@
+"""Framing: how one update becomes bytes on the wire. SSE and long-poll share everything else.
+
+A framing has four small parts: its content type, a preamble (the `retry:` hint and the
+connection's position), one encoded update, and a heartbeat. Event data reaches here already
+JSON-encoded at ingest, so it is encoded once per event, never per subscriber, and JSON text
+cannot hold a raw CR or LF: nothing a publisher sends can start a new SSE field or event.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+_LINE_BREAKS = ("\r", "\n")
+
+
+class Framing(Protocol):
+    """A wire format for a subscription."""
+
+    content_type: str
+
+    def preamble(self, retry_ms: int, event_id: str) -> bytes: ...
+
+    def encode(self, event_id: str, event_type: str, data: str) -> bytes: ...
+
+    def heartbeat(self) -> bytes: ...
+
+
+def _single_line(name: str, value: str) -> str:
+    if any(c in value for c in _LINE_BREAKS) or "\x00" in value:
+        raise ValueError(f"SSE {name} must be one line without NUL: {value!r}")
+    return value
+
+
+class EventStreamFraming:
+    """text/event-stream (Server-Sent Events, as EventSource reads it)."""
+
+    content_type = "text/event-stream"
+
+    def preamble(self, retry_ms: int, event_id: str) -> bytes:
+        """`retry:` first, then an `id:` with no data: it sets EventSource's lastEventId (the
+        connection id travels in it) without firing a message event."""
+        return f"retry: {int(retry_ms)}\nid: {_single_line('id', event_id)}\n\n".encode()
+
+    def encode(self, event_id: str, event_type: str, data: str) -> bytes:
+        return (f"id: {_single_line('id', event_id)}\nevent: {_single_line('event', event_type)}\n"
+                f"data: {_single_line('data', data)}\n\n").encode()
+
+    def heartbeat(self) -> bytes:
+        return b":\n\n"
+
+    def retry_only(self, retry_ms: int) -> bytes:
+        """What a stream says when it must end: come back in `retry_ms`."""
+        return f"retry: {int(retry_ms)}\n\n".encode()
