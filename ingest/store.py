@@ -169,14 +169,18 @@ class EventStore:
     # -- reads --------------------------------------------------------------------------------
     def read_events(self, conn: psycopg2.extensions.connection, *, after: int, limit: int,
                     client_id: str | None = None, streams: Iterable[str] | None = None,
-                    stream_regexes: Sequence[str] | None = None) -> list[StoredEvent]:
-        """Committed events with id > after, oldest first, filtered by client and/or streams.
+                    stream_regexes: Sequence[str] | None = None,
+                    upto: int | None = None) -> list[StoredEvent]:
+        """Committed events with after < id (<= upto), oldest first, by client and/or streams.
 
         `stream_regexes` (POSIX regexes, any of which may match) restricts the result to the
         streams the caller is granted; None means no restriction.
         """
         where = ["id > %s"]
         params: list = [after]
+        if upto is not None:
+            where.append("id <= %s")
+            params.append(upto)
         if client_id is not None:
             where.append("client_id = %s")
             params.append(client_id)

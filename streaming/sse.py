@@ -21,6 +21,10 @@ class Framing(Protocol):
 
     def encode(self, event_id: str, event_type: str, data: str) -> bytes: ...
 
+    def body(self, event_type: str, data: str) -> bytes: ...
+
+    def with_id(self, event_id: str, body: bytes) -> bytes: ...
+
     def heartbeat(self) -> bytes: ...
 
 
@@ -41,8 +45,16 @@ class EventStreamFraming:
         return f"retry: {int(retry_ms)}\nid: {_single_line('id', event_id)}\n\n".encode()
 
     def encode(self, event_id: str, event_type: str, data: str) -> bytes:
-        return (f"id: {_single_line('id', event_id)}\nevent: {_single_line('event', event_type)}\n"
+        return self.with_id(event_id, self.body(event_type, data))
+
+    def body(self, event_type: str, data: str) -> bytes:
+        """The part of an event shared by every subscriber: encoded once per event."""
+        return (f"event: {_single_line('event', event_type)}\n"
                 f"data: {_single_line('data', data)}\n\n").encode()
+
+    def with_id(self, event_id: str, body: bytes) -> bytes:
+        """Prefix the per-connection id (it carries the connection id) to a shared body."""
+        return f"id: {_single_line('id', event_id)}\n".encode() + body
 
     def heartbeat(self) -> bytes:
         return b":\n\n"

@@ -1,0 +1,252 @@
+"""The hub: one per process. It learns of every commit, in position order, and hands each event
+to the local subscribers of its stream without ever waiting on one of them.
+
+How commits reach it: after each batch commits, the batcher calls `on_commit`, which publishes
+ONE Redis message for the whole batch on one channel; every process's hub holds ONE Redis
+subscription and receives every batch, its own included. A message carries the batch's reserved
+position range (after, upto]; ranges are contiguous across all processes, so the hub delivers
+strictly in position order: a message that arrives ahead of its predecessor is held, and if the
+hole is not filled within `gap_wait_s` (a lost message, a Redis outage) the hub reads the missing
+range from Postgres. Because commit order equals id order, once any later commit is visible,
+everything below it is committed, so that read is complete.
+
+Without Redis, local commits go straight to the ordering path, and a poller reads commits made
+by other processes from Postgres every `poll_s`, so delivery continues.
+
+Fan-out is `put_nowait` into each subscriber's bounded queue; each event's framing body is
+encoded once (only the per-connection `id:` line is added per subscriber). A subscriber whose
+queue is full is marked overflowed and dropped from the hub: its connection then ends with a
+`retry:` hint and the client resumes from its last id.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import gevent
+import orjson
+from gevent.event import Event
+from gevent.queue import Full, Queue
+
+from ingest.events import Commit, StoredEvent
+from ingest.pool import Pool
+from ingest.store import EventStore
+from streaming.sse import EventStreamFraming, Framing
+
+log = logging.getLogger("sluice.hub")
+
+CHANNEL = "sluice:commits"       # default Redis channel: one message per committed batch
+FILL_PAGE = 2000                 # rows per Postgres read when filling a hole
+
+
+@dataclass(slots=True)
+class LiveEvent:
+    """A committed event on its way to subscribers; `body` is shared by all of them."""
+
+    position: int
+    stream: str
+    type: str
+    data: str
+    body: bytes
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One subscriber: its streams, decided once, and its bounded outbound queue."""
+
+    streams: frozenset[str]
+    queue: Queue
+    overflowed: bool = False
+    closed: Event = field(default_factory=Event)
+
+    def offer(self, event: LiveEvent) -> bool:
+        """Enqueue without waiting; False (and overflowed) if the queue is full."""
+        try:
+            self.queue.put_nowait(event)
+            return True
+        except Full:
+            self.overflowed = True
+            self.closed.set()
+            return False
+
+
+class Hub:
+    """Orders committed events by position and fans them out to local subscribers."""
+
+    def __init__(self, store: EventStore, pool: Pool, redis: Any, *,
+                 channel: str = CHANNEL, framing: Framing | None = None,
+                 gap_wait_s: float = 0.25, poll_s: float = 0.25,
+                 redis_retry_s: float = 1.0) -> None:
+        self.store = store
+        self.pool = pool
+        self.redis = redis
+        self.channel = channel
+        self.framing = framing or EventStreamFraming()
+        self.gap_wait_s = gap_wait_s
+        self.poll_s = poll_s
+        self.redis_retry_s = redis_retry_s
+        self.position = 0                   # every event with id <= position was delivered
+        self.redis_up = False
+        self.overflows = 0                  # subscribers cut loose because their queue filled
+        self._held: dict[int, tuple[int, list]] = {}   # after -> (upto, events) ahead of a hole
+        self._by_stream: dict[str, set[Subscription]] = {}
+        self._wake_filler = Event()
+        self._greenlets: list[gevent.Greenlet] = []
+        self._subscribed = Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> "Hub":
+        """Subscribe to Redis first, then read the current position: nothing falls between."""
+        self._greenlets.append(gevent.spawn(self._listen))
+        self._subscribed.wait(timeout=5)
+        with self.pool.connection() as conn:
+            self.position = max(self.position, self.store.last_position(conn))
+        self._greenlets.append(gevent.spawn(self._fill_holes))
+        return self
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets, block=False)
+        for subs in self._by_stream.values():
+            for sub in subs:
+                sub.closed.set()
+
+    # -- subscribers --------------------------------------------------------------------------
+    def subscribe(self, streams: Iterable[str], maxsize: int) -> tuple[Subscription, int]:
+        """Register a subscriber; returns it and the position live delivery starts after.
+
+        Everything with id <= that position must come from the store (catch-up); everything
+        after it arrives in the queue, in order. No yield happens between the two.
+        """
+        sub = Subscription(frozenset(streams), Queue(maxsize))
+        for stream in sub.streams:
+            self._by_stream.setdefault(stream, set()).add(sub)
+        return sub, self.position
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        for stream in sub.streams:
+            subs = self._by_stream.get(stream)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_stream[stream]
+        sub.closed.set()
+
+    def subscriber_count(self, stream: str | None = None) -> int:
+        if stream is not None:
+            return len(self._by_stream.get(stream, ()))
+        return len({sub for subs in self._by_stream.values() for sub in subs})
+
+    # -- commits in -----------------------------------------------------------------------------
+    def on_commit(self, commit: Commit) -> None:
+        """Batcher listener: publish the batch once to every process (this one included)."""
+        events = [[w.id, w.stream, ev.type, ev.data]
+                  for req in commit.requests
+                  for ev, w in zip(req.events, req.results or ()) if not w.duplicate]
+        message = orjson.dumps({"a": commit.after, "u": commit.upto, "e": events})
+        if self.redis_up:
+            try:
+                self.redis.publish(self.channel, message)
+                return
+            except Exception:  # noqa: BLE001 - fall back to local delivery below
+                log.warning("redis publish failed; delivering locally")
+                self.redis_up = False
+        self._receive(commit.after, commit.upto, events)
+
+    def _listen(self) -> None:
+        """The process's one Redis subscription; reconnects after failures."""
+        while True:
+            pubsub = None
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.channel)
+                self.redis_up = True
+                self._subscribed.set()
+                self._wake_filler.set()  # messages may have been lost while down: check
+                for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        doc = orjson.loads(message["data"])
+                        self._receive(doc["a"], doc["u"], doc["e"])
+            except gevent.GreenletExit:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis down: poll Postgres meanwhile
+                if self.redis_up:
+                    log.warning("redis subscription lost (%s); polling Postgres", exc)
+                self.redis_up = False
+                self._subscribed.set()
+                self._wake_filler.set()
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+            gevent.sleep(self.redis_retry_s)
+
+    # -- ordering -----------------------------------------------------------------------------
+    def _receive(self, after: int, upto: int, events: list) -> None:
+        if upto <= self.position:
+            return  # already delivered (our own message after a local fallback, or a re-read)
+        if after > self.position:
+            self._held[after] = (upto, events)
+            self._wake_filler.set()
+            return
+        self._advance(events, upto)
+        self._release_held()
+
+    def _advance(self, events: list, upto: int) -> None:
+        """Deliver what lies beyond the position, then move it. Filtering by position makes a
+        fill from Postgres and a late Redis message safe to overlap: nothing goes out twice."""
+        self._deliver([e for e in events if e[0] > self.position])
+        self.position = max(self.position, upto)
+
+    def _release_held(self) -> None:
+        while self._held:
+            earliest = min(self._held)
+            if earliest > self.position:
+                return
+            upto, events = self._held.pop(earliest)
+            self._advance(events, upto)
+
+    def _fill_holes(self) -> None:
+        """Fill holes from Postgres: after `gap_wait_s` for a held message, or every `poll_s`
+        while Redis is down."""
+        while True:
+            self._wake_filler.wait(timeout=None if self.redis_up else self.poll_s)
+            self._wake_filler.clear()
+            try:
+                if self._held:
+                    gevent.sleep(self.gap_wait_s)
+                    if self._held and min(self._held) > self.position:
+                        self._fill_from_store(upto=min(self._held))
+                        self._release_held()
+                elif not self.redis_up:
+                    with self.pool.connection() as conn:
+                        latest = self.store.last_position(conn)
+                    if latest > self.position:
+                        self._fill_from_store(upto=latest)
+            except Exception as exc:  # noqa: BLE001 - database down: try again shortly
+                log.warning("hub could not read missing events: %s", exc)
+                gevent.sleep(self.poll_s)
+                self._wake_filler.set()
+
+    def _fill_from_store(self, upto: int) -> None:
+        while self.position < upto:
+            with self.pool.connection() as conn:
+                rows: list[StoredEvent] = self.store.read_events(
+                    conn, after=self.position, upto=upto, limit=FILL_PAGE)
+            self._advance([[r.id, r.stream, r.type, r.data] for r in rows],
+                          rows[-1].id if len(rows) == FILL_PAGE else upto)
+
+    # -- fan-out ------------------------------------------------------------------------------
+    def _deliver(self, events: list) -> None:
+        for position, stream, event_type, data in events:
+            subs = self._by_stream.get(stream)
+            if not subs:
+                continue
+            live = LiveEvent(position, stream, event_type, data,
+                             self.framing.body(event_type, data))
+            for sub in list(subs):
+                if not sub.offer(live):
+                    self.overflows += 1
+                    self.unsubscribe(sub)

@@ -1,0 +1,149 @@
+"""The hub against real Postgres and Redis: global order, holes filled, Redis down, overflow."""
+import random
+import uuid
+
+import gevent
+import pytest
+import redis
+
+from ingest.batcher import Batcher
+from ingest.pool import Pool
+from ingest.store import EventStore
+from streaming.hub import Hub
+from tests.conftest import ingest_request as req, wait_until
+
+
+@pytest.fixture
+def channel():
+    return f"test:{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def rconn(redis_url):
+    return redis.Redis.from_url(redis_url)
+
+
+class Process:
+    """What one server process has: a pool, a batcher and a hub, wired as the app wires them."""
+
+    def __init__(self, database_url, redis_client, channel, late_publish=False, **hub_kw):
+        self.pool = Pool(database_url, 3, timeout_s=10)
+        self.batcher = Batcher(EventStore(), self.pool, max_events=50, max_wait_ms=2).start()
+        self.hub = Hub(EventStore(), self.pool, redis_client, channel=channel, gap_wait_s=0.1,
+                       poll_s=0.1, redis_retry_s=0.1, **hub_kw).start()
+        if late_publish:  # publish each batch a random moment late, as a busy process might
+            self.batcher.add_listener(lambda c: gevent.spawn_later(random.uniform(0, 0.03),
+                                                                   self.hub.on_commit, c))
+        else:
+            self.batcher.add_listener(self.hub.on_commit)
+
+    def publish(self, stream, n=1):
+        r = req(stream=stream, n=n)
+        self.batcher.commit(r, 10)
+        return [w.id for w in r.results]
+
+    def close(self):
+        self.batcher.stop()
+        self.hub.stop()
+        self.pool.close()
+
+
+def drain(sub, count, timeout=10):
+    got = []
+    with gevent.Timeout(timeout):
+        while len(got) < count:
+            got.append(sub.queue.get())
+    return got
+
+
+def test_live_events_reach_only_their_streams_subscribers_in_order(database_url, rconn, channel):
+    p = Process(database_url, rconn, channel)
+    sub_a, start = p.hub.subscribe(["a"], maxsize=100)
+    sub_b, _ = p.hub.subscribe(["b"], maxsize=100)
+    ids = {"a": [], "b": []}
+    for i in range(10):
+        stream = "a" if i % 2 == 0 else "b"
+        ids[stream] += p.publish(stream, n=2)
+    got = drain(sub_a, 10)
+    assert [(e.stream, e.position) for e in got] == [("a", i) for i in ids["a"]]
+    assert got[0].body.startswith(b"event: message\ndata: ")
+    assert [e.position for e in drain(sub_b, 10)] == ids["b"]
+    assert sub_a.queue.qsize() == 0 and sub_b.queue.qsize() == 0
+    assert p.hub.position >= max(ids["a"] + ids["b"]) > start
+    p.close()
+
+
+def test_two_processes_with_late_publishers_deliver_in_global_order(database_url, rconn, channel):
+    one = Process(database_url, rconn, channel, late_publish=True)
+    two = Process(database_url, rconn, channel, late_publish=True)
+    sub, _ = one.hub.subscribe(["s"], maxsize=10000)
+    jobs = [gevent.spawn(lambda p=p: [p.publish("s", n=random.randint(1, 3)) for _ in range(40)])
+            for p in (one, two, one, two)]
+    gevent.joinall(jobs, raise_error=True)
+    everything = []
+    for batch in (j.value for j in jobs):
+        for ids in batch:
+            everything += ids
+    got = drain(sub, len(everything))
+    assert [e.position for e in got] == sorted(everything)  # every event once, in id order
+    assert sub.queue.qsize() == 0
+    one.close()
+    two.close()
+
+
+def test_a_lost_message_is_filled_from_postgres(database_url, rconn, channel):
+    p = Process(database_url, rconn, channel)
+    sub, _ = p.hub.subscribe(["s"], maxsize=1000)
+    # Commits whose notifications never reach Redis (as if lost), then one that does.
+    silent = Batcher(EventStore(), p.pool, max_events=50, max_wait_ms=1).start()
+    lost = []
+    for _ in range(5):
+        r = req(stream="s", n=3)
+        silent.commit(r, 10)
+        lost += [w.id for w in r.results]
+    later = p.publish("s", n=2)
+    got = drain(sub, len(lost) + 2)
+    assert [e.position for e in got] == lost + later
+    silent.stop()
+    p.close()
+
+
+def test_without_redis_delivery_continues_locally_and_by_polling(database_url, channel):
+    dead = redis.Redis(port=1, socket_connect_timeout=0.2, socket_timeout=0.2)
+    p = Process(database_url, dead, channel)
+    assert not p.hub.redis_up
+    sub, _ = p.hub.subscribe(["s"], maxsize=1000)
+    local = p.publish("s", n=2)
+    other = Batcher(EventStore(), p.pool, max_events=50, max_wait_ms=1).start()  # "another process"
+    r = req(stream="s", n=2)
+    other.commit(r, 10)
+    got = drain(sub, 4)
+    assert [e.position for e in got] == local + [w.id for w in r.results]
+    other.stop()
+    p.close()
+
+
+def test_a_full_queue_cuts_only_that_subscriber(database_url, rconn, channel):
+    p = Process(database_url, rconn, channel)
+    slow, _ = p.hub.subscribe(["s"], maxsize=3)
+    fast, _ = p.hub.subscribe(["s"], maxsize=100)
+    ids = p.publish("s", n=10)
+    assert [e.position for e in drain(fast, 10)] == ids
+    wait_until(lambda: slow.overflowed, message="the slow subscriber to overflow")
+    assert slow.closed.is_set() and p.hub.overflows == 1
+    assert p.hub.subscriber_count("s") == 1
+    assert [e.position for e in drain(slow, 3)] == ids[:3]  # what it got is in order, no gap
+    p.close()
+
+
+def test_subscribe_position_is_the_catch_up_seam(database_url, rconn, channel):
+    p = Process(database_url, rconn, channel)
+    before = p.publish("s", n=3)
+    wait_until(lambda: p.hub.position >= before[-1], message="the hub to catch up")
+    sub, seam = p.hub.subscribe(["s"], maxsize=100)
+    after = p.publish("s", n=3)
+    with p.pool.connection() as conn:
+        history = [e.id for e in EventStore().read_events(conn, after=0, upto=seam, limit=100)]
+    live = [e.position for e in drain(sub, 3)]
+    assert history + live == before + after  # catch-up to the seam, then live: no gap, no dup
+    p.close()
