@@ -23,9 +23,9 @@ import secrets as secrets_lib  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field, replace  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import redis as redis_lib  # noqa: E402
@@ -36,6 +36,8 @@ from config.settings import Settings, SettingsError  # noqa: E402
 from ingest.batcher import Batcher  # noqa: E402
 from ingest.pool import Pool  # noqa: E402
 from ingest.store import EventStore  # noqa: E402
+from streaming.backoff import Backoff  # noqa: E402
+from streaming.hub import Hub  # noqa: E402
 from streaming.tokens import TokenVerifier, mint  # noqa: E402
 from web.http import install_error_handlers  # noqa: E402
 from web.metrics import AppMetrics  # noqa: E402
@@ -55,8 +57,12 @@ class Services:
     tokens: TokenVerifier
     redis: Any
     metrics: AppMetrics
+    hub: Hub
+    backoff: Backoff
     draining: bool = False
-    subscriber_count: Callable[[str], int] = field(default=lambda stream: 0)
+
+    def subscriber_count(self, stream: str) -> int:
+        return self.hub.subscriber_count(stream)
 
     @property
     def registry(self) -> Any:
@@ -65,6 +71,7 @@ class Services:
     def close(self, timeout: float) -> bool:
         """Flush the batcher and release connections; True if everything flushed in time."""
         self.draining = True
+        self.hub.stop()  # every stream ends with a `retry:` hint and resumes elsewhere
         flushed = self.batcher.stop(timeout)
         self.pool.close()
         try:
@@ -83,6 +90,7 @@ def build_services(settings: Settings) -> Services:
     store = EventStore()
     with pool.connection(timeout_s=30) as conn:
         applied = store.migrate(conn)
+        identity = store.identity(conn)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
     metrics = AppMetrics()
@@ -92,17 +100,24 @@ def build_services(settings: Settings) -> Services:
     redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
                                      health_check_interval=10)
     tokens = TokenVerifier(settings.secrets, redis=redis)
-    return Services(settings, pool, store, batcher, tokens, redis, metrics)
+    hub = Hub(store, pool, redis, channel=f"sluice:{identity}:commits",
+              overflow_counter=metrics.slow_consumers).start()
+    batcher.add_listener(hub.on_commit)
+    backoff = Backoff(redis, base_ms=settings.retry_base_ms, max_ms=settings.retry_max_ms,
+                      window_s=settings.retry_window_s)
+    return Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff)
 
 
 def create_app(services: Services) -> Flask:
     """The Flask application: blueprints over the services, errors as problem+json."""
     from ingest.http import bp as ingest_bp
+    from streaming.http import bp as streaming_bp
     from web.ops import bp as ops_bp
 
     app = Flask(__name__)
     app.extensions["sluice"] = services
     app.register_blueprint(ingest_bp)
+    app.register_blueprint(streaming_bp)
     app.register_blueprint(ops_bp)
     install_error_handlers(app)
 

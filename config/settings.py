@@ -30,6 +30,15 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "MAX_BATCH_EVENTS": ("1000", "Most events in one ingest request (413 past it)."),
     "MAX_DATA_BYTES": ("65536", "Largest encoded `data` of one event (400 past it)."),
     "READ_MAX_LIMIT": ("1000", "Largest `limit` a history read accepts."),
+    "SUBSCRIBER_QUEUE_MAX": ("1000", "Outbound queue bound per subscriber; a full queue ends the stream with `retry:`."),
+    "SUBSCRIBE_MAX_STREAMS": ("50", "Most streams one subscription may name."),
+    "CATCHUP_PAGE": ("500", "Events per catch-up page read from Postgres."),
+    "HEARTBEAT_S": ("15", "SSE heartbeat comment after this much silence."),
+    "RETRY_BASE_MS": ("1000", "Smallest SSE `retry:` handed out."),
+    "RETRY_MAX_MS": ("60000", "Largest SSE `retry:` handed out."),
+    "RETRY_WINDOW_S": ("60", "Sliding window of the per-connection reconnect counter."),
+    "SSE_WRITE_TIMEOUT_S": ("30", "A stream write that cannot complete this long ends the connection."),
+    "LONGPOLL_MAX_S": ("25", "Longest long-poll hold."),
     "SHUTDOWN_TIMEOUT_S": ("20", "How long SIGTERM waits for in-flight requests before exiting."),
     "WEB_CONCURRENCY": ("2", "gunicorn worker processes (Procfile `web`); each has its own pool."),
     "WORKER_CONNECTIONS": ("10000", "Most concurrent connections per gunicorn worker."),
@@ -97,6 +106,15 @@ class Settings:
     max_batch_events: int = 1000
     max_data_bytes: int = 65536
     read_max_limit: int = 1000
+    subscriber_queue_max: int = 1000
+    subscribe_max_streams: int = 50
+    catchup_page: int = 500
+    heartbeat_s: float = 15.0
+    retry_base_ms: int = 1000
+    retry_max_ms: int = 60000
+    retry_window_s: int = 60
+    sse_write_timeout_s: float = 30.0
+    longpoll_max_s: float = 25.0
     shutdown_timeout_s: float = 20.0
 
     @classmethod
@@ -127,6 +145,15 @@ class Settings:
             max_batch_events=_int(env, "MAX_BATCH_EVENTS", 1),
             max_data_bytes=_int(env, "MAX_DATA_BYTES", 1),
             read_max_limit=_int(env, "READ_MAX_LIMIT", 1),
+            subscriber_queue_max=_int(env, "SUBSCRIBER_QUEUE_MAX", 1),
+            subscribe_max_streams=_int(env, "SUBSCRIBE_MAX_STREAMS", 1),
+            catchup_page=_int(env, "CATCHUP_PAGE", 1),
+            heartbeat_s=_float(env, "HEARTBEAT_S", 0.05),
+            retry_base_ms=_int(env, "RETRY_BASE_MS", 0),
+            retry_max_ms=_int(env, "RETRY_MAX_MS", 0),
+            retry_window_s=_int(env, "RETRY_WINDOW_S", 1),
+            sse_write_timeout_s=_float(env, "SSE_WRITE_TIMEOUT_S", 0.1),
+            longpoll_max_s=min(_float(env, "LONGPOLL_MAX_S", 0.0), 25.0),
             shutdown_timeout_s=_float(env, "SHUTDOWN_TIMEOUT_S", 0.0),
         )
         if settings.max_batch_events > settings.ingest_max_backlog:

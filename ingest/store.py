@@ -237,6 +237,13 @@ class EventStore:
             cur.execute("DELETE FROM events WHERE stream = %s", (name,))
         return existed
 
+    def identity(self, conn: psycopg2.extensions.connection) -> str:
+        """Names this database uniquely (cluster system id + database), for Redis channels."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT system_identifier::text || ':' || current_database() "
+                        "FROM pg_control_system()")
+            return cur.fetchone()[0]
+
     def ping(self, conn: psycopg2.extensions.connection) -> None:
         with conn.cursor() as cur:
             cur.execute("SELECT 1")

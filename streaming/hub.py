@@ -13,10 +13,11 @@ everything below it is committed, so that read is complete.
 Without Redis, local commits go straight to the ordering path, and a poller reads commits made
 by other processes from Postgres every `poll_s`, so delivery continues.
 
-Fan-out is `put_nowait` into each subscriber's bounded queue; each event's framing body is
-encoded once (only the per-connection `id:` line is added per subscriber). A subscriber whose
-queue is full is marked overflowed and dropped from the hub: its connection then ends with a
-`retry:` hint and the client resumes from its last id.
+Fan-out is `put_nowait` into each subscriber's bounded queue, one item per delivery holding the
+events of one commit that the subscriber wants (so a large batch costs one slot, not one per
+event); each event's framing body is encoded once (only the per-connection `id:` line is added
+per subscriber). A subscriber whose queue is full is marked overflowed and dropped from the hub:
+its connection then ends with a `retry:` hint and the client resumes from its last id.
 """
 from __future__ import annotations
 
@@ -53,17 +54,25 @@ class LiveEvent:
 
 @dataclass(eq=False)
 class Subscription:
-    """One subscriber: its streams, decided once, and its bounded outbound queue."""
+    """One subscriber: its streams, decided once, and its bounded queue of deliveries."""
 
     streams: frozenset[str]
     queue: Queue
     overflowed: bool = False
     closed: Event = field(default_factory=Event)
 
-    def offer(self, event: LiveEvent) -> bool:
-        """Enqueue without waiting; False (and overflowed) if the queue is full."""
+    def close(self) -> None:
+        """End the subscription; wakes its reader (a full queue is drained first, then noticed)."""
+        self.closed.set()
         try:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait(None)
+        except Full:
+            pass
+
+    def offer(self, events: list[LiveEvent]) -> bool:
+        """Enqueue one delivery without waiting; False (and overflowed) if the queue is full."""
+        try:
+            self.queue.put_nowait(events)
             return True
         except Full:
             self.overflowed = True
@@ -77,7 +86,7 @@ class Hub:
     def __init__(self, store: EventStore, pool: Pool, redis: Any, *,
                  channel: str = CHANNEL, framing: Framing | None = None,
                  gap_wait_s: float = 0.25, poll_s: float = 0.25,
-                 redis_retry_s: float = 1.0) -> None:
+                 redis_retry_s: float = 1.0, overflow_counter: Any = None) -> None:
         self.store = store
         self.pool = pool
         self.redis = redis
@@ -89,6 +98,7 @@ class Hub:
         self.position = 0                   # every event with id <= position was delivered
         self.redis_up = False
         self.overflows = 0                  # subscribers cut loose because their queue filled
+        self.overflow_counter = overflow_counter  # e.g. a Prometheus Counter
         self._held: dict[int, tuple[int, list]] = {}   # after -> (upto, events) ahead of a hole
         self._by_stream: dict[str, set[Subscription]] = {}
         self._wake_filler = Event()
@@ -107,9 +117,8 @@ class Hub:
 
     def stop(self) -> None:
         gevent.killall(self._greenlets, block=False)
-        for subs in self._by_stream.values():
-            for sub in subs:
-                sub.closed.set()
+        for sub in {sub for subs in self._by_stream.values() for sub in subs}:
+            sub.close()
 
     # -- subscribers --------------------------------------------------------------------------
     def subscribe(self, streams: Iterable[str], maxsize: int) -> tuple[Subscription, int]:
@@ -130,7 +139,7 @@ class Hub:
                 subs.discard(sub)
                 if not subs:
                     del self._by_stream[stream]
-        sub.closed.set()
+        sub.close()
 
     def subscriber_count(self, stream: str | None = None) -> int:
         if stream is not None:
@@ -240,13 +249,19 @@ class Hub:
 
     # -- fan-out ------------------------------------------------------------------------------
     def _deliver(self, events: list) -> None:
+        """One queue item per subscriber per delivery: the events of it that it wants."""
+        batches: dict[Subscription, list[LiveEvent]] = {}
         for position, stream, event_type, data in events:
             subs = self._by_stream.get(stream)
             if not subs:
                 continue
             live = LiveEvent(position, stream, event_type, data,
                              self.framing.body(event_type, data))
-            for sub in list(subs):
-                if not sub.offer(live):
-                    self.overflows += 1
-                    self.unsubscribe(sub)
+            for sub in subs:
+                batches.setdefault(sub, []).append(live)
+        for sub, batch in batches.items():
+            if not sub.offer(batch):
+                self.overflows += 1
+                if self.overflow_counter is not None:
+                    self.overflow_counter.inc()
+                self.unsubscribe(sub)

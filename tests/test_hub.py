@@ -49,10 +49,11 @@ class Process:
 
 
 def drain(sub, count, timeout=10):
+    """The next `count` events from a subscription's queue of deliveries."""
     got = []
     with gevent.Timeout(timeout):
         while len(got) < count:
-            got.append(sub.queue.get())
+            got.extend(sub.queue.get())
     return got
 
 
@@ -127,7 +128,9 @@ def test_a_full_queue_cuts_only_that_subscriber(database_url, rconn, channel):
     p = Process(database_url, rconn, channel)
     slow, _ = p.hub.subscribe(["s"], maxsize=3)
     fast, _ = p.hub.subscribe(["s"], maxsize=100)
-    ids = p.publish("s", n=10)
+    ids = []
+    for _ in range(10):  # ten commits: ten deliveries, more than the slow queue holds
+        ids += p.publish("s")
     assert [e.position for e in drain(fast, 10)] == ids
     wait_until(lambda: slow.overflowed, message="the slow subscriber to overflow")
     assert slow.closed.is_set() and p.hub.overflows == 1

@@ -41,3 +41,19 @@ def test_readme_lists_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in SETTINGS_DOC if f"`{name}`" not in readme]
     assert missing == []
+
+
+def test_every_numeric_setting_is_read_from_the_environment():
+    from dataclasses import fields
+
+    defaults = Settings.from_env({})
+    numeric = {f.name for f in fields(Settings) if f.type in ("int", "float")}
+    for name in SETTINGS_DOC:
+        field = name.lower()
+        if field not in numeric or name in ("PORT",):
+            continue
+        value = 7 if name != "LONGPOLL_MAX_S" else 3
+        changed = Settings.from_env({name: str(value), "INGEST_MAX_BACKLOG": "5000",
+                                     "MAX_BATCH_EVENTS": "7"} if name != "INGEST_MAX_BACKLOG"
+                                    else {name: str(value), "MAX_BATCH_EVENTS": "7"})
+        assert getattr(changed, field) == value != getattr(defaults, field), name

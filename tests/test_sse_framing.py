@@ -1,6 +1,6 @@
 """SSE framing: whatever a publisher sends, parsing the frames yields exactly its events.
 
-The parser below follows the WHATWG "event stream interpretation" steps (lines end at CRLF, CR
+The parser (tests/sse.py) follows the WHATWG "event stream interpretation" steps (lines end at CRLF, CR
 or LF; a blank line dispatches; `data` lines join with LF; a field name ends at the first colon,
 one leading space of the value is dropped; lines starting with a colon are comments).
 """
@@ -11,32 +11,7 @@ from hypothesis import strategies as st
 
 from ingest.validation import TYPE_RE
 from streaming.sse import EventStreamFraming
-
-
-def parse_event_stream(raw: bytes):
-    text = raw.decode("utf-8")
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    events, data, event_type, last_id, retry = [], [], "", "", None
-    for line in lines:
-        if line == "":
-            if data:
-                events.append((last_id, event_type or "message", "\n".join(data)))
-            data, event_type = [], ""
-            continue
-        if line.startswith(":"):
-            continue
-        name, sep, value = line.partition(":")
-        if sep and value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            data.append(value)
-        elif name == "event":
-            event_type = value
-        elif name == "id" and "\x00" not in value:
-            last_id = value
-        elif name == "retry" and value.isdigit():
-            retry = int(value)
-    return events, last_id, retry
+from tests.sse import parse_event_stream
 
 
 json_values = st.recursive(

@@ -25,6 +25,11 @@ class AppMetrics:
         self.pool_open = Gauge("sluice_db_pool_open", "Database connections open",
                                registry=self.registry)
 
+        self.slow_consumers = Counter("sluice_slow_consumer_disconnects",
+                                      "Subscribers cut loose because their queue filled",
+                                      registry=self.registry)
+        self.subscribers = Gauge("sluice_subscribers", "Subscriptions held by this process",
+                                 registry=self.registry)
         self._by_status: dict[int, Any] = {}
 
     def count_response(self, status: int) -> None:
@@ -38,3 +43,4 @@ class AppMetrics:
         self.pool_in_use.set(services.pool.in_use)
         self.pool_waiting.set(services.pool.waiting)
         self.pool_open.set(services.pool.opened)
+        self.subscribers.set(services.hub.subscriber_count())

@@ -32,6 +32,14 @@ AUTH_ERRORS = {
 }
 UNAVAILABLE = {"503": _problem("Database unreachable, pool exhausted, backlog full, or shutting "
                                "down.", retry_after=True)}
+SUBSCRIBE_PARAMS: list[dict[str, Any]] = [
+    {"name": "stream", "in": "query", "required": True, "style": "form", "explode": True,
+     "schema": {"type": "array", "minItems": 1, "maxItems": 50,
+                "items": {"type": "string", "pattern": STREAM_PATTERN}}},
+    {"name": "token", "in": "query", "schema": {"type": "string"},
+     "description": "Token, for clients that cannot set headers (EventSource); or the "
+                    "`sluice_token` cookie."},
+]
 STREAM_PARAM = {"name": "stream", "in": "path", "required": True,
                 "description": "Stream name; may contain `/`.",
                 "schema": {"type": "string", "pattern": STREAM_PATTERN}}
@@ -115,6 +123,43 @@ def openapi_document() -> dict[str, Any]:
                                          "400": _problem("Bad stream name."), **AUTH_ERRORS,
                                          "404": _problem("No such stream."), **UNAVAILABLE}},
             },
+            "/api/v1/sse": {"get": {
+                "summary": "Subscribe with Server-Sent Events.",
+                "description": "All checks happen before the first byte. Then `retry:` and an "
+                               "`id: <sid>.<position>` line, missed events since the resume id "
+                               "(in pages), then live events and `:` heartbeats. A subscriber "
+                               "that cannot keep up, or a server that is stopping, gets a final "
+                               "`retry:` and the stream ends; Last-Event-ID resumes it.",
+                "parameters": SUBSCRIBE_PARAMS + [
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    {"name": "lastEventId", "in": "query", "schema": {"type": "string"},
+                     "description": "Resume id for a first connection (`sid.position` or a "
+                                    "position)."},
+                    {"name": "sid", "in": "query", "schema": {"type": "string"},
+                     "description": "Connection id for clients that cannot keep one in ids."},
+                ],
+                "responses": {
+                    "200": {"description": "The event stream (or only `retry:` when the server "
+                                           "sheds load or the database is unreachable).",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "400": _problem("Malformed request."), **AUTH_ERRORS,
+                    "404": _problem("A stream does not exist."),
+                },
+            }},
+            "/api/v1/poll": {"get": {
+                "summary": "Long-poll: events after `cursor`, or wait up to `timeout` seconds.",
+                "parameters": SUBSCRIBE_PARAMS + [
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"},
+                     "description": "Pass back the `cursor` of the previous answer; without it, "
+                                    "waits for events newer than now."},
+                    {"name": "timeout", "in": "query",
+                     "schema": {"type": "number", "minimum": 0, "maximum": 3600, "default": 25},
+                     "description": "Seconds to hold (capped at LONGPOLL_MAX_S, at most 25)."},
+                ],
+                "responses": {"200": _json("PollPage", "Events (possibly none) and the cursor."),
+                              "400": _problem("Malformed request."), **AUTH_ERRORS,
+                              "404": _problem("A stream does not exist."), **UNAVAILABLE},
+            }},
             "/healthz": {"get": {"summary": "Liveness.", "security": [],
                                  "responses": {"200": {"description": "Alive."}}}},
             "/readyz": {"get": {"summary": "Readiness: Postgres and Redis reachable, not draining.",
@@ -172,6 +217,14 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["events", "next"],
         "properties": {"events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
                        "next": {"type": "string", "description": "Pass as `after` to continue."}},
+    },
+    "PollPage": {
+        "type": "object", "required": ["events", "cursor"],
+        "properties": {"events": {"type": "array", "items": {
+            "type": "object", "required": ["id", "stream", "type", "data"],
+            "properties": {"id": {"type": "string"}, "stream": {"type": "string"},
+                           "type": {"type": "string"}, "data": {}}}},
+            "cursor": {"type": "string"}},
     },
     "Stream": {
         "type": "object", "required": ["name", "lastId", "createdAt", "subscribers"],

@@ -73,10 +73,16 @@ class RequestHeaders:
 
 
 class SluiceHandler(WSGIHandler):
-    """pywsgi's handler with TCP_NODELAY, the lean header parser and no access-log work."""
+    """pywsgi's handler with TCP_NODELAY, the lean header parser, no access-log work, and the
+    client socket in the environ (gunicorn's handler puts it under `gunicorn.sock`)."""
 
     def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:  # noqa: N802
         return RequestHeaders(fp)
+
+    def get_environ(self) -> dict:
+        env = super().get_environ()
+        env["sluice.socket"] = self.socket  # streams watch it to notice a client going away
+        return env
 
     def handle(self) -> None:
         try:

@@ -1,0 +1,251 @@
+"""HTTP for subscribers: Server-Sent Events (`/api/v1/sse`) and long-poll (`/api/v1/poll`).
+
+Both share one mechanism: the same checks, all decided before the first byte (400 malformed,
+401 token, 403 not granted, 404 unknown stream, each a problem body); the same hub subscription,
+taken before catch-up so the seam between history and live has no gap and no duplicate; the
+same catch-up reads in pages through the bounded pool. Only the framing differs.
+"""
+from __future__ import annotations
+
+import secrets
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import gevent
+import orjson
+from flask import Blueprint, Response, request
+from gevent.queue import Empty
+
+from ingest.ids import format_position, parse_position
+from ingest.pool import DatabaseUnavailable
+from ingest.validation import valid_stream
+from streaming.hub import Subscription
+from streaming.sse import EventStreamFraming
+from web.http import authenticate, json_response, services
+from web.problems import Problem
+
+bp = Blueprint("streaming", __name__)
+SID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+framing = EventStreamFraming()
+
+
+@dataclass
+class Checked:
+    """A subscribe request that passed every check: what to send and from where."""
+
+    streams: list[str]
+    resume: int | None      # resume after this position; None means "from now"
+    sid: str | None         # connection id carried in from Last-Event-ID or ?sid=
+
+
+def new_sid() -> str:
+    return "".join(secrets.choice(SID_ALPHABET) for _ in range(10))
+
+
+def parse_last_event_id(raw: str) -> tuple[str | None, int]:
+    """`sid.position` or a bare `position` (as the ingest and read APIs give it)."""
+    sid, dot, _ = raw.rpartition(".")
+    position = parse_position(raw)
+    if dot and (not sid or len(sid) > 32 or not all(c in SID_ALPHABET for c in sid)):
+        raise ValueError("bad connection id")
+    return (sid or None), position
+
+
+def check_subscribe() -> Checked:
+    """Every check a subscription needs, before anything is sent (raises a Problem)."""
+    svc = services()
+    settings = svc.settings
+    streams = request.args.getlist("stream")
+    if not streams:
+        raise Problem(400, "invalid-parameter", "name at least one `stream`", field="stream")
+    if len(streams) > settings.subscribe_max_streams:
+        raise Problem(400, "too-many-streams", f"at most {settings.subscribe_max_streams} streams "
+                      "per subscription", field="stream", limit=settings.subscribe_max_streams)
+    for stream in streams:
+        if not valid_stream(stream):
+            raise Problem(400, "invalid-stream",
+                          "stream names match ^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$", field="stream")
+    streams = list(dict.fromkeys(streams))
+    principal = authenticate(allow_query=True, allow_cookie=True)
+    for stream in streams:
+        if not principal.subscribe.allows(stream):
+            raise Problem(403, "not-granted", f"the token does not grant `subscribe` on `{stream}`",
+                          stream=stream)
+    raw = request.headers.get("Last-Event-ID") or request.args.get("lastEventId") \
+        or request.args.get("cursor")
+    sid, resume = None, None
+    if raw:
+        try:
+            sid, resume = parse_last_event_id(raw)
+        except ValueError:
+            raise Problem(400, "invalid-last-event-id",
+                          "Last-Event-ID must be `<sid>.<position>` or a position") from None
+    query_sid = request.args.get("sid")
+    if query_sid and not sid:
+        if len(query_sid) > 32 or not all(c in SID_ALPHABET for c in query_sid):
+            raise Problem(400, "invalid-parameter", "bad `sid`", field="sid")
+        sid = query_sid
+    with svc.pool.connection() as conn:
+        missing = set(streams) - svc.store.existing_streams(conn, streams)
+    if missing:
+        raise Problem(404, "unknown-stream", f"stream `{sorted(missing)[0]}` does not exist",
+                      stream=sorted(missing)[0])
+    return Checked(streams, resume, sid)
+
+
+def catch_up(svc: Any, checked: Checked, after: int, upto: int) -> Iterator[list]:
+    """Pages of committed events of the streams in (after, upto], read in this greenlet.
+
+    Runs inside streaming generators, outside Flask's app context: the services are passed in.
+    """
+    page = svc.settings.catchup_page
+    while after < upto:
+        with svc.pool.connection() as conn:
+            rows = svc.store.read_events(conn, after=after, upto=upto, limit=page,
+                                         streams=checked.streams)
+        if not rows:
+            return
+        yield rows
+        after = rows[-1].id
+        if len(rows) < page:
+            return
+        gevent.sleep(0)  # let live delivery to other clients run between pages
+
+
+def _client_socket() -> Any:
+    return request.environ.get("sluice.socket") or request.environ.get("gunicorn.sock")
+
+
+def _watch_disconnect(sock: Any, sub: Subscription) -> None:
+    """EventSource sends nothing after its request, so a readable socket means the client left."""
+    while not sub.closed.is_set():
+        try:
+            if not sock.recv(1, socket.MSG_PEEK):
+                break
+            return  # the client sent bytes: not an EventSource; stop watching, nothing to close
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+    sub.close()
+
+
+@bp.get("/api/v1/sse")
+def sse() -> Response:
+    svc = services()
+    settings = svc.settings
+    if svc.draining:
+        return _retry_only(settings.retry_max_ms)
+    try:
+        checked = check_subscribe()
+    except DatabaseUnavailable:
+        # A 5xx would stop EventSource for good: tell it to come back instead.
+        return _retry_only(svc.backoff.retry_ms(4))
+    sid = checked.sid or new_sid()
+    _, retry = svc.backoff.connect(sid)
+    sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
+    start = seam if checked.resume is None else checked.resume
+    sock = _client_socket()
+    if sock is not None:
+        try:
+            sock.settimeout(settings.sse_write_timeout_s)  # a stuck write ends the connection
+        except OSError:
+            pass
+        watcher = gevent.spawn(_watch_disconnect, sock, sub)
+    else:
+        watcher = None
+
+    def stream() -> Iterator[bytes]:
+        last = start
+        try:
+            yield framing.preamble(retry, f"{sid}.{format_position(start)}")
+            try:
+                for rows in catch_up(svc, checked, start, seam):
+                    if sub.closed.is_set() and not sub.overflowed:
+                        return
+                    yield b"".join(framing.encode(f"{sid}.{row.id}", row.type, row.data)
+                                   for row in rows)
+                    last = rows[-1].id
+            except DatabaseUnavailable:
+                yield framing.retry_only(svc.backoff.retry_ms(2))
+                return
+            last = max(last, seam)
+            while True:
+                try:
+                    item = sub.queue.get(timeout=settings.heartbeat_s)
+                except Empty:
+                    if sub.closed.is_set():
+                        break
+                    yield framing.heartbeat()
+                    continue
+                if item is None:
+                    break
+                fresh = [e for e in item if e.position > last]
+                if fresh:
+                    yield b"".join(framing.with_id(f"{sid}.{e.position}", e.body) for e in fresh)
+                    last = fresh[-1].position
+                if sub.closed.is_set() and sub.queue.empty():
+                    break
+            # Cut loose (queue full), the server is stopping, or the client left: tell it when
+            # to come back; Last-Event-ID resumes it from `last` with nothing missed.
+            yield framing.retry_only(retry)
+        finally:
+            svc.hub.unsubscribe(sub)
+            if watcher is not None:
+                watcher.kill(block=False)
+
+    return Response(stream(), status=200, mimetype=framing.content_type, headers=SSE_HEADERS,
+                    direct_passthrough=True)
+
+
+def _retry_only(retry_ms: int) -> Response:
+    return Response(framing.retry_only(retry_ms), status=200, mimetype=framing.content_type,
+                    headers=SSE_HEADERS)
+
+
+@bp.get("/api/v1/poll")
+def poll() -> Response:
+    svc = services()
+    settings = svc.settings
+    if svc.draining:
+        raise Problem(503, "shutting-down", "the server is restarting", headers={"Retry-After": "2"})
+    raw_timeout = request.args.get("timeout", str(int(settings.longpoll_max_s)))
+    try:
+        hold = float(raw_timeout)
+    except ValueError:
+        raise Problem(400, "invalid-parameter", "`timeout` must be seconds", field="timeout") from None
+    if not 0 <= hold <= 3600:
+        raise Problem(400, "invalid-parameter", "`timeout` must be 0 to 3600 seconds",
+                      field="timeout")
+    hold = min(hold, settings.longpoll_max_s)
+    checked = check_subscribe()
+    page = settings.catchup_page
+    sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
+    try:
+        start = seam if checked.resume is None else checked.resume
+        cursor = max(start, seam)
+        events: list[dict] = []
+        for rows in catch_up(svc, checked, start, seam):
+            events = [_poll_event(r.id, r.stream, r.type, r.data) for r in rows]
+            if len(rows) == page:
+                cursor = rows[-1].id  # more history to come: continue from here
+            break
+        if not events and hold > 0:
+            with gevent.Timeout(hold, False):
+                item = sub.queue.get()
+                while item is not None and len(events) < page:
+                    for e in item:
+                        if e.position > cursor:
+                            events.append(_poll_event(e.position, e.stream, e.type, e.data))
+                            cursor = e.position
+                    item = None if sub.queue.empty() else sub.queue.get_nowait()
+    finally:
+        svc.hub.unsubscribe(sub)
+    return json_response({"events": events, "cursor": format_position(cursor)})
+
+
+def _poll_event(position: int, stream: str, event_type: str, data: str) -> dict:
+    return {"id": format_position(position), "stream": stream, "type": event_type,
+            "data": orjson.Fragment(data)}
