@@ -134,6 +134,7 @@ def delete_stream(stream: str) -> Response:
         existed = svc.store.delete_stream(conn, stream)
     if not existed:
         raise Problem(404, "unknown-stream", f"stream `{stream}` does not exist")
+    svc.hub.end_stream(stream)
     return Response(status=204)
 
 

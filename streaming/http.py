@@ -20,7 +20,7 @@ from gevent.queue import Empty
 from ingest.ids import format_position, parse_position
 from ingest.pool import DatabaseUnavailable
 from ingest.validation import valid_stream
-from streaming.hub import Subscription
+from streaming.hub import StreamEnded, Subscription
 from streaming.sse import EventStreamFraming
 from web.http import authenticate, json_response, services
 from web.problems import Problem
@@ -182,6 +182,10 @@ def sse() -> Response:
                     continue
                 if item is None:
                     break
+                if isinstance(item, StreamEnded):
+                    # Deleted: say so and end; the reconnect gets 404 and EventSource stops.
+                    yield framing.end(orjson.dumps({"stream": item.stream}).decode())
+                    return
                 fresh = [e for e in item if e.position > last]
                 if fresh:
                     yield b"".join(framing.with_id(f"{sid}.{e.position}", e.body) for e in fresh)
@@ -235,7 +239,8 @@ def poll() -> Response:
         if not events and hold > 0:
             with gevent.Timeout(hold, False):
                 item = sub.queue.get()
-                while item is not None and len(events) < page:
+                while item is not None and not isinstance(item, StreamEnded) \
+                        and len(events) < page:
                     for e in item:
                         if e.position > cursor:
                             events.append(_poll_event(e.position, e.stream, e.type, e.data))

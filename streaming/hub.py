@@ -52,6 +52,13 @@ class LiveEvent:
     body: bytes
 
 
+@dataclass(frozen=True)
+class StreamEnded:
+    """Queued instead of a delivery when one of the subscription's streams was deleted."""
+
+    stream: str
+
+
 @dataclass(eq=False)
 class Subscription:
     """One subscriber: its streams, decided once, and its bounded queue of deliveries."""
@@ -162,6 +169,24 @@ class Hub:
                 self.redis_up = False
         self._receive(commit.after, commit.upto, events)
 
+    def end_stream(self, stream: str) -> None:
+        """A stream was deleted: tell its subscribers in every process."""
+        if self.redis_up:
+            try:
+                self.redis.publish(self.channel, orjson.dumps({"end": stream}))
+                return
+            except Exception:  # noqa: BLE001 - fall back to this process's subscribers
+                self.redis_up = False
+        self._end(stream)
+
+    def _end(self, stream: str) -> None:
+        for sub in list(self._by_stream.get(stream, ())):
+            try:
+                sub.queue.put_nowait(StreamEnded(stream))
+            except Full:
+                pass  # it is being cut loose anyway; its reconnect will get 404
+            self.unsubscribe(sub)
+
     def _listen(self) -> None:
         """The process's one Redis subscription; reconnects after failures."""
         while True:
@@ -175,7 +200,10 @@ class Hub:
                 for message in pubsub.listen():
                     if message.get("type") == "message":
                         doc = orjson.loads(message["data"])
-                        self._receive(doc["a"], doc["u"], doc["e"])
+                        if "end" in doc:
+                            self._end(doc["end"])
+                        else:
+                            self._receive(doc["a"], doc["u"], doc["e"])
             except gevent.GreenletExit:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis down: poll Postgres meanwhile

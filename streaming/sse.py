@@ -59,6 +59,10 @@ class EventStreamFraming:
     def heartbeat(self) -> bytes:
         return b":\n\n"
 
+    def end(self, stream_json: str) -> bytes:
+        """The stream was deleted: a final `end` event (no id: the resume position stays)."""
+        return f"event: end\ndata: {_single_line('data', stream_json)}\n\n".encode()
+
     def retry_only(self, retry_ms: int) -> bytes:
         """What a stream says when it must end: come back in `retry_ms`."""
         return f"retry: {int(retry_ms)}\n\n".encode()

@@ -131,10 +131,22 @@ def test_reconnects_get_a_growing_retry(srv):
     assert max(retries[2:]) > 1000  # grows (a 1-in-10^9 chance of three draws at the base)
 
 
-def test_deleted_stream_refuses_new_subscriptions(srv):
-    publish(srv, "gone", 1)
-    assert srv.delete("/api/v1/streams/gone", headers=auth()).status_code == 204
-    assert srv.get(SSE, params={"stream": "gone"}, headers=auth()).status_code == 404
+def test_deleting_a_stream_ends_its_subscriptions_in_every_process(make_server, database_url):
+    a = make_server(database_url)
+    b = make_server(database_url)
+    publish(a, "gone", 1)
+    here, there = open_stream(a, "gone"), open_stream(b, "gone")
+    for s in (here, there):
+        s.next(("retry",))
+    waiting = gevent.spawn(b.get, POLL, params={"stream": "gone", "timeout": "20"}, headers=auth())
+    gevent.sleep(0.3)
+    assert a.delete("/api/v1/streams/gone", headers=auth()).status_code == 204
+    for s in (here, there):
+        assert s.next() == ("event", s.parser.last_id, "end", '{"stream":"gone"}')
+        assert s.next(("event", "end")) == ("end",)
+    assert waiting.get(timeout=20).json()["events"] == []
+    assert a.get(SSE, params={"stream": "gone"}, headers=auth()).status_code == 404
+    assert b.get(POLL, params={"stream": "gone"}, headers=auth()).status_code == 404
 
 
 def test_slow_reader_is_cut_while_others_continue(make_server, database_url):
