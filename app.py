@@ -29,7 +29,7 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import redis as redis_lib  # noqa: E402
-from flask import Flask, Response  # noqa: E402
+from flask import Flask, Response, request  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from config.settings import Settings, SettingsError  # noqa: E402
@@ -123,7 +123,8 @@ def create_app(services: Services) -> Flask:
 
     @app.after_request
     def _count(response: Response) -> Response:
-        services.metrics.count_response(response.status_code)
+        rule = request.url_rule
+        services.metrics.count_response(rule.rule if rule else "unmatched", response.status_code)
         return response
 
     return app

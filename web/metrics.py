@@ -16,8 +16,8 @@ class AppMetrics:
         self.batcher = BatcherMetrics(self.registry)
         self.events_in = Counter("sluice_events_in", "Events committed by ingest",
                                  registry=self.registry)
-        self.responses = Counter("sluice_http_responses", "HTTP responses by status",
-                                 ["status"], registry=self.registry)
+        self.responses = Counter("sluice_http_responses", "HTTP responses by route and status",
+                                 ["route", "status"], registry=self.registry)
         self.pool_in_use = Gauge("sluice_db_pool_in_use", "Database connections borrowed now",
                                  registry=self.registry)
         self.pool_waiting = Gauge("sluice_db_pool_waiters", "Callers waiting for a connection",
@@ -30,12 +30,13 @@ class AppMetrics:
                                       registry=self.registry)
         self.subscribers = Gauge("sluice_subscribers", "Subscriptions held by this process",
                                  registry=self.registry)
-        self._by_status: dict[int, Any] = {}
+        self._children: dict[tuple[str, int], Any] = {}
 
-    def count_response(self, status: int) -> None:
-        child = self._by_status.get(status)
+    def count_response(self, route: str, status: int) -> None:
+        """Count a response; `route` is the matched rule (bounded), never the raw path."""
+        child = self._children.get((route, status))
         if child is None:
-            child = self._by_status[status] = self.responses.labels(str(status))
+            child = self._children[(route, status)] = self.responses.labels(route, str(status))
         child.inc()
 
     def refresh(self, services: Any) -> None:
