@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import gevent
 import orjson
 from flask import Blueprint, Response, request
-from gevent.queue import Empty
 
 from ingest.ids import format_position, parse_position
 from ingest.pool import DatabaseUnavailable
 from ingest.validation import valid_stream
-from streaming.hub import StreamEnded, Subscription
+from streaming.hub import HEARTBEAT, StreamEnded, Subscription
 from streaming.sse import EventStreamFraming
 from web.http import authenticate, json_response, services
 from web.problems import Problem
@@ -118,6 +118,13 @@ def _client_socket() -> Any:
     return request.environ.get("sluice.socket") or request.environ.get("gunicorn.sock")
 
 
+def _shutdown(sock: Any) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _watch_disconnect(sock: Any, sub: Subscription) -> None:
     """EventSource sends nothing after its request, so a readable socket means the client left."""
     while not sub.closed.is_set():
@@ -148,49 +155,61 @@ def sse() -> Response:
     sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
     start = seam if checked.resume is None else checked.resume
     sock = _client_socket()
+    watcher = None
     if sock is not None:
-        try:
-            sock.settimeout(settings.sse_write_timeout_s)  # a stuck write ends the connection
-        except OSError:
-            pass
+        sub.on_stuck = lambda: _shutdown(sock)  # the hub's ticker ends a write stuck too long
         watcher = gevent.spawn(_watch_disconnect, sock, sub)
-    else:
-        watcher = None
+
+    def write(data: bytes) -> Iterator[bytes]:
+        """Yield one chunk to pywsgi, stamped so the hub's ticker can see a stuck write."""
+        sub.writing_since = time.monotonic()
+        yield data
+        sub.writing_since = 0.0
+        sub.active_at = time.monotonic()
 
     def stream() -> Iterator[bytes]:
         last = start
         try:
-            yield framing.preamble(retry, f"{sid}.{format_position(start)}")
+            yield from write(framing.preamble(retry, f"{sid}.{format_position(start)}"))
             try:
                 for rows in catch_up(svc, checked, start, seam):
                     if sub.closed.is_set() and not sub.overflowed:
                         return
-                    yield b"".join(framing.encode(f"{sid}.{row.id}", row.type, row.data)
-                                   for row in rows)
+                    yield from write(b"".join(framing.encode(f"{sid}.{row.id}", row.type, row.data)
+                                              for row in rows))
                     last = rows[-1].id
             except DatabaseUnavailable:
                 yield framing.retry_only(svc.backoff.retry_ms(2))
                 return
             last = max(last, seam)
             while True:
-                try:
-                    item = sub.queue.get(timeout=settings.heartbeat_s)
-                except Empty:
-                    if sub.closed.is_set():
+                items = [sub.queue.get()]  # the hub's ticker queues heartbeats: no timer here
+                while not sub.queue.empty() and len(items) < 64:
+                    items.append(sub.queue.get_nowait())  # coalesce what is waiting: one write
+                out: list[bytes] = []
+                ended = None
+                for item in items:
+                    if item is None:
+                        ended = "closed"
                         break
-                    yield framing.heartbeat()
-                    continue
-                if item is None:
-                    break
-                if isinstance(item, StreamEnded):
+                    if item is HEARTBEAT:
+                        out.append(framing.heartbeat())
+                        continue
+                    if isinstance(item, StreamEnded):
+                        ended = item
+                        break
+                    for e in item:
+                        if e.position > last:
+                            out.append(framing.with_id(f"{sid}.{e.position}", e.body))
+                            last = e.position
+                if isinstance(ended, StreamEnded):
                     # Deleted: say so and end; the reconnect gets 404 and EventSource stops.
-                    yield framing.end(orjson.dumps({"stream": item.stream}).decode())
+                    out.append(framing.end(orjson.dumps({"stream": ended.stream}).decode()))
+                    yield from write(b"".join(out))
                     return
-                fresh = [e for e in item if e.position > last]
-                if fresh:
-                    yield b"".join(framing.with_id(f"{sid}.{e.position}", e.body) for e in fresh)
-                    last = fresh[-1].position
-                if sub.closed.is_set() and sub.queue.empty():
+                if out:
+                    yield from write(b"".join(out))
+                if ended or (sub.closed.is_set() and sub.queue.empty()):
                     break
             # Cut loose (queue full), the server is stopping, or the client left: tell it when
             # to come back; Last-Event-ID resumes it from `last` with nothing missed.
@@ -238,14 +257,15 @@ def poll() -> Response:
             break
         if not events and hold > 0:
             with gevent.Timeout(hold, False):
-                item = sub.queue.get()
-                while item is not None and not isinstance(item, StreamEnded) \
-                        and len(events) < page:
-                    for e in item:
-                        if e.position > cursor:
-                            events.append(_poll_event(e.position, e.stream, e.type, e.data))
-                            cursor = e.position
-                    item = None if sub.queue.empty() else sub.queue.get_nowait()
+                while not events:
+                    item = sub.queue.get()
+                    if item is None or isinstance(item, StreamEnded):
+                        break  # closed or deleted: answer with what there is
+                    if item is not HEARTBEAT:  # heartbeats mean nothing to a poll: keep waiting
+                        for e in item:
+                            if e.position > cursor and len(events) < page:
+                                events.append(_poll_event(e.position, e.stream, e.type, e.data))
+                                cursor = e.position
     finally:
         svc.hub.unsubscribe(sub)
     return json_response({"events": events, "cursor": format_position(cursor)})

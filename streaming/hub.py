@@ -22,8 +22,9 @@ its connection then ends with a `retry:` hint and the client resumes from its la
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import gevent
 import orjson
@@ -59,14 +60,25 @@ class StreamEnded:
     stream: str
 
 
+HEARTBEAT = "heartbeat"  # queued by the hub's ticker when a subscriber has been quiet
+
+
 @dataclass(eq=False)
 class Subscription:
-    """One subscriber: its streams, decided once, and its bounded queue of deliveries."""
+    """One subscriber: its streams, decided once, and its bounded queue of deliveries.
+
+    Its writer stamps `active_at` after each write and `writing_since` while a write is in
+    progress, so the hub's one ticker can send heartbeats and end stuck writes for everyone,
+    instead of a timer per subscriber per wait.
+    """
 
     streams: frozenset[str]
     queue: Queue
     overflowed: bool = False
     closed: Event = field(default_factory=Event)
+    active_at: float = field(default_factory=time.monotonic)
+    writing_since: float = 0.0
+    on_stuck: Callable[[], None] | None = None
 
     def close(self) -> None:
         """End the subscription; wakes its reader (a full queue is drained first, then noticed)."""
@@ -93,7 +105,8 @@ class Hub:
     def __init__(self, store: EventStore, pool: Pool, redis: Any, *,
                  channel: str = CHANNEL, framing: Framing | None = None,
                  gap_wait_s: float = 0.25, poll_s: float = 0.25,
-                 redis_retry_s: float = 1.0, overflow_counter: Any = None) -> None:
+                 redis_retry_s: float = 1.0, overflow_counter: Any = None,
+                 heartbeat_s: float = 15.0, write_timeout_s: float = 30.0) -> None:
         self.store = store
         self.pool = pool
         self.redis = redis
@@ -106,6 +119,8 @@ class Hub:
         self.redis_up = False
         self.overflows = 0                  # subscribers cut loose because their queue filled
         self.overflow_counter = overflow_counter  # e.g. a Prometheus Counter
+        self.heartbeat_s = heartbeat_s
+        self.write_timeout_s = write_timeout_s
         self._held: dict[int, tuple[int, list]] = {}   # after -> (upto, events) ahead of a hole
         self._by_stream: dict[str, set[Subscription]] = {}
         self._wake_filler = Event()
@@ -120,6 +135,7 @@ class Hub:
         with self.pool.connection() as conn:
             self.position = max(self.position, self.store.last_position(conn))
         self._greenlets.append(gevent.spawn(self._fill_holes))
+        self._greenlets.append(gevent.spawn(self._tick))
         return self
 
     def stop(self) -> None:
@@ -152,6 +168,25 @@ class Hub:
         if stream is not None:
             return len(self._by_stream.get(stream, ()))
         return len({sub for subs in self._by_stream.values() for sub in subs})
+
+    def _tick(self) -> None:
+        """Heartbeats for quiet subscribers; ends writes stuck past `write_timeout_s`."""
+        interval = min(self.heartbeat_s, self.write_timeout_s) / 2
+        while True:
+            gevent.sleep(interval)
+            now = time.monotonic()
+            for sub in {sub for subs in self._by_stream.values() for sub in subs}:
+                if sub.writing_since and now - sub.writing_since > self.write_timeout_s:
+                    if sub.on_stuck is not None:
+                        sub.on_stuck()
+                    self.unsubscribe(sub)
+                elif not sub.writing_since and now - sub.active_at >= self.heartbeat_s \
+                        and sub.queue.empty():
+                    sub.active_at = now
+                    try:
+                        sub.queue.put_nowait(HEARTBEAT)
+                    except Full:
+                        pass
 
     # -- commits in -----------------------------------------------------------------------------
     def on_commit(self, commit: Commit) -> None:
@@ -277,19 +312,28 @@ class Hub:
 
     # -- fan-out ------------------------------------------------------------------------------
     def _deliver(self, events: list) -> None:
-        """One queue item per subscriber per delivery: the events of it that it wants."""
-        batches: dict[Subscription, list[LiveEvent]] = {}
+        """One queue item per subscriber per delivery. Events are grouped by stream once; a
+        subscriber of a single stream gets that shared list as is (one put per subscriber)."""
+        by_stream: dict[str, list[LiveEvent]] = {}
         for position, stream, event_type, data in events:
-            subs = self._by_stream.get(stream)
-            if not subs:
-                continue
-            live = LiveEvent(position, stream, event_type, data,
-                             self.framing.body(event_type, data))
-            for sub in subs:
-                batches.setdefault(sub, []).append(live)
-        for sub, batch in batches.items():
-            if not sub.offer(batch):
-                self.overflows += 1
-                if self.overflow_counter is not None:
-                    self.overflow_counter.inc()
-                self.unsubscribe(sub)
+            if stream in self._by_stream:
+                by_stream.setdefault(stream, []).append(
+                    LiveEvent(position, stream, event_type, data,
+                              self.framing.body(event_type, data)))
+        merged: dict[Subscription, list[LiveEvent]] = {}
+        for stream, lives in by_stream.items():
+            for sub in list(self._by_stream.get(stream, ())):
+                if len(sub.streams) == 1:
+                    self._offer(sub, lives)
+                else:
+                    merged.setdefault(sub, []).extend(lives)
+        for sub, lives in merged.items():
+            lives.sort(key=lambda e: e.position)
+            self._offer(sub, lives)
+
+    def _offer(self, sub: Subscription, lives: list[LiveEvent]) -> None:
+        if not sub.offer(lives):
+            self.overflows += 1
+            if self.overflow_counter is not None:
+                self.overflow_counter.inc()
+            self.unsubscribe(sub)

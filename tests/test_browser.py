@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, auth, token, wait_until
+from tests.conftest import ROOT, auth, token
 
 SCRIPT = ROOT / "tests" / "browser" / "eventsource.py"
 pytestmark = pytest.mark.skipif(

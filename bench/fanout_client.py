@@ -1,0 +1,159 @@
+"""Fan-out load client: N subscribers (SSE or long-poll) on one stream, plus a publisher.
+
+Its own process, so its CPU is not the server's. Every connection counts the events it gets;
+a sample of connections (--sample) also reads each event's publish timestamp for latency.
+Prints one JSON line. Loopback only; stops by itself after --seconds.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
+import gevent  # noqa: E402
+
+state = {"events": 0, "latencies": [], "connected": 0, "errors": 0}
+
+
+def sse_subscriber(host: str, port: int, path: str, token: str, sample: bool, ready) -> None:
+    try:
+        sock = socket.create_connection((host, port), timeout=60)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                     "Accept: text/event-stream\r\n\r\n".encode())
+        first = sock.recv(65536)
+        if not first.startswith(b"HTTP/1.1 200"):
+            state["errors"] += 1
+            return
+        state["connected"] += 1
+        ready()
+        buf = first
+        while True:
+            state["events"] += buf.count(b"\nevent: ")
+            if sample:
+                now = time.time()
+                for piece in buf.split(b'"t":')[1:]:
+                    end = piece.find(b",")
+                    if end < 0:
+                        end = piece.find(b"}")
+                    try:
+                        state["latencies"].append(now - float(piece[:end]))
+                    except ValueError:
+                        pass
+            buf = sock.recv(262144)
+            if not buf:
+                return
+    except OSError:
+        state["errors"] += 1
+
+
+def poll_subscriber(url: str, stream: str, token: str, sample: bool, ready) -> None:
+    cursor = ""
+    first = True
+    while True:
+        q = f"{url}/api/v1/poll?stream={stream}&timeout=25" + (f"&cursor={cursor}" if cursor else "")
+        req = urllib.request.Request(q, headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=40) as r:
+                body = json.loads(r.read())
+        except OSError:
+            state["errors"] += 1
+            gevent.sleep(0.5)
+            continue
+        if first:
+            state["connected"] += 1
+            ready()
+            first = False
+        now = time.time()
+        state["events"] += len(body["events"])
+        if sample:
+            state["latencies"] += [now - e["data"]["t"] for e in body["events"]]
+        cursor = body["cursor"]
+
+
+def publisher(url: str, stream: str, token: str, rate: float, seconds: float, batch: int) -> int:
+    pad = "x" * 150
+    sent = 0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        now = time.time()
+        body = [{"stream": stream, "data": {"t": now, "p": pad}} for _ in range(batch)]
+        req = urllib.request.Request(f"{url}/api/v1/events", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+        sent += batch
+        if rate:
+            due = start + sent / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                gevent.sleep(delay)
+    return sent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--stream", default="fanout")
+    ap.add_argument("--mode", choices=["sse", "poll"], default="sse")
+    ap.add_argument("--subscribers", type=int, default=1000)
+    ap.add_argument("--rate", type=float, default=50, help="events/s; 0 = flat out")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--sample", type=int, default=50, help="connections that measure latency")
+    ap.add_argument("--connect-only", action="store_true")
+    args = ap.parse_args()
+    host, port = args.url.split("//")[1].rsplit(":", 1)
+    if host not in ("127.0.0.1", "localhost"):
+        raise SystemExit("loopback only")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    ready_event = gevent.event.Event()
+
+    def ready() -> None:
+        if state["connected"] + state["errors"] >= args.subscribers:
+            ready_event.set()
+
+    every = max(1, args.subscribers // max(1, args.sample))
+    for i in range(args.subscribers):
+        if args.mode == "sse":
+            gevent.spawn(sse_subscriber, host, int(port),
+                         f"/api/v1/sse?stream={args.stream}", args.token, i % every == 0, ready)
+        else:
+            gevent.spawn(poll_subscriber, args.url, args.stream, args.token, i % every == 0, ready)
+        if i % 200 == 199:
+            gevent.sleep(0.01)
+    ready_event.wait(timeout=120)
+    print(json.dumps({"step": "connected", "connected": state["connected"],
+                      "errors": state["errors"]}), flush=True)
+    if args.connect_only:
+        gevent.sleep(args.seconds)
+        return
+    gevent.sleep(1)
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    state["events"], state["latencies"] = 0, []
+    started = time.monotonic()
+    sent = publisher(args.url, args.stream, args.token, args.rate, args.seconds, args.batch)
+    gevent.sleep(2)  # let deliveries in flight arrive
+    elapsed = time.monotonic() - started
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    lat = sorted(state["latencies"])
+    pick = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000) if lat else (lambda p: -1)
+    print(json.dumps({
+        "step": "done", "mode": args.mode, "subscribers": state["connected"], "published": sent,
+        "deliveries": state["events"], "expected": sent * state["connected"],
+        "deliveries_per_s": state["events"] / (elapsed - 2), "publish_s": elapsed - 2,
+        "p50_ms": pick(0.5), "p99_ms": pick(0.99), "errors": state["errors"],
+        "client_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
