@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 # name -> (default, description). The README table mirrors this.
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
@@ -49,26 +49,24 @@ class SettingsError(ValueError):
     """A setting has a value Sluice cannot use; raised at startup, never later."""
 
 
-def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
+def _number(env: Mapping[str, str], name: str, cast: type, minimum: float) -> Any:
     raw = env.get(name, SETTINGS_DOC[name][0])
     try:
-        value = int(raw)
+        value = cast(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        kind = "an integer" if cast is int else "a number"
+        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
+    return _number(env, name, int, minimum)
 
 
 def _float(env: Mapping[str, str], name: str, minimum: float = 0.0) -> float:
-    raw = env.get(name, SETTINGS_DOC[name][0])
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
+    return _number(env, name, float, minimum)
 
 
 def _secrets(env: Mapping[str, str]) -> dict[str, str]:
