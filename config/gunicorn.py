@@ -39,11 +39,12 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
 
 
 def worker_exit(server, worker):  # noqa: ANN001
-    """The worker stopped serving: flush its batcher and release its connections."""
+    """The worker stopped serving: drain it if SIGTERM did not already (see web.wsgi)."""
+    from web.wsgi import drain
+
     services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("sluice")
     if services is not None:
-        flushed = services.close(graceful_timeout)
-        worker.log.info("worker %s: batcher %s", worker.pid, "flushed" if flushed else "NOT flushed")
+        drain(worker, services)
 
 
 def on_exit(server):  # noqa: ANN001

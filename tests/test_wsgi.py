@@ -17,6 +17,8 @@ def test_parses_names_case_insensitively_and_keeps_raw_lines():
     assert h.status == "" and h.get("content-type") == "application/json"
     assert h.typeheader == "application/json" and h.getheader("HOST") == "x"
     assert list(h.headers) == ["Host: x\r\n", "Content-Type: application/json\r\n", "X-A: 1\r\n"]
+    assert h.items() == [("Host", "x"), ("Content-Type", "application/json"), ("X-A", "1")]
+    assert parse(b"X-F: a\r\n b\r\n\r\n").items() == [("X-F", "a b")]
     del h["x-a"]
     assert "X-A" not in h and len(list(h.headers)) == 2
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 from typing import BinaryIO, Iterator
 
+import gevent
 from gevent.pywsgi import WSGIHandler
 
 MAX_LINE = 65536
@@ -63,6 +64,17 @@ class RequestHeaders:
         self._lines = [line for line in self._lines
                        if line[:1] in " \t" or line.partition(":")[0].strip().lower() != key]
 
+    def items(self) -> list[tuple[str, str]]:
+        """(name, value) pairs in arrival order (gunicorn's access log reads these)."""
+        pairs: list[tuple[str, str]] = []
+        for line in self._lines:
+            if line[:1] in " \t" and pairs:
+                pairs[-1] = (pairs[-1][0], pairs[-1][1] + " " + line.strip())
+            else:
+                name, _, value = line.partition(":")
+                pairs.append((name.strip(), value.strip()))
+        return pairs
+
     @property
     def headers(self) -> Iterator[str]:
         return iter(self._lines)
@@ -107,4 +119,22 @@ def gunicorn_worker_class() -> type:
     class SluiceGunicornWorker(GeventPyWSGIWorker):
         wsgi_handler = Handler
 
+        def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - gunicorn's signature
+            """On SIGTERM, drain at once (streams get `retry:`, the batcher flushes) instead of
+            at worker exit: gunicorn waits for idle keep-alive connections up to its graceful
+            timeout and may then kill the worker before any exit hook runs."""
+            super().handle_exit(sig, frame)
+            services = getattr(getattr(self, "wsgi", None), "extensions", {}).get("sluice")
+            if services is not None:
+                gevent.spawn(drain, self, services)
+
     return SluiceGunicornWorker
+
+
+def drain(worker: object, services: object) -> None:
+    """Close a worker's services once and say whether its batcher flushed."""
+    if getattr(services, "draining", False):
+        return
+    flushed = services.close(services.settings.shutdown_timeout_s)  # type: ignore[attr-defined]
+    worker.log.info("worker %s: batcher %s", worker.pid,  # type: ignore[attr-defined]
+                    "flushed" if flushed else "NOT flushed")
