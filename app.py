@@ -102,7 +102,8 @@ def build_services(settings: Settings) -> Services:
     tokens = TokenVerifier(settings.secrets, redis=redis)
     hub = Hub(store, pool, redis, channel=f"sluice:{identity}:commits",
               overflow_counter=metrics.slow_consumers, heartbeat_s=settings.heartbeat_s,
-              write_timeout_s=settings.sse_write_timeout_s).start()
+              write_timeout_s=settings.sse_write_timeout_s,
+              stream_cache_s=settings.stream_cache_s).start()
     batcher.add_listener(hub.on_commit)
     backoff = Backoff(redis, base_ms=settings.retry_base_ms, max_ms=settings.retry_max_ms,
                       window_s=settings.retry_window_s)

@@ -58,6 +58,8 @@ def run_client(url: str, token: str, pid: int, **kw: object) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--only", type=int, action="append",
+                    help="run only scenario N (1-based; repeatable); skips the idle run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sluice-fanout-"))
     pg = EmbeddedPostgres(work / "pg").start()
@@ -72,18 +74,25 @@ def main() -> None:
     rows = []
     try:
         base_rss = rss_kb(server.p.pid)
-        idle = run_client(url, token, server.p.pid, subscribers=10000, seconds=3, connect_only=True)
-        per_conn = (idle["rss_kb"] - base_rss) * 1024 / max(1, idle["connected"])
-        print(json.dumps({"idle": idle, "base_rss_kb": base_rss}), file=sys.stderr, flush=True)
-        time.sleep(3)
+        idle = None
+        if not args.only:
+            idle = run_client(url, token, server.p.pid, subscribers=10000, seconds=3,
+                              connect_only=True)
+            print(json.dumps({"idle": idle, "base_rss_kb": base_rss}), file=sys.stderr, flush=True)
+            time.sleep(3)
         scenarios = [
-            ("SSE", 1000, 50, 1), ("SSE", 1000, 0, 10), ("SSE", 10000, 5, 1), ("SSE", 10000, 0, 10),
+            ("SSE", 1000, 50, 1), ("SSE", 1000, 0, 1), ("SSE", 1000, 0, 10), ("SSE", 10000, 5, 1), ("SSE", 10000, 0, 10),
             ("long-poll", 1000, 50, 1),
         ]
+        if args.only:
+            scenarios = [scenarios[i - 1] for i in args.only]
         for mode, n, rate, batch in scenarios:
             res = run_client(url, token, server.p.pid, mode="sse" if mode == "SSE" else "poll",
                              subscribers=n, rate=rate, batch=batch, seconds=args.seconds)
             res.update(mode=mode, n=n, rate=rate)
+            metrics = requests.get(f"{url}/metrics", timeout=10).text
+            res["server"] = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                             if line.startswith(("sluice_slow_consumer", "sluice_subscribers"))}
             rows.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
             time.sleep(3)
@@ -93,9 +102,11 @@ def main() -> None:
         pg.stop()
     print(f"\nFan-out benchmark (one server process, {args.seconds:g} s per run, "
           f"{os.cpu_count()} cores shared with Postgres, Redis and the load client)\n")
-    print(f"Idle: {idle['connected']:,} SSE connections held; server RSS "
-          f"{base_rss / 1024:.0f} MB → {idle['rss_kb'] / 1024:.0f} MB, "
-          f"**{per_conn / 1024:.1f} KB per idle connection**.\n")
+    if idle is not None:
+        per_conn = (idle["rss_kb"] - base_rss) * 1024 / max(1, idle["connected"])
+        print(f"Idle: {idle['connected']:,} SSE connections held; server RSS "
+              f"{base_rss / 1024:.0f} MB → {idle['rss_kb'] / 1024:.0f} MB, "
+              f"**{per_conn / 1024:.1f} KB per idle connection**.\n")
     print("| transport | subscribers | publisher | events published | deliveries/s | delivered | "
           "p50 ms | p99 ms | server CPU µs/delivery | client CPU s |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -12,28 +12,52 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 
 import gevent  # noqa: E402
 
-state = {"events": 0, "latencies": [], "connected": 0, "errors": 0}
+state = {"events": 0, "latencies": [], "connected": 0, "errors": 0, "per": {}, "reconnects": 0}
 
 
 def sse_subscriber(host: str, port: int, path: str, token: str, sample: bool, ready) -> None:
-    try:
-        sock = socket.create_connection((host, port), timeout=60)
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
-                     "Accept: text/event-stream\r\n\r\n".encode())
-        first = sock.recv(65536)
-        if not first.startswith(b"HTTP/1.1 200"):
+    """One EventSource-like connection: counts events; comes back after a `retry:`-only answer
+    (the server shedding load) like a browser would, counting it as a reconnect."""
+    mine = [0]
+    while True:
+        try:
+            sock = socket.create_connection((host, port), timeout=60)
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}"
+                         "\r\nAccept: text/event-stream\r\n\r\n".encode())
+            buf = b""
+            while b"\n\n" not in buf.partition(b"\r\n\r\n")[2]:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                buf += more
+            if not buf.startswith(b"HTTP/1.1 200"):
+                state["errors"] += 1
+                return
+            if b"\nid: " not in buf:  # `retry:` only: come back later, as EventSource does
+                sock.close()
+                state["reconnects"] += 1
+                gevent.sleep(1)
+                continue
+        except OSError:
             state["errors"] += 1
             return
-        state["connected"] += 1
-        ready()
-        buf = first
+        break
+    state["connected"] += 1
+    state["per"][id(sock)] = mine
+    ready()
+    try:
         while True:
-            state["events"] += buf.count(b"\nevent: ")
+            n = buf.count(b"\nevent: ")
+            state["events"] += n
+            mine[0] += n
             if sample:
                 now = time.time()
                 for piece in buf.split(b'"t":')[1:]:
@@ -52,14 +76,19 @@ def sse_subscriber(host: str, port: int, path: str, token: str, sample: bool, re
 
 
 def poll_subscriber(url: str, stream: str, token: str, sample: bool, ready) -> None:
-    cursor = ""
+    cursor = sid = ""
     first = True
     while True:
         q = f"{url}/api/v1/poll?stream={stream}&timeout=25" + (f"&cursor={cursor}" if cursor else "")
+        q += f"&sid={sid}" if sid else ""
         req = urllib.request.Request(q, headers={"Authorization": f"Bearer {token}"})
         try:
             with urllib.request.urlopen(req, timeout=40) as r:
                 body = json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            state["errors"] += 1
+            gevent.sleep(float(exc.headers.get("Retry-After") or 0.5))
+            continue
         except OSError:
             state["errors"] += 1
             gevent.sleep(0.5)
@@ -72,7 +101,9 @@ def poll_subscriber(url: str, stream: str, token: str, sample: bool, ready) -> N
         state["events"] += len(body["events"])
         if sample:
             state["latencies"] += [now - e["data"]["t"] for e in body["events"]]
-        cursor = body["cursor"]
+        cursor, sid = body["cursor"], body["sid"]
+        if r.headers.get("Retry-After"):
+            gevent.sleep(float(r.headers["Retry-After"]))
 
 
 def publisher(url: str, stream: str, token: str, rate: float, seconds: float, batch: int) -> int:
@@ -108,7 +139,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--sample", type=int, default=50, help="connections that measure latency")
     ap.add_argument("--connect-only", action="store_true")
+    ap.add_argument("--publish-only", action="store_true",
+                    help="(internal) be the publisher process and print how many were sent")
     args = ap.parse_args()
+    if args.publish_only:
+        print(publisher(args.url, args.stream, args.token, args.rate, args.seconds, args.batch))
+        return
     host, port = args.url.split("//")[1].rsplit(":", 1)
     if host not in ("127.0.0.1", "localhost"):
         raise SystemExit("loopback only")
@@ -139,19 +175,31 @@ def main() -> None:
     gevent.sleep(1)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     state["events"], state["latencies"] = 0, []
+    for mine in state["per"].values():
+        mine[0] = 0
     started = time.monotonic()
-    sent = publisher(args.url, args.stream, args.token, args.rate, args.seconds, args.batch)
+    # The publisher is its own process, so a busy reader loop here cannot slow its pace.
+    pub = subprocess.run([sys.executable, __file__, "--publish-only", "--url", args.url,
+                          "--token", args.token, "--stream", args.stream, "--rate", str(args.rate),
+                          "--seconds", str(args.seconds), "--batch", str(args.batch)],
+                         capture_output=True, text=True, timeout=args.seconds + 60)
+    sent = int(pub.stdout.strip() or 0)
     gevent.sleep(2)  # let deliveries in flight arrive
     elapsed = time.monotonic() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     lat = sorted(state["latencies"])
+    per = [mine[0] for mine in state["per"].values()]
     pick = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000) if lat else (lambda p: -1)
     print(json.dumps({
         "step": "done", "mode": args.mode, "subscribers": state["connected"], "published": sent,
         "deliveries": state["events"], "expected": sent * state["connected"],
         "deliveries_per_s": state["events"] / (elapsed - 2), "publish_s": elapsed - 2,
+        "per_connection_min_max": [min(per, default=0), max(per, default=0)],
         "p50_ms": pick(0.5), "p99_ms": pick(0.99), "errors": state["errors"],
-        "client_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+        "reconnects_before_start": state["reconnects"],
+        "client_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+        + kids.ru_utime + kids.ru_stime,
     }), flush=True)
 
 

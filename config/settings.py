@@ -32,6 +32,9 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "READ_MAX_LIMIT": ("1000", "Largest `limit` a history read accepts."),
     "SUBSCRIBER_QUEUE_MAX": ("1000", "Outbound queue bound per subscriber; a full queue ends the stream with `retry:`."),
     "SUBSCRIBE_MAX_STREAMS": ("50", "Most streams one subscription may name."),
+    "STREAM_CACHE_S": ("10", "How long a process trusts that a stream exists before asking Postgres again (deleting it clears this at once)."),
+    "MAX_STREAM_CONNECTIONS": ("10000", "Most SSE and long-poll connections one process holds; past it SSE gets `200` with only `retry:` and long-poll `503` + `Retry-After`."),
+    "LONGPOLL_MAX_RATE": ("5", "Polls per second one long-poll client (by the `sid` every answer hands out and the client passes back) may make, over 10 s, before answers carry `Retry-After`; past 4× it gets `429`."),
     "CATCHUP_PAGE": ("500", "Events per catch-up page read from Postgres."),
     "HEARTBEAT_S": ("15", "SSE heartbeat comment after this much silence."),
     "RETRY_BASE_MS": ("1000", "Smallest SSE `retry:` handed out."),
@@ -107,6 +110,9 @@ class Settings:
     subscriber_queue_max: int = 1000
     subscribe_max_streams: int = 50
     catchup_page: int = 500
+    stream_cache_s: float = 10.0
+    max_stream_connections: int = 10000
+    longpoll_max_rate: float = 5.0
     heartbeat_s: float = 15.0
     retry_base_ms: int = 1000
     retry_max_ms: int = 60000
@@ -146,6 +152,9 @@ class Settings:
             subscriber_queue_max=_int(env, "SUBSCRIBER_QUEUE_MAX", 1),
             subscribe_max_streams=_int(env, "SUBSCRIBE_MAX_STREAMS", 1),
             catchup_page=_int(env, "CATCHUP_PAGE", 1),
+            stream_cache_s=_float(env, "STREAM_CACHE_S"),
+            max_stream_connections=_int(env, "MAX_STREAM_CONNECTIONS", 1),
+            longpoll_max_rate=_float(env, "LONGPOLL_MAX_RATE", 0.1),
             heartbeat_s=_float(env, "HEARTBEAT_S", 0.05),
             retry_base_ms=_int(env, "RETRY_BASE_MS", 0),
             retry_max_ms=_int(env, "RETRY_MAX_MS", 0),

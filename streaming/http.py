@@ -20,6 +20,7 @@ from flask import Blueprint, Response, request
 from ingest.ids import format_position, parse_position
 from ingest.pool import DatabaseUnavailable
 from ingest.validation import valid_stream
+from streaming.direct import Unsent, direct_sink
 from streaming.hub import HEARTBEAT, StreamEnded, Subscription
 from streaming.sse import EventStreamFraming
 from web.http import authenticate, json_response, services
@@ -38,6 +39,7 @@ class Checked:
     streams: list[str]
     resume: int | None      # resume after this position; None means "from now"
     sid: str | None         # connection id carried in from Last-Event-ID or ?sid=
+    subject: str = ""       # the token's subject
 
 
 def new_sid() -> str:
@@ -87,12 +89,11 @@ def check_subscribe() -> Checked:
         if len(query_sid) > 32 or not all(c in SID_ALPHABET for c in query_sid):
             raise Problem(400, "invalid-parameter", "bad `sid`", field="sid")
         sid = query_sid
-    with svc.pool.connection() as conn:
-        missing = set(streams) - svc.store.existing_streams(conn, streams)
+    missing = svc.hub.missing_streams(streams)
     if missing:
         raise Problem(404, "unknown-stream", f"stream `{sorted(missing)[0]}` does not exist",
                       stream=sorted(missing)[0])
-    return Checked(streams, resume, sid)
+    return Checked(streams, resume, sid, principal.subject)
 
 
 def catch_up(svc: Any, checked: Checked, after: int, upto: int) -> Iterator[list]:
@@ -145,6 +146,9 @@ def sse() -> Response:
     settings = svc.settings
     if svc.draining:
         return _retry_only(settings.retry_max_ms)
+    if svc.hub.subscriber_count() >= settings.max_stream_connections:
+        svc.metrics.shed.labels("sse").inc()
+        return _retry_only(_shed_retry_ms(svc))
     try:
         checked = check_subscribe()
     except DatabaseUnavailable:
@@ -154,6 +158,7 @@ def sse() -> Response:
     _, retry = svc.backoff.connect(sid)
     sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
     start = seam if checked.resume is None else checked.resume
+    environ = request.environ
     sock = _client_socket()
     watcher = None
     if sock is not None:
@@ -167,8 +172,20 @@ def sse() -> Response:
         sub.writing_since = 0.0
         sub.active_at = time.monotonic()
 
+    def write_unsent(data: bytes) -> bool:
+        """Finish a chunk the hub's direct write left half sent (raw bytes, framed already)."""
+        sub.writing_since = time.monotonic()
+        try:
+            sock.sendall(data)
+        except OSError:
+            return False
+        finally:
+            sub.writing_since = 0.0
+        sub.active_at = time.monotonic()
+        return True
+
     def stream() -> Iterator[bytes]:
-        last = start
+        sub.last = start
         try:
             yield from write(framing.preamble(retry, f"{sid}.{format_position(start)}"))
             try:
@@ -177,13 +194,22 @@ def sse() -> Response:
                         return
                     yield from write(b"".join(framing.encode(f"{sid}.{row.id}", row.type, row.data)
                                               for row in rows))
-                    last = rows[-1].id
+                    sub.last = rows[-1].id
             except DatabaseUnavailable:
                 yield framing.retry_only(svc.backoff.retry_ms(2))
                 return
-            last = max(last, seam)
+            sub.last = max(sub.last, seam)
+            sink = direct_sink(sub, environ, sid)  # headers are out: the hub may write directly
             while True:
-                items = [sub.queue.get()]  # the hub's ticker queues heartbeats: no timer here
+                if sink is not None and sub.queue.empty() and not sub.closed.is_set():
+                    sub.sink = sink   # idle: the hub writes the next delivery itself
+                item = sub.queue.get()  # the hub's ticker queues heartbeats: no timer here
+                sub.sink = None
+                if isinstance(item, Unsent):
+                    if not write_unsent(item.data) or (sub.closed.is_set() and sub.queue.empty()):
+                        break
+                    continue
+                items = [item]
                 while not sub.queue.empty() and len(items) < 64:
                     items.append(sub.queue.get_nowait())  # coalesce what is waiting: one write
                 out: list[bytes] = []
@@ -199,9 +225,9 @@ def sse() -> Response:
                         ended = item
                         break
                     for e in item:
-                        if e.position > last:
+                        if e.position > sub.last:
                             out.append(framing.with_id(f"{sid}.{e.position}", e.body))
-                            last = e.position
+                            sub.last = e.position
                 if isinstance(ended, StreamEnded):
                     # Deleted: say so and end; the reconnect gets 404 and EventSource stops.
                     out.append(framing.end(orjson.dumps({"stream": ended.stream}).decode()))
@@ -215,12 +241,27 @@ def sse() -> Response:
             # to come back; Last-Event-ID resumes it from `last` with nothing missed.
             yield framing.retry_only(retry)
         finally:
+            sub.sink = None
             svc.hub.unsubscribe(sub)
             if watcher is not None:
                 watcher.kill(block=False)
 
     return Response(stream(), status=200, mimetype=framing.content_type, headers=SSE_HEADERS,
                     direct_passthrough=True)
+
+
+def _shed_retry_ms(svc: Any) -> int:
+    """At the connection limit: a growing retry for a known sid, a jittered one otherwise, so
+    shed clients do not all come back at the same moment."""
+    raw = request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or ""
+    try:
+        sid, _ = parse_last_event_id(raw)
+    except ValueError:
+        sid = None
+    sid = sid or request.args.get("sid")
+    if sid and len(sid) <= 32 and all(c in SID_ALPHABET for c in sid):
+        return svc.backoff.connect(sid)[1]
+    return svc.backoff.jittered_ms(4)
 
 
 def _retry_only(retry_ms: int) -> Response:
@@ -243,7 +284,18 @@ def poll() -> Response:
         raise Problem(400, "invalid-parameter", "`timeout` must be 0 to 3600 seconds",
                       field="timeout")
     hold = min(hold, settings.longpoll_max_s)
+    if svc.hub.subscriber_count() >= settings.max_stream_connections:
+        svc.metrics.shed.labels("poll").inc()
+        raise Problem(503, "overloaded", "this server holds as many connections as it may",
+                      headers={"Retry-After": str(max(1, svc.backoff.jittered_ms(4) // 1000))})
     checked = check_subscribe()
+    retry_after, refused = 0, False
+    if checked.sid:  # each answer hands out a sid; a client that passes it back is paced by it
+        retry_after, refused = svc.backoff.poll(checked.sid, settings.longpoll_max_rate)
+    if refused:
+        raise Problem(429, "polling-too-fast", "this client polls far faster than allowed; "
+                      "wait for Retry-After", headers={"Retry-After": str(retry_after)},
+                      limit_per_s=settings.longpoll_max_rate)
     page = settings.catchup_page
     sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
     try:
@@ -268,7 +320,11 @@ def poll() -> Response:
                                 cursor = e.position
     finally:
         svc.hub.unsubscribe(sub)
-    return json_response({"events": events, "cursor": format_position(cursor)})
+    response = json_response({"events": events, "cursor": format_position(cursor),
+                              "sid": checked.sid or new_sid()})
+    if retry_after:
+        response.headers["Retry-After"] = str(retry_after)  # answered, but slow down
+    return response
 
 
 def _poll_event(position: int, stream: str, event_type: str, data: str) -> dict:

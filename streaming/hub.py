@@ -16,7 +16,8 @@ by other processes from Postgres every `poll_s`, so delivery continues.
 Fan-out is `put_nowait` into each subscriber's bounded queue, one item per delivery holding the
 events of one commit that the subscriber wants (so a large batch costs one slot, not one per
 event); each event's framing body is encoded once (only the per-connection `id:` line is added
-per subscriber). A subscriber whose queue is full is marked overflowed and dropped from the hub:
+per subscriber). A subscriber whose writer is idle on an empty queue offers a `sink` instead: the
+hub hands it the delivery, which it writes with one non-blocking send (see streaming/direct.py). A subscriber whose queue is full is marked overflowed and dropped from the hub:
 its connection then ends with a `retry:` hint and the client resumes from its last id.
 """
 from __future__ import annotations
@@ -79,6 +80,10 @@ class Subscription:
     active_at: float = field(default_factory=time.monotonic)
     writing_since: float = 0.0
     on_stuck: Callable[[], None] | None = None
+    last: int = 0                       # the last position this subscriber was sent
+    # Set by the writer only while it waits on an empty queue: the hub then hands deliveries to
+    # it directly (it must not wait; it queues what it could not write, and unsets itself).
+    sink: Callable[[list["LiveEvent"]], None] | None = None
 
     def close(self) -> None:
         """End the subscription; wakes its reader (a full queue is drained first, then noticed)."""
@@ -106,7 +111,8 @@ class Hub:
                  channel: str = CHANNEL, framing: Framing | None = None,
                  gap_wait_s: float = 0.25, poll_s: float = 0.25,
                  redis_retry_s: float = 1.0, overflow_counter: Any = None,
-                 heartbeat_s: float = 15.0, write_timeout_s: float = 30.0) -> None:
+                 heartbeat_s: float = 15.0, write_timeout_s: float = 30.0,
+                 stream_cache_s: float = 10.0) -> None:
         self.store = store
         self.pool = pool
         self.redis = redis
@@ -123,6 +129,9 @@ class Hub:
         self.write_timeout_s = write_timeout_s
         self._held: dict[int, tuple[int, list]] = {}   # after -> (upto, events) ahead of a hole
         self._by_stream: dict[str, set[Subscription]] = {}
+        self._subs: set[Subscription] = set()
+        self.stream_cache_s = stream_cache_s
+        self._known: dict[str, float] = {}  # stream -> until when it is trusted to exist
         self._wake_filler = Event()
         self._greenlets: list[gevent.Greenlet] = []
         self._subscribed = Event()
@@ -140,7 +149,7 @@ class Hub:
 
     def stop(self) -> None:
         gevent.killall(self._greenlets, block=False)
-        for sub in {sub for subs in self._by_stream.values() for sub in subs}:
+        for sub in list(self._subs):
             sub.close()
 
     # -- subscribers --------------------------------------------------------------------------
@@ -153,9 +162,11 @@ class Hub:
         sub = Subscription(frozenset(streams), Queue(maxsize))
         for stream in sub.streams:
             self._by_stream.setdefault(stream, set()).add(sub)
+        self._subs.add(sub)
         return sub, self.position
 
     def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
         for stream in sub.streams:
             subs = self._by_stream.get(stream)
             if subs is not None:
@@ -167,7 +178,24 @@ class Hub:
     def subscriber_count(self, stream: str | None = None) -> int:
         if stream is not None:
             return len(self._by_stream.get(stream, ()))
-        return len({sub for subs in self._by_stream.values() for sub in subs})
+        return len(self._subs)
+
+    def missing_streams(self, streams: Iterable[str]) -> set[str]:
+        """The streams that do not exist. A stream seen to exist is trusted for
+        `stream_cache_s`, so a reconnect storm does not queue on the pool; deleting a stream
+        forgets it at once in every process (the hub's `end` message)."""
+        now = time.monotonic()
+        ask = [s for s in streams if self._known.get(s, 0.0) <= now]
+        if not ask:
+            return set()
+        with self.pool.connection() as conn:
+            found = self.store.existing_streams(conn, ask)
+        if len(self._known) > 100_000:  # bounded: start again rather than grow
+            self._known.clear()
+        until = now + self.stream_cache_s
+        for stream in found:
+            self._known[stream] = until
+        return set(ask) - found
 
     def _tick(self) -> None:
         """Heartbeats for quiet subscribers; ends writes stuck past `write_timeout_s`."""
@@ -175,7 +203,7 @@ class Hub:
         while True:
             gevent.sleep(interval)
             now = time.monotonic()
-            for sub in {sub for subs in self._by_stream.values() for sub in subs}:
+            for sub in list(self._subs):
                 if sub.writing_since and now - sub.writing_since > self.write_timeout_s:
                     if sub.on_stuck is not None:
                         sub.on_stuck()
@@ -206,6 +234,7 @@ class Hub:
 
     def end_stream(self, stream: str) -> None:
         """A stream was deleted: tell its subscribers in every process."""
+        self._known.pop(stream, None)
         if self.redis_up:
             try:
                 self.redis.publish(self.channel, orjson.dumps({"end": stream}))
@@ -215,6 +244,7 @@ class Hub:
         self._end(stream)
 
     def _end(self, stream: str) -> None:
+        self._known.pop(stream, None)
         for sub in list(self._by_stream.get(stream, ())):
             try:
                 sub.queue.put_nowait(StreamEnded(stream))
@@ -332,6 +362,10 @@ class Hub:
             self._offer(sub, lives)
 
     def _offer(self, sub: Subscription, lives: list[LiveEvent]) -> None:
+        sink = sub.sink
+        if sink is not None:
+            sink(lives)  # the writer is idle with nothing queued: write now, without waiting
+            return
         if not sub.offer(lives):
             self.overflows += 1
             if self.overflow_counter is not None:

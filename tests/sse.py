@@ -82,7 +82,8 @@ class Stream:
     """A live SSE connection over a raw socket (no client-side buffering), read by a greenlet;
     parsed items arrive on `queue`, and ("end",) when the server closes."""
 
-    def __init__(self, url: str, headers: dict | None = None, params=None, cookies=None) -> None:
+    def __init__(self, url: str, headers: dict | None = None, params=None, cookies=None,
+                 recv_delay: float = 0.0, recv_size: int = 65536) -> None:
         parts = urlsplit(url)
         query = urlencode(params or {}, doseq=True)
         target = parts.path + ("?" + query if query else "")
@@ -93,6 +94,8 @@ class Stream:
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         self._buf = b""
+        self.recv_delay = recv_delay   # a slow reader: sleep this long after each recv
+        self.recv_size = recv_size
         head = self._until(b"\r\n\r\n").decode("iso-8859-1").split("\r\n")
         self.response = Response(int(head[0].split()[1]), {
             k.strip(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])})
@@ -100,9 +103,15 @@ class Stream:
         self.queue: Queue = Queue()
         self.reader = gevent.spawn(self._read)
 
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(self.recv_size)
+        if self.recv_delay:
+            gevent.sleep(self.recv_delay)
+        return chunk
+
     def _until(self, marker: bytes) -> bytes:
         while marker not in self._buf:
-            chunk = self.sock.recv(65536)
+            chunk = self._recv()
             if not chunk:
                 raise EOFError("connection closed")
             self._buf += chunk
@@ -111,7 +120,7 @@ class Stream:
 
     def _exactly(self, n: int) -> bytes:
         while len(self._buf) < n:
-            chunk = self.sock.recv(65536)
+            chunk = self._recv()
             if not chunk:
                 raise EOFError("connection closed")
             self._buf += chunk
@@ -121,6 +130,11 @@ class Stream:
     def _read(self) -> None:
         try:
             chunked = self.response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+            length = self.response.headers.get("Content-Length")
+            if length is not None and not chunked:  # a whole body (e.g. `retry:` only): parse it
+                for item in self.parser.feed(self._exactly(int(length))):
+                    self.queue.put(item)
+                raise EOFError("body complete")
             while True:
                 if chunked:
                     size = int(self._until(b"\r\n").split(b";")[0], 16)
@@ -129,7 +143,7 @@ class Stream:
                     data = self._exactly(size)
                     self._exactly(2)
                 else:
-                    data = self._buf or self.sock.recv(65536)
+                    data = self._buf or self._recv()
                     self._buf = b""
                     if not data:
                         break

@@ -198,9 +198,10 @@ def test_long_poll_cursor_in_and_out(srv):
     assert r.status_code == 200
     body = r.json()
     assert [e["data"] for e in body["events"]] == [0, 1, 2] and body["cursor"] == ids[-1]
-    empty = srv.get(POLL, params={"stream": "lp", "cursor": body["cursor"], "timeout": "0.3"},
-                    headers=auth()).json()
-    assert empty == {"events": [], "cursor": body["cursor"]}
+    sid = body["sid"]
+    empty = srv.get(POLL, params={"stream": "lp", "cursor": body["cursor"], "timeout": "0.3",
+                                  "sid": sid}, headers=auth()).json()
+    assert empty == {"events": [], "cursor": body["cursor"], "sid": sid}
 
     waiting = gevent.spawn(srv.get, POLL, params={"stream": "lp", "cursor": body["cursor"],
                                                   "timeout": "20"}, headers=auth())
@@ -238,3 +239,79 @@ def test_streams_are_subscribed_across_processes(make_server, database_url):
     r = requests.get(b.url + POLL, params={"stream": "x", "cursor": ids[1]}, headers=auth(),
                      timeout=10)
     assert [e["id"] for e in r.json()["events"]] == ids[2:]
+
+
+# -- overload ----------------------------------------------------------------------------------
+
+def test_at_the_connection_limit_sse_gets_retry_and_poll_gets_503(make_server, database_url):
+    srv = make_server(database_url, MAX_STREAM_CONNECTIONS="3", RETRY_BASE_MS="1000",
+                      RETRY_MAX_MS="8000")
+    srv.put("/api/v1/streams/full", headers=auth())
+    held = [open_stream(srv, "full") for _ in range(3)]
+    for s in held:
+        s.next(("retry",))
+    # One more: 200 (a 5xx would stop EventSource for good), only a retry:, then the end.
+    shed = open_stream(srv, "full", headers={"Last-Event-ID": "shedsid.0"})
+    assert shed.response.status_code == 200
+    assert shed.response.headers["Content-Type"].startswith("text/event-stream")
+    assert shed.next(("retry", "id", "event"))[0] == "retry"
+    assert shed.next(("id", "event")) == ("end",)
+    # The same client shed again and again is told to wait longer (its sid's counter grows).
+    retries = []
+    for _ in range(4):
+        s = open_stream(srv, "full", headers={"Last-Event-ID": "shedsid.0"})
+        retries.append(s.next(("retry",))[1])
+        s.close()
+    assert max(retries) > 1000
+    r = srv.get(POLL, params={"stream": "full", "timeout": "0"}, headers=auth())
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+    assert r.headers["Content-Type"] == "application/problem+json"
+    assert "sluice_stream_connections_shed_total{transport=\"sse\"} 5.0" in srv.get("/metrics").text
+    # The held streams are untouched, and a freed slot is taken again.
+    held.pop().close()
+    wait_until(lambda: srv.get("/api/v1/streams/full", headers=auth()).json()["subscribers"] == 2,
+               message="the closed stream to be noticed")
+    again = open_stream(srv, "full")
+    assert again.response.status_code == 200 and again.next(("retry",))[0] == "retry"
+    ids = [publish(srv, "full", i) for i in range(2)]
+    for s in held + [again]:
+        assert [e[0].rpartition(".")[2] for e in s.events(2)] == ids
+        s.close()
+
+
+def test_long_poll_clients_that_poll_too_fast_are_told_to_slow_down(make_server, database_url):
+    srv = make_server(database_url, LONGPOLL_MAX_RATE="0.5")  # 5 polls per 10 s window
+    publish(srv, "pace", 1)
+    first = srv.get(POLL, params={"stream": "pace", "timeout": "0"}, headers=auth())
+    sid, cursor = first.json()["sid"], first.json()["cursor"]
+    answers = [srv.get(POLL, params={"stream": "pace", "timeout": "0", "cursor": cursor,
+                                     "sid": sid}, headers=auth()) for _ in range(20)]
+    assert all(r.status_code == 200 for r in answers)
+    waits = [int(r.headers.get("Retry-After", 0)) for r in answers]
+    assert waits[:5] == [0] * 5            # within the budget: no pacing
+    assert all(w >= 1 for w in waits[5:])  # past it: answered, but told to wait...
+    assert waits[-1] > waits[5]            # ...longer the further over it is
+    refused = [srv.get(POLL, params={"stream": "pace", "timeout": "0", "sid": sid},
+                       headers=auth()) for _ in range(2)]
+    assert [r.status_code for r in refused] == [429, 429]  # past 4x the budget: refused
+    assert int(refused[-1].headers["Retry-After"]) >= 1
+    assert refused[-1].json()["type"].endswith("polling-too-fast")
+    # Another client (another sid) is not affected.
+    other = srv.get(POLL, params={"stream": "pace", "timeout": "0", "sid": "othersid"},
+                    headers=auth())
+    assert other.status_code == 200 and "Retry-After" not in other.headers
+
+
+def test_a_deleted_stream_is_not_served_from_the_existence_cache(make_server, database_url):
+    srv = make_server(database_url, STREAM_CACHE_S="3600")
+    publish(srv, "cached", 1)
+    s = open_stream(srv, "cached")   # now known to exist for an hour
+    s.next(("retry",))
+    s.close()
+    assert srv.delete("/api/v1/streams/cached", headers=auth()).status_code == 204
+    assert srv.get(SSE, params={"stream": "cached"}, headers=auth()).status_code == 404
+    assert srv.get(POLL, params={"stream": "cached"}, headers=auth()).status_code == 404
+    publish(srv, "cached", 2)        # publishing creates it again
+    again = open_stream(srv, "cached")
+    assert again.response.status_code == 200
+    again.close()

@@ -1,7 +1,10 @@
 """The process's Prometheus instruments, created once by the app factory (never module-global)."""
 from __future__ import annotations
 
+import gc
 from typing import Any
+
+from greenlet import greenlet
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -30,6 +33,11 @@ class AppMetrics:
                                       registry=self.registry)
         self.subscribers = Gauge("sluice_subscribers", "Subscriptions held by this process",
                                  registry=self.registry)
+        self.greenlets = Gauge("sluice_greenlets", "Greenlets alive in this process (counted at "
+                               "scrape time: a leak shows here)", registry=self.registry)
+        self.shed = Counter("sluice_stream_connections_shed",
+                            "Subscribe requests turned away at MAX_STREAM_CONNECTIONS",
+                            ["transport"], registry=self.registry)
         self._children: dict[tuple[str, int], Any] = {}
 
     def count_response(self, route: str, status: int) -> None:
@@ -45,3 +53,4 @@ class AppMetrics:
         self.pool_waiting.set(services.pool.waiting)
         self.pool_open.set(services.pool.opened)
         self.subscribers.set(services.hub.subscriber_count())
+        self.greenlets.set(sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet)))

@@ -94,6 +94,7 @@ class SluiceHandler(WSGIHandler):
     def get_environ(self) -> dict:
         env = super().get_environ()
         env["sluice.socket"] = self.socket  # streams watch it to notice a client going away
+        env["sluice.handler"] = self        # live SSE writes go straight to its socket
         return env
 
     def handle(self) -> None:
@@ -115,6 +116,11 @@ def gunicorn_worker_class() -> type:
     class Handler(PyWSGIHandler):
         def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:  # noqa: N802
             return RequestHeaders(fp)
+
+        def get_environ(self) -> dict:
+            env = super().get_environ()
+            env["sluice.handler"] = self  # live SSE writes go straight to its socket
+            return env
 
     class SluiceGunicornWorker(GeventPyWSGIWorker):
         wsgi_handler = Handler
