@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--only", type=int, action="append",
-                    help="run only scenario N (1-based; repeatable); skips the idle run")
+                    help="run only scenario N (1-based; 0 = the idle run; repeatable)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sluice-fanout-"))
     pg = EmbeddedPostgres(work / "pg").start()
@@ -75,7 +75,7 @@ def main() -> None:
     try:
         base_rss = rss_kb(server.p.pid)
         idle = None
-        if not args.only:
+        if not args.only or 0 in args.only:
             idle = run_client(url, token, server.p.pid, subscribers=10000, seconds=3,
                               connect_only=True)
             print(json.dumps({"idle": idle, "base_rss_kb": base_rss}), file=sys.stderr, flush=True)
@@ -85,11 +85,11 @@ def main() -> None:
             ("long-poll", 1000, 50, 1),
         ]
         if args.only:
-            scenarios = [scenarios[i - 1] for i in args.only]
+            scenarios = [scenarios[i - 1] for i in args.only if i]
         for mode, n, rate, batch in scenarios:
             res = run_client(url, token, server.p.pid, mode="sse" if mode == "SSE" else "poll",
                              subscribers=n, rate=rate, batch=batch, seconds=args.seconds)
-            res.update(mode=mode, n=n, rate=rate)
+            res.update(mode=mode, n=n, rate=rate, batch=batch)
             metrics = requests.get(f"{url}/metrics", timeout=10).text
             res["server"] = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
                              if line.startswith(("sluice_slow_consumer", "sluice_subscribers"))}
@@ -107,17 +107,17 @@ def main() -> None:
         print(f"Idle: {idle['connected']:,} SSE connections held; server RSS "
               f"{base_rss / 1024:.0f} MB → {idle['rss_kb'] / 1024:.0f} MB, "
               f"**{per_conn / 1024:.1f} KB per idle connection**.\n")
-    print("| transport | subscribers | publisher | events published | deliveries/s | delivered | "
-          "p50 ms | p99 ms | server CPU µs/delivery | client CPU s |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| transport | subscribers | publisher | events per publish | events published | "
+          "deliveries/s | delivered | p50 ms | p99 ms | server CPU µs/delivery | client CPU s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if not r.get("step"):
-            print(f"| {r['mode']} | {r['n']:,} | failed | | | | | | | |")
+            print(f"| {r['mode']} | {r['n']:,} | failed | | | | | | | | |")
             continue
         pub = f"{r['rate']:g} events/s" if r["rate"] else "flat out"
         frac = r["deliveries"] / r["expected"] if r["expected"] else 0
         cpu = r["server_cpu_s"] / r["deliveries"] * 1e6 if r["deliveries"] else float("nan")
-        print(f"| {r['mode']} | {r['subscribers']:,} | {pub} | {r['published']:,} | "
+        print(f"| {r['mode']} | {r['subscribers']:,} | {pub} | {r['batch']} | {r['published']:,} | "
               f"{r['deliveries_per_s']:,.0f} | {frac:.1%} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{cpu:.1f} | {r['client_cpu_s']:.1f} |")
 

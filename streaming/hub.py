@@ -64,7 +64,7 @@ class StreamEnded:
 HEARTBEAT = "heartbeat"  # queued by the hub's ticker when a subscriber has been quiet
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Subscription:
     """One subscriber: its streams, decided once, and its bounded queue of deliveries.
 
@@ -76,7 +76,7 @@ class Subscription:
     streams: frozenset[str]
     queue: Queue
     overflowed: bool = False
-    closed: Event = field(default_factory=Event)
+    closed: bool = False
     active_at: float = field(default_factory=time.monotonic)
     writing_since: float = 0.0
     on_stuck: Callable[[], None] | None = None
@@ -87,7 +87,7 @@ class Subscription:
 
     def close(self) -> None:
         """End the subscription; wakes its reader (a full queue is drained first, then noticed)."""
-        self.closed.set()
+        self.closed = True
         try:
             self.queue.put_nowait(None)
         except Full:
@@ -100,7 +100,7 @@ class Subscription:
             return True
         except Full:
             self.overflowed = True
-            self.closed.set()
+            self.closed = True
             return False
 
 

@@ -38,6 +38,11 @@ class Browser:
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
 
+    def report(self):
+        self.proc.stdin.write("report\n")
+        self.proc.stdin.flush()
+        return self.read()
+
     def finish(self):
         assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()
 
@@ -79,3 +84,114 @@ def test_receives_keeps_its_connection_id_and_resumes_after_a_restart(make_serve
     assert [g["id"] for g in done["got"]] == [f"{sid}.{i}" for i in ids]  # same sid throughout
     assert [g["data"] for g in done["got"]] == [0, 1, 2, "m1", "m2", 3, 4]  # nothing missed, once
     assert done["opens"] >= 2
+
+
+class CuttingProxy:
+    """A loopback TCP proxy in front of the server that records each SSE request's
+    `Last-Event-ID` and the `retry:` the server answered with, and can cut every connection
+    (as a network drop would) so the browser has to reconnect."""
+
+    def __init__(self, upstream_port):
+        import gevent
+        from gevent.server import StreamServer
+
+        self.upstream_port = upstream_port
+        self.streams = []   # [{"last_event_id": ..., "retry": ...}] per SSE connection
+        self.live = []
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._gevent = gevent
+
+    def _handle(self, client, _address):
+        import socket as socket_module
+        upstream = socket_module.create_connection(("127.0.0.1", self.upstream_port))
+        self.live.append((client, upstream))
+        current = {}  # the SSE request this connection carries now (keep-alive reuses them)
+
+        def pump(src, dst, inspect):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    inspect(data)
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket_module.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        def request(data):
+            if data.startswith(b"GET /api/v1/sse"):
+                lines = data.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+                rec = {"last_event_id": next((h.split(":", 1)[1].strip() for h in lines[1:]
+                                              if h.lower().startswith("last-event-id:")), None),
+                       "seen": b""}
+                current["rec"] = rec
+                self.streams.append(rec)
+
+        def response(data):
+            rec = current.get("rec")
+            if rec is not None and "retry" not in rec:
+                rec["seen"] += data
+                match = re.search(rb"\nretry: (\d+)\n", rec["seen"])
+                if match:
+                    rec["retry"] = int(match.group(1))
+
+        up = self._gevent.spawn(pump, client, upstream, request)
+        pump(upstream, client, response)
+        up.join()
+
+    def cut_all(self):
+        import socket as socket_module
+        for pair in self.live:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket_module.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.live = []
+
+    def close(self):
+        self.cut_all()
+        self.server.stop()
+
+
+def test_reconnecting_again_and_again_gets_a_growing_retry(make_server, database_url):
+    from tests.conftest import wait_until
+
+    server = make_server(database_url, RETRY_BASE_MS="200", RETRY_MAX_MS="3200")
+    server.put("/api/v1/streams/browser/storm", headers=auth())
+    proxy = CuttingProxy(server.port)
+    b = Browser("hold", proxy, "browser/storm")
+    assert b.read()["step"] == "open"
+    published = []
+    for n in range(6):
+        wait_until(lambda: len(proxy.streams) == n + 1 and "retry" in proxy.streams[-1],
+                   timeout=30, message=f"connection {n + 1} through the proxy")
+        published.append(server.post("/api/v1/events", json={"stream": "browser/storm",
+                                                              "data": n},
+                                     headers=auth()).json()["events"][0]["id"])
+        wait_until(lambda: len(b.report()["got"]) == n + 1, timeout=30,
+                   message=f"event {n} in the browser")
+        proxy.cut_all()  # a network drop: EventSource reconnects with Last-Event-ID
+    report = b.report()
+    b.proc.stdin.close()
+    b.finish()
+    proxy.close()
+    retries = [s["retry"] for s in proxy.streams]
+    sid = report["got"][0]["id"].split(".")[0]
+    # Every reconnect named the same connection id and the last event the browser had.
+    assert [s["last_event_id"] for s in proxy.streams[1:]] == \
+        [f"{sid}.{i}" for i in published[:len(proxy.streams) - 1]]
+    # Full jitter under a doubling ceiling: each retry within its ceiling, and it grows.
+    ceilings = [min(3200, 200 * 2 ** n) for n in range(len(retries))]
+    assert retries[0] == 200 and all(200 <= r <= c for r, c in zip(retries, ceilings))
+    assert max(retries[3:]) > 400  # a 1-in-10^5 chance of three draws at the bottom
+    assert [g["data"] for g in report["got"]] == list(range(6))  # nothing missed, once each
+    assert report["state"] != 2  # still reconnecting: it never gave up

@@ -66,3 +66,37 @@ def test_redis_stopped_and_restarted_delivery_continues(make_server, database_ur
     got = s.events(4, timeout=30)
     assert [e[0].rpartition(".")[2] for e in got] == ids  # in order, none lost, none twice
     s.close()
+
+
+def test_postgres_stopped_mid_stream_ends_it_with_retry_and_the_client_resumes(make_server,
+                                                                              own_postgres):
+    server = make_server(own_postgres.url, CATCHUP_PAGE="200")
+    total = 20_000
+    for start in range(0, total, 1000):
+        body = [{"stream": "m", "data": start + i} for i in range(1000)]
+        assert server.post(EVENTS, json=body, headers=auth(), timeout=60).status_code == 201
+    # A slow reader replaying everything: the server is paging through the history when
+    # Postgres goes away.
+    s = Stream(server.url + SSE, headers={**auth(), "Last-Event-ID": "0"}, params={"stream": "m"},
+               recv_delay=0.01, recv_size=4096)
+    got = [int(e[2]) for e in s.events(500, timeout=30)]
+    own_postgres.stop()
+    items = []
+    while True:
+        item = s.next(("event", "retry"), timeout=60)
+        if item == ("end",):
+            break
+        items.append(item)
+    assert items[-1][0] == "retry"  # the stream ended with a hint of when to come back
+    got += [int(i[3]) for i in items if i[0] == "event"]
+    assert len(got) < total
+    resume_from = s.parser.last_id
+    own_postgres.start()
+    wait_until(lambda: server.get("/readyz").status_code == 200, timeout=30,
+               message="Postgres to be reachable again")
+    again = Stream(server.url + SSE, headers={**auth(), "Last-Event-ID": resume_from},
+                   params={"stream": "m"})
+    got += [int(e[2]) for e in again.events(total - len(got), timeout=60)]
+    assert got == list(range(total))  # nothing missed, nothing twice, in order
+    assert again.parser.last_id.rpartition(".")[0] == resume_from.rpartition(".")[0]  # same sid
+    again.close()

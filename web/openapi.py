@@ -155,10 +155,23 @@ def openapi_document() -> dict[str, Any]:
                     {"name": "timeout", "in": "query",
                      "schema": {"type": "number", "minimum": 0, "maximum": 3600, "default": 25},
                      "description": "Seconds to hold (capped at LONGPOLL_MAX_S, at most 25)."},
+                    {"name": "sid", "in": "query", "schema": {"type": "string"},
+                     "description": "Pass back the `sid` of the previous answer: the client is "
+                                    "paced by it (LONGPOLL_MAX_RATE)."},
                 ],
-                "responses": {"200": _json("PollPage", "Events (possibly none) and the cursor."),
+                "responses": {"200": {**_json("PollPage", "Events (possibly none), the cursor and "
+                                                          "the client's sid."),
+                                      "headers": {"Retry-After": {
+                                          "schema": {"type": "integer"},
+                                          "description": "Present when the client polls faster "
+                                                         "than allowed: wait this many seconds "
+                                                         "before the next poll."}}},
                               "400": _problem("Malformed request."), **AUTH_ERRORS,
-                              "404": _problem("A stream does not exist."), **UNAVAILABLE},
+                              "404": _problem("A stream does not exist."),
+                              "429": _problem("Polling far faster than allowed (past four times "
+                                              "the budget).", retry_after=True),
+                              "503": _problem("At the connection limit, database unreachable, "
+                                              "or shutting down.", retry_after=True)},
             }},
             "/healthz": {"get": {"summary": "Liveness.", "security": [],
                                  "responses": {"200": {"description": "Alive."}}}},
@@ -219,12 +232,14 @@ SCHEMAS: dict[str, Any] = {
                        "next": {"type": "string", "description": "Pass as `after` to continue."}},
     },
     "PollPage": {
-        "type": "object", "required": ["events", "cursor"],
+        "type": "object", "required": ["events", "cursor", "sid"],
         "properties": {"events": {"type": "array", "items": {
             "type": "object", "required": ["id", "stream", "type", "data"],
             "properties": {"id": {"type": "string"}, "stream": {"type": "string"},
                            "type": {"type": "string"}, "data": {}}}},
-            "cursor": {"type": "string"}},
+            "cursor": {"type": "string"},
+            "sid": {"type": "string", "description": "Pass back as `sid` to be paced as one "
+                                                     "client."}},
     },
     "Stream": {
         "type": "object", "required": ["name", "lastId", "createdAt", "subscribers"],

@@ -19,6 +19,7 @@ from gevent.pywsgi import WSGIHandler
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
+READ_BUFFER = 1024
 
 
 class RequestHeaders:
@@ -75,6 +76,10 @@ class RequestHeaders:
                 pairs.append((name.strip(), value.strip()))
         return pairs
 
+    def forget_lines(self) -> None:
+        """Drop the raw lines once the environ holds them (`get` keeps working)."""
+        self._lines = []
+
     @property
     def headers(self) -> Iterator[str]:
         return iter(self._lines)
@@ -88,6 +93,12 @@ class SluiceHandler(WSGIHandler):
     """pywsgi's handler with TCP_NODELAY, the lean header parser, no access-log work, and the
     client socket in the environ (gunicorn's handler puts it under `gunicorn.sock`)."""
 
+    def __init__(self, sock, address, server, rfile=None) -> None:  # noqa: ANN001 - pywsgi's
+        # A 1 KiB read buffer instead of 8 KiB: it lives as long as the connection, and a held
+        # SSE connection never reads again. Request lines still go up to MAX_LINE (readline
+        # refills), and large bodies are read past the buffer.
+        super().__init__(sock, address, server, rfile or sock.makefile("rb", READ_BUFFER))
+
     def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:  # noqa: N802
         return RequestHeaders(fp)
 
@@ -95,6 +106,8 @@ class SluiceHandler(WSGIHandler):
         env = super().get_environ()
         env["sluice.socket"] = self.socket  # streams watch it to notice a client going away
         env["sluice.handler"] = self        # live SSE writes go straight to its socket
+        if isinstance(self.headers, RequestHeaders):
+            self.headers.forget_lines()  # in the environ now; a held stream keeps less
         return env
 
     def handle(self) -> None:

@@ -77,6 +77,17 @@ def main() -> None:
             time.sleep(0.5)  # anything extra (a duplicate) would arrive now
             say(step="done", published=ids, got=page.evaluate("window.got"),
                 opens=page.evaluate("window.opens"))
+        elif scenario == "hold":
+            # The test cuts connections under the browser; on each "report" line it gets what
+            # the page has seen so far; it ends when stdin closes.
+            wait_for(page, "window.opens >= 1")
+            say(step="open")
+            for line in sys.stdin:
+                if line.strip() == "report":
+                    say(step="report", got=page.evaluate("window.got"),
+                        opens=page.evaluate("window.opens"),
+                        errors=page.evaluate("window.errors"),
+                        state=page.evaluate("window.es.readyState"))
         else:
             raise SystemExit(f"unknown scenario {scenario}")
         browser.close()
