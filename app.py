@@ -83,8 +83,9 @@ class Services:
 
 def build_services(settings: Settings) -> Services:
     """Connect to Postgres and Redis, apply migrations, and start the batcher."""
-    if not settings.database_url or not settings.redis_url or not settings.secrets:
-        raise SettingsError("build_services needs DATABASE_URL, REDIS_URL and a secret")
+    if not settings.database_url or not settings.redis_url or not (settings.secrets
+                                                                    or settings.public_keys):
+        raise SettingsError("build_services needs DATABASE_URL, REDIS_URL and a key")
     pool = Pool(settings.database_url, settings.db_pool_size, settings.db_pool_timeout_s,
                 settings.db_connect_timeout_s)
     store = EventStore()
@@ -99,7 +100,8 @@ def build_services(settings: Settings) -> Services:
                       max_backlog=settings.ingest_max_backlog, metrics=metrics.batcher).start()
     redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
                                      health_check_interval=10)
-    tokens = TokenVerifier(settings.secrets, redis=redis)
+    tokens = TokenVerifier(settings.secrets, public_keys=settings.public_keys,
+                           leeway_s=settings.token_leeway_s, redis=redis)
     hub = Hub(store, pool, redis, channel=f"sluice:{identity}:commits",
               overflow_counter=metrics.slow_consumers, heartbeat_s=settings.heartbeat_s,
               write_timeout_s=settings.sse_write_timeout_s,
@@ -188,7 +190,7 @@ class EmbeddedServices:
 
 def prepare_settings(embedded: EmbeddedServices) -> Settings:
     settings = Settings.from_env()
-    if not settings.secrets:
+    if not settings.secrets and not settings.public_keys:
         secret = dev_secret(Path(settings.data_dir))
         settings = replace(settings, secrets={"dev": secret})
         print("sluice: WARNING: no SLUICE_SECRET set; using a development secret from "

@@ -5,6 +5,7 @@ from `SETTINGS_DOC` below, so the two cannot drift apart.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -17,6 +18,9 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "REDIS_URL": ("(unset: embedded Redis)", "Redis URL."),
     "SLUICE_SECRET": ("(unset)", "HS256 secret for tokens."),
     "SLUICE_SECRETS": ("(unset)", "Several keys for rotation: `kid:secret,kid2:secret2`."),
+    "SLUICE_PUBLIC_KEYS": ("(unset)", "Public keys for origins that sign with a private key, as JSON `{\"kid\": \"-----BEGIN PUBLIC KEY-----...\"}`: RSA (2048+ bits) verifies RS256, EC P-256 verifies ES256."),
+    "SLUICE_PUBLIC_KEY": ("(unset)", "One such PEM public key (key id `public`)."),
+    "TOKEN_LEEWAY_S": ("5", "Clock skew allowed on `exp` and `nbf`."),
     "SLUICE_ENV": ("development", "`production` refuses to start without a secret. `DYNO` implies production."),
     "SLUICE_DATA_DIR": ("./.sluice", "Where embedded servers keep their data and the dev secret."),
     "DB_POOL_SIZE": ("4", "Most Postgres connections one process opens."),
@@ -72,6 +76,30 @@ def _float(env: Mapping[str, str], name: str, minimum: float = 0.0) -> float:
     return _number(env, name, float, minimum)
 
 
+def _public_keys(env: Mapping[str, str]) -> dict[str, str]:
+    """Parse SLUICE_PUBLIC_KEYS (JSON kid -> PEM) and SLUICE_PUBLIC_KEY (kid `public`)."""
+    keys: dict[str, str] = {}
+    raw = env.get("SLUICE_PUBLIC_KEYS", "").strip()
+    if raw:
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in parsed.items()):
+            raise SettingsError('SLUICE_PUBLIC_KEYS must be JSON like {"kid": "-----BEGIN ..."}')
+        keys.update(parsed)
+    if env.get("SLUICE_PUBLIC_KEY", "").strip():
+        keys.setdefault("public", env["SLUICE_PUBLIC_KEY"].replace("\\n", "\n"))
+    for kid, pem in keys.items():
+        try:
+            from streaming.tokens import load_public_key
+            load_public_key(pem)
+        except ValueError as exc:
+            raise SettingsError(f"public key `{kid}`: {exc}") from None
+    return keys
+
+
 def _secrets(env: Mapping[str, str]) -> dict[str, str]:
     """Parse SLUICE_SECRETS (`kid:secret,...`) and SLUICE_SECRET (kid `default`)."""
     keys: dict[str, str] = {}
@@ -90,6 +118,8 @@ class Settings:
     """The process's configuration; built once by `from_env` and passed down, never global."""
 
     port: int = 5000
+    public_keys: dict[str, str] = field(default_factory=dict)
+    token_leeway_s: float = 5.0
     host: str = "0.0.0.0"
     database_url: str | None = None
     redis_url: str | None = None
@@ -126,16 +156,18 @@ class Settings:
         env = os.environ if env is None else env
         production = env.get("SLUICE_ENV", "").lower() == "production" or bool(env.get("DYNO"))
         secrets = _secrets(env)
-        if production and not secrets:
-            raise SettingsError(
-                "SLUICE_ENV=production (or DYNO set) requires SLUICE_SECRET or SLUICE_SECRETS"
-            )
+        public_keys = _public_keys(env)
+        if production and not secrets and not public_keys:
+            raise SettingsError("SLUICE_ENV=production (or DYNO set) requires SLUICE_SECRET, "
+                                "SLUICE_SECRETS or a public key")
         settings = cls(
             port=_int(env, "PORT", 0),
             host=env.get("HOST", "0.0.0.0"),
             database_url=env.get("DATABASE_URL") or None,
             redis_url=env.get("REDIS_URL") or None,
             secrets=secrets,
+            public_keys=public_keys,
+            token_leeway_s=_float(env, "TOKEN_LEEWAY_S"),
             production=production,
             data_dir=env.get("SLUICE_DATA_DIR", SETTINGS_DOC["SLUICE_DATA_DIR"][0]),
             db_pool_size=_int(env, "DB_POOL_SIZE", 1),

@@ -1,7 +1,10 @@
 """Token verification and stream grants: the one place a JWT is decoded or a pattern matched.
 
-A token is a JWT signed with one of the server's keys (`kid` picks it; without `kid` every key is
-tried, which keeps rotation painless). Its `publish` and `subscribe` claims are lists of stream
+A token is a JWT signed with one of the server's keys (`kid` picks it; without `kid` every key
+that accepts the token's algorithm is tried, which keeps rotation painless). Each key accepts
+exactly one algorithm, fixed by what the key is: a shared secret HS256, an RSA public key RS256,
+a P-256 public key ES256. The token's header never chooses how it is checked, so `alg: none`
+and algorithm confusion (an RS256 public key used as an HS256 secret) cannot verify. Its `publish` and `subscribe` claims are lists of stream
 patterns, compiled once per token into a `Grants` object whose answers are memoised, so a
 permission is decided once, not per event. Verified tokens are cached until they expire.
 """
@@ -11,7 +14,7 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jwt
 
@@ -77,15 +80,41 @@ def unauthorized(detail: str) -> Problem:
                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
+def load_public_key(pem: str) -> tuple[Any, str]:
+    """A PEM public key and the one algorithm it verifies (RS256 or ES256)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(pem.encode())
+    except ValueError as exc:
+        raise ValueError(f"not a PEM public key: {exc}") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise ValueError("RSA public keys must have at least 2048 bits")
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key, "ES256"
+    raise ValueError("public keys must be RSA (RS256) or EC P-256 (ES256)")
+
+
 class TokenVerifier:
     """Verifies tokens against the configured keys; single-use tokens are checked in Redis."""
 
-    def __init__(self, keys: dict[str, str], *, algorithms: Iterable[str] = ("HS256",),
+    def __init__(self, keys: dict[str, str], *, public_keys: dict[str, str] | None = None,
                  leeway_s: float = 5.0, redis: Any = None, cache_size: int = 10000) -> None:
-        if not keys:
+        public_keys = public_keys or {}
+        if not keys and not public_keys:
             raise ValueError("at least one key is required")
-        self.keys = dict(keys)
-        self.algorithms = [a for a in algorithms if a.lower() != "none"]
+        clash = set(keys) & set(public_keys)
+        if clash:
+            raise ValueError(f"key id used twice: {sorted(clash)[0]}")
+        # kid -> (key, the one algorithm it verifies)
+        self.keys: dict[str, tuple[Any, str]] = {kid: (secret, "HS256")
+                                                 for kid, secret in keys.items()}
+        for kid, pem in public_keys.items():
+            self.keys[kid] = load_public_key(pem)
+        self.algorithms = {alg for _, alg in self.keys.values()}
         self.leeway_s = leeway_s
         self.redis = redis
         self.cache_size = cache_size
@@ -116,6 +145,10 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise unauthorized("token is not a valid JWT") from None
+        alg = header.get("alg")
+        if alg not in self.algorithms:
+            raise unauthorized(f"token algorithm `{alg}` is not accepted here "
+                               f"(accepted: {', '.join(sorted(self.algorithms))})")
         kid = header.get("kid")
         if kid is not None:
             if kid not in self.keys:
@@ -123,11 +156,14 @@ class TokenVerifier:
             candidates = [self.keys[kid]]
         else:
             candidates = list(self.keys.values())
+        candidates = [(key, key_alg) for key, key_alg in candidates if key_alg == alg]
+        if not candidates:
+            raise unauthorized(f"the key `{kid}` does not verify `{alg}` tokens")
         claims = None
         error: jwt.PyJWTError | None = None
-        for key in candidates:
+        for key, key_alg in candidates:
             try:
-                claims = jwt.decode(token, key, algorithms=self.algorithms, leeway=self.leeway_s,
+                claims = jwt.decode(token, key, algorithms=[key_alg], leeway=self.leeway_s,
                                     options={"require": ["exp", "sub"]})
                 break
             except jwt.InvalidSignatureError as exc:
