@@ -316,7 +316,12 @@ def poll() -> Response:
     page = settings.catchup_page
     sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
     try:
-        start = seam if checked.resume is None else checked.resume
+        start = checked.resume
+        if start is None:
+            # "Newer than now" means newer than the last commit, which the hub may not have
+            # heard of yet (a client that just published must not get its own event back).
+            with svc.pool.connection() as conn:
+                start = max(seam, svc.store.last_position(conn))
         cursor = max(start, seam)
         events: list[dict] = []
         for rows in catch_up(svc, checked, start, seam):
