@@ -31,15 +31,20 @@ import gevent  # noqa: E402
 import redis as redis_lib  # noqa: E402
 from flask import Flask, Response, request  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
+from werkzeug.middleware.proxy_fix import ProxyFix  # noqa: E402
 
 from config.settings import Settings, SettingsError  # noqa: E402
 from ingest.batcher import Batcher  # noqa: E402
 from ingest.pool import Pool  # noqa: E402
 from ingest.store import EventStore  # noqa: E402
+from streaming.authorize import OriginAuthorizer  # noqa: E402
 from streaming.backoff import Backoff  # noqa: E402
+from streaming.limits import ConnectionLimits  # noqa: E402
 from streaming.hub import Hub  # noqa: E402
 from streaming.tokens import TokenVerifier, mint  # noqa: E402
+from web.cors import install_cors  # noqa: E402
 from web.http import install_error_handlers  # noqa: E402
+from web.problems import Problem  # noqa: E402
 from web.metrics import AppMetrics  # noqa: E402
 from web.wsgi import SluiceHandler  # noqa: E402
 
@@ -59,6 +64,8 @@ class Services:
     metrics: AppMetrics
     hub: Hub
     backoff: Backoff
+    limits: ConnectionLimits
+    authorizer: OriginAuthorizer | None = None
     draining: bool = False
 
     def subscriber_count(self, stream: str) -> int:
@@ -109,7 +116,17 @@ def build_services(settings: Settings) -> Services:
     batcher.add_listener(hub.on_commit)
     backoff = Backoff(redis, base_ms=settings.retry_base_ms, max_ms=settings.retry_max_ms,
                       window_s=settings.retry_window_s)
-    return Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff)
+    limits = ConnectionLimits(settings.max_connections_per_token, settings.max_connections_per_ip,
+                              refused=metrics.limited)
+    authorizer = None
+    if settings.authorize_url:
+        authorizer = OriginAuthorizer(settings.authorize_url,
+                                      forward_headers=settings.authorize_forward_headers,
+                                      timeout_s=settings.authorize_timeout_s,
+                                      max_ttl_s=settings.authorize_max_ttl_s, redis=redis,
+                                      metrics=metrics.authorize)
+    return Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff, limits,
+                    authorizer)
 
 
 def create_app(services: Services) -> Flask:
@@ -124,6 +141,18 @@ def create_app(services: Services) -> Flask:
     app.register_blueprint(streaming_bp)
     app.register_blueprint(ops_bp)
     install_error_handlers(app)
+    install_cors(app, services.settings.cors_origins)
+    max_params = services.settings.max_query_params
+
+    @app.before_request
+    def _limit_query() -> None:
+        if request.query_string.count(b"&") >= max_params \
+                and sum(1 for _ in request.args.items(multi=True)) > max_params:
+            raise Problem(400, "too-many-parameters",
+                          f"at most {max_params} query parameters are allowed", limit=max_params)
+
+    if services.settings.proxy_hops:  # behind Heroku's router: the client is in X-Forwarded-For
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=services.settings.proxy_hops)  # type: ignore
 
     @app.after_request
     def _count(response: Response) -> Response:
@@ -219,8 +248,9 @@ def serve() -> None:
         embedded.stop()
         raise
     app = create_app(services)
+    handler = type("Handler", (SluiceHandler,), {"header_timeout_s": settings.header_timeout_s})
     server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log,
-                        handler_class=SluiceHandler)
+                        handler_class=handler)
     stopping = gevent.event.Event()
 
     def on_signal() -> None:

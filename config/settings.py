@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,6 +22,17 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SLUICE_PUBLIC_KEYS": ("(unset)", "Public keys for origins that sign with a private key, as JSON `{\"kid\": \"-----BEGIN PUBLIC KEY-----...\"}`: RSA (2048+ bits) verifies RS256, EC P-256 verifies ES256."),
     "SLUICE_PUBLIC_KEY": ("(unset)", "One such PEM public key (key id `public`)."),
     "TOKEN_LEEWAY_S": ("5", "Clock skew allowed on `exp` and `nbf`."),
+    "SLUICE_AUTHORIZE_URL": ("(unset)", "Origin authorization: a subscribe request without a token is sent (as a `POST` with `{\"streams\": [...]}` and the headers below) to this URL; a 2xx JSON answer `{\"streams\": [patterns], \"ttl\": s, \"sub\": id}` grants, a 4xx is passed back to the client."),
+    "AUTHORIZE_FORWARD_HEADERS": ("Cookie", "Request headers forwarded to `SLUICE_AUTHORIZE_URL`, comma-separated."),
+    "AUTHORIZE_TIMEOUT_S": ("2", "How long the origin may take to answer; past it (or on a 5xx) SSE gets `retry:` and long-poll `503`."),
+    "AUTHORIZE_MAX_TTL_S": ("300", "Longest an origin grant is cached (the origin's `ttl` is capped to this)."),
+    "CORS_ORIGINS": ("(unset: no CORS)", "Origins allowed to call Sluice from a browser, comma-separated (`https://app.example.com`); they may send credentials (`withCredentials`). `*` allows any origin without credentials."),
+    "MAX_CONNECTIONS_PER_TOKEN": ("0", "Most SSE and long-poll connections one token (or one origin-authorized cookie set) may hold in one process; 0 = no limit. Past it: `429`."),
+    "MAX_CONNECTIONS_PER_IP": ("0", "Most SSE and long-poll connections one client address may hold in one process; 0 = no limit. Past it: `429`."),
+    "PROXY_HOPS": ("0", "Trusted proxies in front of Sluice: the client address is taken this many entries from the right of `X-Forwarded-For` (1 by default when `DYNO` is set: Heroku's router)."),
+    "HEADER_TIMEOUT_S": ("10", "Time a client has to send its request line and headers (slow-header clients are cut off), and the longest an idle keep-alive connection is kept."),
+    "BODY_TIMEOUT_S": ("30", "Time a client has to send a request body (`408` past it)."),
+    "MAX_QUERY_PARAMS": ("64", "Most query parameters a request may carry (`400` past it). The request line is at most 8 KiB (`414`)."),
     "SLUICE_ENV": ("development", "`production` refuses to start without a secret. `DYNO` implies production."),
     "SLUICE_DATA_DIR": ("./.sluice", "Where embedded servers keep their data and the dev secret."),
     "DB_POOL_SIZE": ("4", "Most Postgres connections one process opens."),
@@ -44,6 +56,8 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "RETRY_BASE_MS": ("1000", "Smallest SSE `retry:` handed out."),
     "RETRY_MAX_MS": ("60000", "Largest SSE `retry:` handed out."),
     "RETRY_WINDOW_S": ("60", "Sliding window of the per-connection reconnect counter."),
+    "RETRY_RESET_AFTER_S": ("30", "An SSE connection that stays up this long resets its connection id's reconnect counter: its next `retry:` starts from `RETRY_BASE_MS` again."),
+    "MAX_RECONNECTS": ("100", "Most connects one connection id (`sid`) may make within `RETRY_WINDOW_S`; past it SSE answers `429` (only a client that ignores `retry:` gets there)."),
     "SSE_WRITE_TIMEOUT_S": ("30", "A stream write that cannot complete this long ends the connection."),
     "LONGPOLL_MAX_S": ("25", "Longest long-poll hold."),
     "SHUTDOWN_TIMEOUT_S": ("20", "How long SIGTERM waits for in-flight requests before exiting."),
@@ -100,6 +114,31 @@ def _public_keys(env: Mapping[str, str]) -> dict[str, str]:
     return keys
 
 
+def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = env.get(name, SETTINGS_DOC[name][0])
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    if not all(re.fullmatch(r"[A-Za-z0-9-]+", n) for n in names):
+        raise SettingsError(f"{name} must be header names separated by commas, got {raw!r}")
+    return names
+
+
+def _authorize_url(env: Mapping[str, str]) -> str | None:
+    url = env.get("SLUICE_AUTHORIZE_URL", "").strip()
+    if url and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", url):
+        raise SettingsError(f"SLUICE_AUTHORIZE_URL must be an http(s) URL, got {url!r}")
+    return url or None
+
+
+def _cors_origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("CORS_ORIGINS", "")
+    origins = tuple(dict.fromkeys(o.strip().rstrip("/") for o in raw.split(",") if o.strip()))
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+            raise SettingsError(f"CORS_ORIGINS entries look like `https://app.example.com` "
+                                f"(scheme, host, optional port) or `*`, got {origin!r}")
+    return origins
+
+
 def _secrets(env: Mapping[str, str]) -> dict[str, str]:
     """Parse SLUICE_SECRETS (`kid:secret,...`) and SLUICE_SECRET (kid `default`)."""
     keys: dict[str, str] = {}
@@ -147,9 +186,22 @@ class Settings:
     retry_base_ms: int = 1000
     retry_max_ms: int = 60000
     retry_window_s: int = 60
+    retry_reset_after_s: float = 30.0
+    max_reconnects: int = 100
     sse_write_timeout_s: float = 30.0
     longpoll_max_s: float = 25.0
     shutdown_timeout_s: float = 20.0
+    authorize_url: str | None = None
+    authorize_forward_headers: tuple[str, ...] = ("Cookie",)
+    authorize_timeout_s: float = 2.0
+    authorize_max_ttl_s: float = 300.0
+    cors_origins: tuple[str, ...] = ()
+    max_connections_per_token: int = 0
+    max_connections_per_ip: int = 0
+    proxy_hops: int = 0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_query_params: int = 64
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -191,10 +243,34 @@ class Settings:
             retry_base_ms=_int(env, "RETRY_BASE_MS", 0),
             retry_max_ms=_int(env, "RETRY_MAX_MS", 0),
             retry_window_s=_int(env, "RETRY_WINDOW_S", 1),
+            retry_reset_after_s=_float(env, "RETRY_RESET_AFTER_S", 0.1),
+            max_reconnects=_int(env, "MAX_RECONNECTS", 2),
             sse_write_timeout_s=_float(env, "SSE_WRITE_TIMEOUT_S", 0.1),
             longpoll_max_s=min(_float(env, "LONGPOLL_MAX_S", 0.0), 25.0),
             shutdown_timeout_s=_float(env, "SHUTDOWN_TIMEOUT_S", 0.0),
+            authorize_url=_authorize_url(env),
+            authorize_forward_headers=_names(env, "AUTHORIZE_FORWARD_HEADERS"),
+            authorize_timeout_s=_float(env, "AUTHORIZE_TIMEOUT_S", 0.05),
+            authorize_max_ttl_s=_float(env, "AUTHORIZE_MAX_TTL_S"),
+            cors_origins=_cors_origins(env),
+            max_connections_per_token=_int(env, "MAX_CONNECTIONS_PER_TOKEN"),
+            max_connections_per_ip=_int(env, "MAX_CONNECTIONS_PER_IP"),
+            proxy_hops=_int({**env, "PROXY_HOPS": env.get("PROXY_HOPS")
+                             or ("1" if env.get("DYNO") else "0")}, "PROXY_HOPS"),
+            header_timeout_s=_float(env, "HEADER_TIMEOUT_S", 0.1),
+            body_timeout_s=_float(env, "BODY_TIMEOUT_S", 0.1),
+            max_query_params=_int(env, "MAX_QUERY_PARAMS", 1),
         )
         if settings.max_batch_events > settings.ingest_max_backlog:
             raise SettingsError("MAX_BATCH_EVENTS must not exceed INGEST_MAX_BACKLOG")
         return settings
+
+
+def readme_table() -> str:
+    """The README's configuration table rows (`python -m config.settings` prints them)."""
+    return "\n".join(f"| `{name}` | `{default}` | {text} |"
+                     for name, (default, text) in SETTINGS_DOC.items())
+
+
+if __name__ == "__main__":
+    print(readme_table())

@@ -28,7 +28,7 @@ def post_events() -> Response:
     svc = services()
     settings = svc.settings
     principal = authenticate()
-    body = read_body(settings.max_body_bytes)
+    body = read_body(settings.max_body_bytes, settings.body_timeout_s)
     events = parse_body(body, request.content_type or "", max_events=settings.max_batch_events,
                         max_data_bytes=settings.max_data_bytes,
                         header_key=request.headers.get("Idempotency-Key"))

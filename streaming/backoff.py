@@ -4,7 +4,8 @@ Each connect increments a counter for its sid that lives in Redis for a sliding 
 connect pushes the window out), so all processes see the same count. The n-th connect within
 the window gets a retry drawn uniformly from [base, min(cap, base * 2**(n-1))] — exponential
 growth with full jitter above the base. A connection that stays away longer than the window
-starts again from the base. Without Redis the counters live in the process.
+starts again from the base, and so does one whose connection stayed up for a while (`healthy`).
+Without Redis the counters live in the process.
 
 Long-poll clients are paced with the same counters in fixed windows: a client (its `sid`, else
 its token subject and address) that polls more than `max_rate` times a second over a window is
@@ -39,6 +40,15 @@ class Backoff:
         count = self._count(sid)
         ceiling = min(self.max_ms, self.base_ms * 2 ** min(count - 1, 30))
         return count, int(self.base_ms + self.rng.random() * (ceiling - self.base_ms))
+
+    def healthy(self, sid: str) -> None:
+        """The sid's connection stayed up: forget its reconnects (the next retry is short)."""
+        key = KEY.format(sid)
+        try:
+            self.redis.delete(key)
+        except Exception:  # noqa: BLE001 - Redis down: the process counter
+            pass
+        self._local.pop(key, None)
 
     def jittered_ms(self, count: int) -> int:
         """A retry for the count drawn with full jitter, for clients without a sid."""

@@ -7,6 +7,7 @@ same catch-up reads in pages through the bounded pool. Only the framing differs.
 """
 from __future__ import annotations
 
+import hashlib
 import secrets
 import socket
 import time
@@ -20,10 +21,12 @@ from flask import Blueprint, Response, request
 from ingest.ids import format_position, parse_position
 from ingest.pool import DatabaseUnavailable
 from ingest.validation import valid_stream
+from streaming.authorize import OriginUnavailable
 from streaming.direct import Unsent, direct_sink
 from streaming.hub import HEARTBEAT, StreamEnded, Subscription
 from streaming.sse import EventStreamFraming
-from web.http import authenticate, json_response, services
+from streaming.tokens import unauthorized
+from web.http import bearer_token, json_response, services
 from web.problems import Problem
 
 bp = Blueprint("streaming", __name__)
@@ -40,6 +43,7 @@ class Checked:
     resume: int | None      # resume after this position; None means "from now"
     sid: str | None         # connection id carried in from Last-Event-ID or ?sid=
     subject: str = ""       # the token's subject
+    token_key: str = ""     # identifies the credential, for MAX_CONNECTIONS_PER_TOKEN
 
 
 def new_sid() -> str:
@@ -70,7 +74,16 @@ def check_subscribe() -> Checked:
             raise Problem(400, "invalid-stream",
                           "stream names match ^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$", field="stream")
     streams = list(dict.fromkeys(streams))
-    principal = authenticate(allow_query=True, allow_cookie=True)
+    token = bearer_token(allow_query=True, allow_cookie=True)
+    if token is not None:
+        principal = svc.tokens.verify(token)
+        token_key = "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+    elif svc.authorizer is not None:  # no token: ask the origin (raises OriginUnavailable)
+        principal, token_key = svc.authorizer.authorize(request.headers, streams,
+                                                        request.remote_addr)
+    else:
+        raise unauthorized("a token is required (Authorization: Bearer <token>, ?token= or "
+                           "the sluice_token cookie)")
     for stream in streams:
         if not principal.subscribe.allows(stream):
             raise Problem(403, "not-granted", f"the token does not grant `subscribe` on `{stream}`",
@@ -93,7 +106,7 @@ def check_subscribe() -> Checked:
     if missing:
         raise Problem(404, "unknown-stream", f"stream `{sorted(missing)[0]}` does not exist",
                       stream=sorted(missing)[0])
-    return Checked(streams, resume, sid, principal.subject)
+    return Checked(streams, resume, sid, principal.subject, token_key)
 
 
 def catch_up(svc: Any, checked: Checked, after: int, upto: int) -> Iterator[list]:
@@ -168,11 +181,19 @@ def sse() -> Response:
         return _retry_only(_shed_retry_ms(svc))
     try:
         checked = check_subscribe()
-    except DatabaseUnavailable:
+    except (DatabaseUnavailable, OriginUnavailable):
         # A 5xx would stop EventSource for good: tell it to come back instead.
         return _retry_only(svc.backoff.retry_ms(4))
     sid = checked.sid or new_sid()
-    _, retry = svc.backoff.connect(sid)
+    connects, retry = svc.backoff.connect(sid)
+    if checked.sid and connects > settings.max_reconnects:
+        svc.metrics.limited.labels("reconnects").inc()
+        raise Problem(429, "reconnecting-too-fast", f"connection `{sid}` reconnected {connects} "
+                      f"times within {settings.retry_window_s} s, ignoring `retry:`",
+                      headers={"Retry-After": str(settings.retry_window_s)},
+                      limit=settings.max_reconnects)
+    release = svc.limits.acquire(checked.token_key, request.remote_addr)
+    opened_at = time.monotonic()
     sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
     start = seam if checked.resume is None else checked.resume
     environ = request.environ
@@ -259,12 +280,18 @@ def sse() -> Response:
             yield framing.retry_only(retry)
         finally:
             sub.sink = None
+            if time.monotonic() - opened_at >= settings.retry_reset_after_s \
+                    and not sub.overflowed:
+                svc.backoff.healthy(sid)  # it stayed up: its next reconnect starts short again
             svc.hub.unsubscribe(sub)
+            release()
             if watcher is not None:
                 watcher.stop()
 
-    return Response(stream(), status=200, mimetype=framing.content_type, headers=SSE_HEADERS,
-                    direct_passthrough=True)
+    response = Response(stream(), status=200, mimetype=framing.content_type,
+                        headers=SSE_HEADERS, direct_passthrough=True)
+    response.call_on_close(release)  # also when the stream never started
+    return response
 
 
 def _shed_retry_ms(svc: Any) -> int:
@@ -305,7 +332,11 @@ def poll() -> Response:
         svc.metrics.shed.labels("poll").inc()
         raise Problem(503, "overloaded", "this server holds as many connections as it may",
                       headers={"Retry-After": str(max(1, svc.backoff.jittered_ms(4) // 1000))})
-    checked = check_subscribe()
+    try:
+        checked = check_subscribe()
+    except OriginUnavailable:
+        raise Problem(503, "origin-unavailable", "the origin did not authorize this subscription "
+                      "in time; try again", headers={"Retry-After": "2"}) from None
     retry_after, refused = 0, False
     if checked.sid:  # each answer hands out a sid; a client that passes it back is paced by it
         retry_after, refused = svc.backoff.poll(checked.sid, settings.longpoll_max_rate)
@@ -314,6 +345,7 @@ def poll() -> Response:
                       "wait for Retry-After", headers={"Retry-After": str(retry_after)},
                       limit_per_s=settings.longpoll_max_rate)
     page = settings.catchup_page
+    release = svc.limits.acquire(checked.token_key, request.remote_addr)
     sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
     try:
         start = checked.resume
@@ -342,6 +374,7 @@ def poll() -> Response:
                                 cursor = e.position
     finally:
         svc.hub.unsubscribe(sub)
+        release()
     response = json_response({"events": events, "cursor": format_position(cursor),
                               "sid": checked.sid or new_sid()})
     if retry_after:

@@ -195,3 +195,34 @@ def test_reconnecting_again_and_again_gets_a_growing_retry(make_server, database
     assert max(retries[3:]) > 400  # a 1-in-10^5 chance of three draws at the bottom
     assert [g["data"] for g in report["got"]] == list(range(6))  # nothing missed, once each
     assert report["state"] != 2  # still reconnecting: it never gave up
+
+
+def test_cross_origin_eventsource_with_credentials_follows_cors_origins(make_server,
+                                                                        database_url):
+    """A page on http://localhost:P opens EventSource to http://127.0.0.1:Q (another origin):
+    with credentials it works only where that origin is listed; `*` serves it only without
+    credentials; an unlisted origin gets nothing."""
+    page = make_server(database_url)
+    page_origin = f"http://localhost:{page.port}"
+    listed = make_server(database_url, CORS_ORIGINS=f"https://other.example,{page_origin}")
+    wildcard = make_server(database_url, CORS_ORIGINS="*")
+    unlisted = make_server(database_url, CORS_ORIGINS="https://other.example")
+    listed.put("/api/v1/streams/room/1", headers=auth())
+    listed.post("/api/v1/events", json={"stream": "room/1", "data": {"hello": 1}}, headers=auth())
+    query = f"/api/v1/sse?stream=room/1&lastEventId=0&token={token()}"
+    targets = [{"url": listed.url + query, "credentials": True},
+               {"url": wildcard.url + query, "credentials": False},
+               {"url": wildcard.url + query, "credentials": True},
+               {"url": unlisted.url + query, "credentials": False}]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "cors", page_origin, "-", "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    out, err = proc.communicate(json.dumps(targets) + "\n", timeout=120)
+    assert proc.returncode == 0, err
+    report = json.loads(out.splitlines()[-1])
+    assert report["origin"] == page_origin
+    results = report["results"]
+    assert results[0]["got"] == {"hello": 1}       # listed origin, with credentials
+    assert results[1]["got"] == {"hello": 1}       # wildcard, without credentials
+    assert results[2] == {"got": None, "state": 2}  # wildcard never carries credentials
+    assert results[3] == {"got": None, "state": 2}  # origin not listed

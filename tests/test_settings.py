@@ -22,6 +22,19 @@ def test_production_refuses_without_a_secret():
     assert Settings.from_env({"DYNO": "web.1", "SLUICE_SECRET": "s"}).production
 
 
+def test_hardening_settings():
+    s = Settings.from_env({"SLUICE_AUTHORIZE_URL": "https://origin.example/auth?x=1",
+                           "AUTHORIZE_FORWARD_HEADERS": "Cookie, X-Tenant",
+                           "CORS_ORIGINS": "https://a.example, http://localhost:3000/, *"})
+    assert s.authorize_url == "https://origin.example/auth?x=1"
+    assert s.authorize_forward_headers == ("Cookie", "X-Tenant")
+    assert s.cors_origins == ("https://a.example", "http://localhost:3000", "*")
+    assert Settings.from_env({}).proxy_hops == 0
+    assert Settings.from_env({"DYNO": "web.1", "SLUICE_SECRET": "s"}).proxy_hops == 1
+    assert Settings.from_env({"DYNO": "web.1", "SLUICE_SECRET": "s",
+                              "PROXY_HOPS": "2"}).proxy_hops == 2
+
+
 def test_secrets_for_rotation():
     s = Settings.from_env({"SLUICE_SECRETS": "old:aaa, new:bbb", "SLUICE_SECRET": "ccc"})
     assert s.secrets == {"old": "aaa", "new": "bbb", "default": "ccc"}
@@ -31,7 +44,15 @@ def test_secrets_for_rotation():
 
 @pytest.mark.parametrize("env", [{"DB_POOL_SIZE": "zero"}, {"DB_POOL_SIZE": "0"},
                                  {"BATCH_MAX_WAIT_MS": "-1"}, {"PORT": "x"},
-                                 {"MAX_BATCH_EVENTS": "100", "INGEST_MAX_BACKLOG": "10"}])
+                                 {"MAX_BATCH_EVENTS": "100", "INGEST_MAX_BACKLOG": "10"},
+                                 {"SLUICE_AUTHORIZE_URL": "ftp://origin/authorize"},
+                                 {"SLUICE_AUTHORIZE_URL": "not a url"},
+                                 {"AUTHORIZE_FORWARD_HEADERS": "Cookie, Bad Header"},
+                                 {"CORS_ORIGINS": "https://app.example.com/"
+                                                  "path"},
+                                 {"CORS_ORIGINS": "app.example.com"},
+                                 {"MAX_CONNECTIONS_PER_IP": "-1"},
+                                 {"HEADER_TIMEOUT_S": "0"}])
 def test_bad_values_fail_at_startup(env):
     with pytest.raises(SettingsError):
         Settings.from_env(env)

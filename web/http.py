@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import gevent
 import orjson
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
@@ -22,8 +23,22 @@ def problem_response(problem: Problem) -> Response:
                     mimetype=PROBLEM_MIME)
 
 
-def read_body(limit: int) -> bytes:
-    """The request body, refusing with 413 past `limit` bytes, chunked bodies included."""
+def read_body(limit: int, timeout_s: float | None = None) -> bytes:
+    """The request body, refusing with 413 past `limit` bytes (chunked bodies included) and
+    with 408 when it has not all arrived within `timeout_s` (a slow upload holds nothing
+    longer than that)."""
+    timer = gevent.Timeout(timeout_s)
+    try:
+        with timer:
+            return _read_body(limit)
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        raise Problem(408, "body-timeout", f"the body did not arrive within {timeout_s:g} s",
+                      headers={"Connection": "close"}) from None
+
+
+def _read_body(limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise Problem(413, "body-too-large", f"body is {length} bytes; at most {limit} are allowed",

@@ -38,6 +38,13 @@ class AppMetrics:
         self.shed = Counter("sluice_stream_connections_shed",
                             "Subscribe requests turned away at MAX_STREAM_CONNECTIONS",
                             ["transport"], registry=self.registry)
+        self.authorize = Counter("sluice_authorize_requests",
+                                 "Origin authorization checks by outcome (granted, denied, "
+                                 "unavailable: asked the origin; cached: did not)",
+                                 ["outcome"], registry=self.registry)
+        self.limited = Counter("sluice_connection_limit_refusals",
+                               "Subscribe requests refused by MAX_CONNECTIONS_PER_TOKEN / _IP",
+                               ["limit"], registry=self.registry)
         self._children: dict[tuple[str, int], Any] = {}
 
     def count_response(self, route: str, status: int) -> None:

@@ -38,8 +38,18 @@ SUBSCRIBE_PARAMS: list[dict[str, Any]] = [
                 "items": {"type": "string", "pattern": STREAM_PATTERN}}},
     {"name": "token", "in": "query", "schema": {"type": "string"},
      "description": "Token, for clients that cannot set headers (EventSource); or the "
-                    "`sluice_token` cookie."},
+                    "`sluice_token` cookie. Without any token and with SLUICE_AUTHORIZE_URL "
+                    "set, the origin is asked (with the request's cookies)."},
 ]
+SUBSCRIBE_REFUSALS = {
+    "401": _problem("Missing, malformed, expired, not-yet-valid or wrongly signed token, or "
+                    "the origin answered 401."),
+    "403": _problem("The token (or the origin's grant) does not cover a stream, or the origin "
+                    "answered 403."),
+    "404": _problem("A stream does not exist."),
+    "429": _problem("Past MAX_CONNECTIONS_PER_TOKEN or MAX_CONNECTIONS_PER_IP (or, for "
+                    "long-poll, polling far faster than allowed).", retry_after=True),
+}
 STREAM_PARAM = {"name": "stream", "in": "path", "required": True,
                 "description": "Stream name; may contain `/`.",
                 "schema": {"type": "string", "pattern": STREAM_PATTERN}}
@@ -52,7 +62,11 @@ def openapi_document() -> dict[str, Any]:
             "title": "Sluice",
             "version": "1",
             "description": "Real-time event gateway: durable ingest into PostgreSQL with group "
-                           "commit, history reads that include accepted-but-uncommitted events.",
+                           "commit, history reads that include accepted-but-uncommitted events. "
+                           "Any endpoint may also answer 400 `too-many-parameters` (past "
+                           "MAX_QUERY_PARAMS) and 414 (a request line over 8 KiB); with "
+                           "CORS_ORIGINS set, preflight `OPTIONS` requests are answered 204 or "
+                           "403.",
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
@@ -81,6 +95,7 @@ def openapi_document() -> dict[str, Any]:
                         "400": _problem("Bad JSON or field; `index` and `field` name it."),
                         **AUTH_ERRORS,
                         "413": _problem("Body over 1 MiB, more than 1,000 events, or data over 64 KiB."),
+                        "408": _problem("The body did not arrive within BODY_TIMEOUT_S."),
                         "415": _problem("Not JSON or NDJSON."),
                         **UNAVAILABLE,
                     },
@@ -140,10 +155,10 @@ def openapi_document() -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": {"description": "The event stream (or only `retry:` when the server "
-                                           "sheds load or the database is unreachable).",
+                                           "sheds load, or the database or the origin's "
+                                           "authorization is unreachable).",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                    "400": _problem("Malformed request."), **AUTH_ERRORS,
-                    "404": _problem("A stream does not exist."),
+                    "400": _problem("Malformed request."), **SUBSCRIBE_REFUSALS,
                 },
             }},
             "/api/v1/poll": {"get": {
@@ -166,12 +181,10 @@ def openapi_document() -> dict[str, Any]:
                                           "description": "Present when the client polls faster "
                                                          "than allowed: wait this many seconds "
                                                          "before the next poll."}}},
-                              "400": _problem("Malformed request."), **AUTH_ERRORS,
-                              "404": _problem("A stream does not exist."),
-                              "429": _problem("Polling far faster than allowed (past four times "
-                                              "the budget).", retry_after=True),
-                              "503": _problem("At the connection limit, database unreachable, "
-                                              "or shutting down.", retry_after=True)},
+                              "400": _problem("Malformed request."), **SUBSCRIBE_REFUSALS,
+                              "503": _problem("At the connection limit, database or origin "
+                                              "authorization unreachable, or shutting down.",
+                                              retry_after=True)},
             }},
             "/healthz": {"get": {"summary": "Liveness.", "security": [],
                                  "responses": {"200": {"description": "Alive."}}}},

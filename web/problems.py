@@ -4,6 +4,7 @@ Services raise `Problem` (or subclasses) without knowing about Flask; `web.app` 
 """
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 PROBLEM_TYPE_BASE = "https://sluice.dev/problems/"
@@ -31,12 +32,19 @@ class Problem(Exception):
     def body(self) -> dict[str, Any]:
         body = {
             "type": PROBLEM_TYPE_BASE + self.slug,
-            "title": TITLES.get(self.status, "Error"),
+            "title": TITLES.get(self.status) or _phrase(self.status),
             "status": self.status,
             "detail": self.detail,
         }
         body.update({k: v for k, v in self.extra.items() if v is not None})
         return body
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 class Unavailable(Problem):

@@ -6,6 +6,9 @@
    `email.message.get` calls and a feedparser pass per request were its largest non-I/O cost),
    with the same limits: lines of at most 64 KiB, at most 100 headers.
 3. No access-log formatting (pywsgi formats a line per request even with log=None).
+4. A deadline on the request line and headers (`HEADER_TIMEOUT_S`): a client that sends them a
+   byte at a time (slowloris), or a keep-alive connection left idle, is closed instead of
+   holding a greenlet forever. pywsgi alone waits as long as the client likes.
 
 The same handler serves `python app.py` and gunicorn's workers (`SluiceGunicornWorker`).
 """
@@ -89,7 +92,34 @@ class RequestHeaders:
         return self._index.get("content-type")
 
 
-class SluiceHandler(WSGIHandler):
+class HeaderTimeout(socket.timeout):
+    """The request line and headers did not arrive in time (pywsgi closes on socket errors)."""
+
+
+class HeaderDeadline:
+    """Mixin for pywsgi handlers: the request line and headers must arrive within
+    `header_timeout_s` of the handler starting to wait for them."""
+
+    header_timeout_s = 10.0
+    _deadline: gevent.Timeout | None = None
+
+    def handle_one_request(self):  # noqa: ANN201 - pywsgi's
+        self._deadline = gevent.Timeout.start_new(self.header_timeout_s,
+                                                  HeaderTimeout("request headers too slow"))
+        try:
+            return super().handle_one_request()  # type: ignore[misc]
+        finally:
+            self._deadline.cancel()
+
+    def read_request(self, raw_requestline: str):  # noqa: ANN201 - pywsgi's
+        try:
+            return super().read_request(raw_requestline)  # type: ignore[misc]
+        finally:
+            if self._deadline is not None:
+                self._deadline.cancel()  # headers are in: the application has no deadline here
+
+
+class SluiceHandler(HeaderDeadline, WSGIHandler):
     """pywsgi's handler with TCP_NODELAY, the lean header parser, no access-log work, and the
     client socket in the environ (gunicorn's handler puts it under `gunicorn.sock`)."""
 
@@ -126,7 +156,14 @@ def gunicorn_worker_class() -> type:
     access logging and already sets TCP_NODELAY on its listener)."""
     from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
-    class Handler(PyWSGIHandler):
+    from config.settings import Settings, SettingsError
+
+    try:
+        header_timeout_s = Settings.from_env().header_timeout_s
+    except SettingsError:  # the worker's app factory reports it
+        header_timeout_s = HeaderDeadline.header_timeout_s
+
+    class Handler(HeaderDeadline, PyWSGIHandler):
         def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:  # noqa: N802
             return RequestHeaders(fp)
 
@@ -134,6 +171,8 @@ def gunicorn_worker_class() -> type:
             env = super().get_environ()
             env["sluice.handler"] = self  # live SSE writes go straight to its socket
             return env
+
+    Handler.header_timeout_s = header_timeout_s
 
     class SluiceGunicornWorker(GeventPyWSGIWorker):
         wsgi_handler = Handler

@@ -52,6 +52,31 @@ def wait_for(page, expression: str, timeout_s: float = 20) -> object:
         time.sleep(0.05)
 
 
+OPEN_CROSS_ORIGIN = """async ([url, credentials]) => {
+  const es = new EventSource(url, {withCredentials: credentials});
+  const outcome = await new Promise((resolve) => {
+    es.onmessage = (e) => resolve({got: JSON.parse(e.data), state: es.readyState});
+    es.onerror = () => { if (es.readyState === 2) resolve({got: null, state: 2}); };
+    setTimeout(() => resolve({got: null, state: es.readyState, timedOut: true}), 10000);
+  });
+  es.close();
+  return outcome;
+}"""
+
+
+def cors(page, origin: str) -> None:
+    """The page lives on `origin`; stdin gives [{"url", "credentials"}] EventSource targets on
+    other origins; prints what each one did (first message, or closed)."""
+    page.goto(origin + "/healthz")
+    targets = json.loads(sys.stdin.readline())
+    results = []
+    for target in targets:
+        if not target["url"].startswith(("http://127.0.0.1:", "http://localhost:")):
+            raise SystemExit("loopback only")
+        results.append(page.evaluate(OPEN_CROSS_ORIGIN, [target["url"], target["credentials"]]))
+    say(step="done", origin=page.evaluate("location.origin"), results=results)
+
+
 def main() -> None:
     scenario, url, token, stream = sys.argv[1:5]
     if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
@@ -59,6 +84,10 @@ def main() -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         page = browser.new_page()
+        if scenario == "cors":
+            cors(page, url)
+            browser.close()
+            return
         page.goto(url + "/healthz")  # same origin as the streams
         page.evaluate(SETUP, [url, token, stream])
         if scenario == "unknown-stream":

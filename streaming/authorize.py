@@ -1,0 +1,217 @@
+"""Origin authorization: a subscriber without a token is vouched for by the origin.
+
+With `SLUICE_AUTHORIZE_URL` set, a subscribe request that carries no token is described to the
+origin — a `POST` with `{"streams": [...]}`, the client's address in `X-Forwarded-For`, and the
+request headers named by `AUTHORIZE_FORWARD_HEADERS` (its cookies by default) — before anything
+is sent to the client. The origin answers:
+
+- 2xx with JSON `{"streams": ["pattern", ...], "ttl": seconds, "sub": "user-1"}`: the
+  subscription may have the streams the patterns cover (the same patterns as a token's
+  `subscribe` claim); the answer is cached for `ttl` (capped by `AUTHORIZE_MAX_TTL_S`), in this
+  process and in Redis for the others, so reconnects and other tabs do not ask again;
+- 4xx: refused; the client gets the same status as a problem body (the origin's `detail` when it
+  sent a problem body), which makes EventSource stop;
+- anything else, a body Sluice cannot use, no answer within `AUTHORIZE_TIMEOUT_S`, or no
+  connection: `OriginUnavailable`, which SSE turns into a `retry:` and long-poll into a `503`.
+
+Concurrent checks for the same headers and streams share one origin request.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import time
+import urllib.parse
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import gevent
+import orjson
+from gevent.event import AsyncResult
+
+from streaming.tokens import Grants, Principal
+from web.problems import Problem
+
+REDIS_KEY = "sluice:authz:{}"
+CACHE_MAX = 10000
+MAX_ANSWER_BYTES = 65536
+
+
+class OriginUnavailable(Exception):
+    """The origin could not give a usable answer in time; the client should come back later."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    subject: str
+    patterns: tuple[str, ...]
+    expires_at: float  # wall clock, as a token's exp
+
+    def principal(self) -> Principal:
+        return Principal(self.subject, Grants(()), Grants(self.patterns), self.expires_at,
+                         {"sub": self.subject, "authorized_by": "origin"})
+
+
+class OriginAuthorizer:
+    """Asks `url` whether a token-less subscriber may have its streams; caches the grants."""
+
+    def __init__(self, url: str, *, forward_headers: Sequence[str], timeout_s: float,
+                 max_ttl_s: float, redis: Any = None, metrics: Any = None) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.forward_headers = tuple(forward_headers)
+        self.timeout_s = timeout_s
+        self.max_ttl_s = max_ttl_s
+        self.redis = redis
+        self.metrics = metrics
+        self._cache: OrderedDict[str, Grant] = OrderedDict()
+        self._inflight: dict[str, AsyncResult] = {}
+
+    def authorize(self, headers: Mapping[str, str], streams: Sequence[str],
+                  address: str | None) -> tuple[Principal, str]:
+        """The principal the origin grants for these streams, and the key that identifies the
+        forwarded credentials (for per-credential limits). Raises Problem or OriginUnavailable."""
+        forwarded = {name: headers[name] for name in self.forward_headers if headers.get(name)}
+        credentials = hashlib.sha256(orjson.dumps(sorted(forwarded.items()))).hexdigest()
+        key = hashlib.sha256(f"{credentials}\n{chr(10).join(sorted(streams))}".encode()
+                             ).hexdigest()
+        grant = self._cached(key)
+        if grant is None:
+            waiting = self._inflight.get(key)
+            if waiting is not None:
+                grant = waiting.get()  # another greenlet is asking the origin: share its answer
+            else:
+                result = self._inflight[key] = AsyncResult()
+                try:
+                    grant = self._ask(key, forwarded, streams, address)
+                    result.set(grant)
+                except BaseException as exc:
+                    result.set_exception(exc)
+                    raise
+                finally:
+                    self._inflight.pop(key, None)
+        elif self.metrics is not None:
+            self.metrics.labels("cached").inc()
+        return grant.principal(), "origin:" + credentials[:32]
+
+    # -- cache ---------------------------------------------------------------------------
+
+    def _cached(self, key: str) -> Grant | None:
+        now = time.time()
+        grant = self._cache.get(key)
+        if grant is not None:
+            if grant.expires_at > now:
+                return grant
+            del self._cache[key]
+        if self.redis is None:
+            return None
+        try:
+            raw = self.redis.get(REDIS_KEY.format(key))
+        except Exception:  # noqa: BLE001 - Redis is only a shared cache here
+            return None
+        if not raw:
+            return None
+        try:
+            data = orjson.loads(raw)
+            grant = Grant(str(data["sub"]), tuple(data["streams"]), float(data["exp"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        if grant.expires_at <= now:
+            return None
+        self._remember(key, grant)
+        return grant
+
+    def _remember(self, key: str, grant: Grant) -> None:
+        self._cache[key] = grant
+        self._cache.move_to_end(key)
+        while len(self._cache) > CACHE_MAX:
+            self._cache.popitem(last=False)
+
+    # -- the origin ----------------------------------------------------------------------
+
+    def _ask(self, key: str, forwarded: dict[str, str], streams: Sequence[str],
+             address: str | None) -> Grant:
+        body = orjson.dumps({"streams": list(streams)})
+        headers = {**forwarded, "Content-Type": "application/json", "Accept": "application/json",
+                   "User-Agent": "sluice-authorize"}
+        if address:
+            headers["X-Forwarded-For"] = address
+        try:
+            with gevent.Timeout(self.timeout_s):
+                status, content_type, answer = self._post(body, headers)
+        except (gevent.Timeout, OSError, http.client.HTTPException) as exc:
+            self._count("unavailable")
+            raise OriginUnavailable(f"the origin did not answer: {exc or 'timeout'}") from None
+        if 400 <= status < 500:
+            self._count("denied")
+            raise self._refusal(status, content_type, answer)
+        if not 200 <= status < 300:
+            self._count("unavailable")
+            raise OriginUnavailable(f"the origin answered {status}")
+        grant = self._grant(answer)
+        if grant is None:
+            self._count("unavailable")
+            raise OriginUnavailable("the origin's 2xx answer is not "
+                                    '{"streams": [...], "ttl": s, "sub": "..."}')
+        self._count("granted")
+        if grant.expires_at > time.time():
+            self._remember(key, grant)
+            if self.redis is not None:
+                try:
+                    ttl_ms = max(1, int((grant.expires_at - time.time()) * 1000))
+                    self.redis.set(REDIS_KEY.format(key), orjson.dumps(
+                        {"sub": grant.subject, "streams": grant.patterns,
+                         "exp": grant.expires_at}), px=ttl_ms)
+                except Exception:  # noqa: BLE001 - the process cache still has it
+                    pass
+        return grant
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=self.timeout_s)
+        try:
+            conn.request("POST", self.path, body=body, headers=headers)
+            response = conn.getresponse()
+            answer = response.read(MAX_ANSWER_BYTES + 1)
+            return response.status, response.getheader("Content-Type") or "", answer
+        finally:
+            conn.close()
+
+    def _grant(self, answer: bytes) -> Grant | None:
+        if len(answer) > MAX_ANSWER_BYTES:
+            return None
+        try:
+            data = orjson.loads(answer)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        patterns, ttl, subject = data.get("streams"), data.get("ttl", 0), data.get("sub", "origin")
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and 0 < len(p) <= 256
+                                                     for p in patterns):
+            return None
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 0:
+            return None
+        if not isinstance(subject, str) or not 0 < len(subject) <= 200:
+            return None
+        return Grant(subject, tuple(patterns), time.time() + min(float(ttl), self.max_ttl_s))
+
+    @staticmethod
+    def _refusal(status: int, content_type: str, answer: bytes) -> Problem:
+        detail = f"the origin refused this subscription ({status})"
+        if "json" in content_type:
+            try:
+                data = orjson.loads(answer)
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("detail"), str):
+                detail = data["detail"][:500]
+        return Problem(status, "origin-refused", detail)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.labels(outcome).inc()
