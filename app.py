@@ -248,7 +248,8 @@ def serve() -> None:
         embedded.stop()
         raise
     app = create_app(services)
-    handler = type("Handler", (SluiceHandler,), {"header_timeout_s": settings.header_timeout_s})
+    handler = type("Handler", (SluiceHandler,), {"header_timeout_s": settings.header_timeout_s,
+                                                  "max_header_bytes": settings.max_header_bytes})
     server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log,
                         handler_class=handler)
     stopping = gevent.event.Event()

@@ -31,6 +31,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "MAX_CONNECTIONS_PER_IP": ("0", "Most SSE and long-poll connections one client address may hold in one process; 0 = no limit. Past it: `429`."),
     "PROXY_HOPS": ("0", "Trusted proxies in front of Sluice: the client address is taken this many entries from the right of `X-Forwarded-For` (1 by default when `DYNO` is set: Heroku's router)."),
     "HEADER_TIMEOUT_S": ("10", "Time a client has to send its request line and headers (slow-header clients are cut off), and the longest an idle keep-alive connection is kept."),
+    "MAX_HEADER_BYTES": ("32768", "Largest request header block (all header lines together; at most 100 headers); past it: `400` and the connection closed."),
     "BODY_TIMEOUT_S": ("30", "Time a client has to send a request body (`408` past it)."),
     "MAX_QUERY_PARAMS": ("64", "Most query parameters a request may carry (`400` past it). The request line is at most 8 KiB (`414`)."),
     "SLUICE_ENV": ("development", "`production` refuses to start without a secret. `DYNO` implies production."),
@@ -201,6 +202,7 @@ class Settings:
     proxy_hops: int = 0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    max_header_bytes: int = 32768
     max_query_params: int = 64
 
     @classmethod
@@ -259,6 +261,7 @@ class Settings:
                              or ("1" if env.get("DYNO") else "0")}, "PROXY_HOPS"),
             header_timeout_s=_float(env, "HEADER_TIMEOUT_S", 0.1),
             body_timeout_s=_float(env, "BODY_TIMEOUT_S", 0.1),
+            max_header_bytes=_int(env, "MAX_HEADER_BYTES", 1024),
             max_query_params=_int(env, "MAX_QUERY_PARAMS", 1),
         )
         if settings.max_batch_events > settings.ingest_max_backlog:

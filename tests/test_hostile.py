@@ -317,3 +317,16 @@ def test_a_connection_that_stayed_up_resets_its_reconnect_count(make_server, dat
             s.next(("comment",))  # heartbeats: the stream is up
         s.close()
         wait_until(lambda: srv.get("/metrics").text.count("sluice_subscribers 0.0"), 10)
+
+
+def test_header_block_is_capped_by_max_header_bytes(make_server, database_url):
+    srv = make_server(database_url, MAX_HEADER_BYTES="2048")
+    assert srv.get("/healthz", headers={"Cookie": "a=" + "x" * 1000}).status_code == 200
+    many_small = {f"X-H{i}": "y" * 100 for i in range(30)}  # no line long, the block is 3 KiB
+    for headers in ({"Cookie": "a=" + "x" * 3000}, many_small):
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=15)
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
+        answer = recv_all(sock)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:100]

@@ -73,7 +73,7 @@ def test_every_numeric_setting_is_read_from_the_environment():
         field = name.lower()
         if field not in numeric or name in ("PORT",):
             continue
-        value = 7 if name != "LONGPOLL_MAX_S" else 3
+        value = {"LONGPOLL_MAX_S": 3, "MAX_HEADER_BYTES": 4096}.get(name, 7)
         changed = Settings.from_env({name: str(value), "INGEST_MAX_BACKLOG": "5000",
                                      "MAX_BATCH_EVENTS": "7"} if name != "INGEST_MAX_BACKLOG"
                                     else {name: str(value), "MAX_BATCH_EVENTS": "7"})

@@ -4,7 +4,8 @@
    (measured: 68 ms instead of 23 ms per sequential request with a 20 ms batch wait).
 2. A lean request-header parser in place of the stdlib `email` machinery pywsgi uses (12
    `email.message.get` calls and a feedparser pass per request were its largest non-I/O cost),
-   with the same limits: lines of at most 64 KiB, at most 100 headers.
+   with limits: at most 100 headers, at most `MAX_HEADER_BYTES` in all (32 KiB by default; a
+   line can never be longer than that).
 3. No access-log formatting (pywsgi formats a line per request even with log=None).
 4. A deadline on the request line and headers (`HEADER_TIMEOUT_S`): a client that sends them a
    byte at a time (slowloris), or a keep-alive connection left idle, is closed instead of
@@ -22,6 +23,7 @@ from gevent.pywsgi import WSGIHandler
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32768
 READ_BUFFER = 1024
 
 
@@ -30,14 +32,16 @@ class RequestHeaders:
 
     __slots__ = ("status", "_lines", "_index")
 
-    def __init__(self, fp: BinaryIO) -> None:
+    def __init__(self, fp: BinaryIO, max_bytes: int = MAX_HEADER_BYTES) -> None:
         self.status = ""
         self._lines: list[str] = []          # raw "Name: value\r\n" lines, continuations kept
         self._index: dict[str, str] = {}     # lower-cased name -> first value
+        left = max_bytes
         while True:
-            line = fp.readline(MAX_LINE + 1)
-            if len(line) > MAX_LINE:
-                self.status = "Line too long"
+            line = fp.readline(min(MAX_LINE, left) + 1)
+            left -= len(line)
+            if len(line) > MAX_LINE or left < 0:
+                self.status = "Headers too large"
                 return
             if line in (b"\r\n", b"\n", b""):
                 return
@@ -101,6 +105,7 @@ class HeaderDeadline:
     `header_timeout_s` of the handler starting to wait for them."""
 
     header_timeout_s = 10.0
+    max_header_bytes = MAX_HEADER_BYTES
     _deadline: gevent.Timeout | None = None
 
     def handle_one_request(self):  # noqa: ANN201 - pywsgi's
@@ -130,7 +135,7 @@ class SluiceHandler(HeaderDeadline, WSGIHandler):
         super().__init__(sock, address, server, rfile or sock.makefile("rb", READ_BUFFER))
 
     def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:  # noqa: N802
-        return RequestHeaders(fp)
+        return RequestHeaders(fp, self.max_header_bytes)
 
     def get_environ(self) -> dict:
         env = super().get_environ()
@@ -159,13 +164,14 @@ def gunicorn_worker_class() -> type:
     from config.settings import Settings, SettingsError
 
     try:
-        header_timeout_s = Settings.from_env().header_timeout_s
+        settings = Settings.from_env()
+        header_timeout_s, max_header_bytes = settings.header_timeout_s, settings.max_header_bytes
     except SettingsError:  # the worker's app factory reports it
-        header_timeout_s = HeaderDeadline.header_timeout_s
+        header_timeout_s, max_header_bytes = HeaderDeadline.header_timeout_s, MAX_HEADER_BYTES
 
     class Handler(HeaderDeadline, PyWSGIHandler):
         def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:  # noqa: N802
-            return RequestHeaders(fp)
+            return RequestHeaders(fp, self.max_header_bytes)
 
         def get_environ(self) -> dict:
             env = super().get_environ()
@@ -173,6 +179,7 @@ def gunicorn_worker_class() -> type:
             return env
 
     Handler.header_timeout_s = header_timeout_s
+    Handler.max_header_bytes = max_header_bytes
 
     class SluiceGunicornWorker(GeventPyWSGIWorker):
         wsgi_handler = Handler
