@@ -40,9 +40,12 @@ from ingest.store import EventStore  # noqa: E402
 from streaming.authorize import OriginAuthorizer  # noqa: E402
 from streaming.backoff import Backoff  # noqa: E402
 from streaming.limits import ConnectionLimits  # noqa: E402
+from streaming.presence import Presence  # noqa: E402
+from streaming.webhooks import WebhookNotifier  # noqa: E402
 from streaming.hub import Hub  # noqa: E402
 from streaming.tokens import TokenVerifier, mint  # noqa: E402
 from web.cors import install_cors  # noqa: E402
+from web.requestlog import install_request_log  # noqa: E402
 from web.http import install_error_handlers  # noqa: E402
 from web.problems import Problem  # noqa: E402
 from web.metrics import AppMetrics  # noqa: E402
@@ -65,11 +68,13 @@ class Services:
     hub: Hub
     backoff: Backoff
     limits: ConnectionLimits
+    presence: Presence
     authorizer: OriginAuthorizer | None = None
+    notifier: WebhookNotifier | None = None
     draining: bool = False
 
     def subscriber_count(self, stream: str) -> int:
-        return self.hub.subscriber_count(stream)
+        return self.presence.count(stream)  # every process
 
     @property
     def registry(self) -> Any:
@@ -79,6 +84,10 @@ class Services:
         """Flush the batcher and release connections; True if everything flushed in time."""
         self.draining = True
         self.hub.stop()  # every stream ends with a `retry:` hint and resumes elsewhere
+        self.metrics.stop()
+        self.presence.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         flushed = self.batcher.stop(timeout)
         self.pool.close()
         try:
@@ -105,8 +114,10 @@ def build_services(settings: Settings) -> Services:
     batcher = Batcher(store, pool, max_events=settings.batch_max_events,
                       max_wait_ms=settings.batch_max_wait_ms,
                       max_backlog=settings.ingest_max_backlog, metrics=metrics.batcher).start()
+    tls = {"ssl_cert_reqs": None} if settings.redis_url.startswith("rediss://") \
+        and not settings.redis_verify_tls else {}
     redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
-                                     health_check_interval=10)
+                                     health_check_interval=10, **tls)
     tokens = TokenVerifier(settings.secrets, public_keys=settings.public_keys,
                            leeway_s=settings.token_leeway_s, redis=redis)
     hub = Hub(store, pool, redis, channel=f"sluice:{identity}:commits",
@@ -125,8 +136,17 @@ def build_services(settings: Settings) -> Services:
                                       timeout_s=settings.authorize_timeout_s,
                                       max_ttl_s=settings.authorize_max_ttl_s, redis=redis,
                                       metrics=metrics.authorize)
-    return Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff, limits,
-                    authorizer)
+    notifier = None
+    if settings.webhook_url and settings.webhook_secret:
+        notifier = WebhookNotifier(settings.webhook_url, settings.webhook_secret,
+                                   timeout_s=settings.webhook_timeout_s,
+                                   metrics=metrics.webhook).start()
+    presence = Presence(redis, hub, namespace=f"sluice:{identity}", notifier=notifier,
+                        grace_s=settings.webhook_grace_s).start()
+    services = Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff,
+                        limits, presence, authorizer, notifier)
+    metrics.start(services)
+    return services
 
 
 def create_app(services: Services) -> Flask:
@@ -142,6 +162,8 @@ def create_app(services: Services) -> Flask:
     app.register_blueprint(ops_bp)
     install_error_handlers(app)
     install_cors(app, services.settings.cors_origins)
+    if services.settings.request_log:
+        install_request_log(app)
     max_params = services.settings.max_query_params
 
     @app.before_request
@@ -225,6 +247,8 @@ def prepare_settings(embedded: EmbeddedServices) -> Settings:
         print("sluice: WARNING: no SLUICE_SECRET set; using a development secret from "
               f"{Path(settings.data_dir) / 'dev-secret'}. Never run like this in production.",
               file=sys.stderr, flush=True)
+    if settings.webhook_url and not settings.webhook_secret:  # development: the dev secret
+        settings = replace(settings, webhook_secret=next(iter(settings.secrets.values())))
     if settings.production and (not settings.database_url or not settings.redis_url):
         raise SettingsError("production needs DATABASE_URL and REDIS_URL")
     return embedded.complete(settings)

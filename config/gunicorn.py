@@ -8,6 +8,13 @@ WEB_CONCURRENCY × DB_POOL_SIZE connections. With no DATABASE_URL / REDIS_URL th
 the embedded servers once, before forking, and the workers inherit their URLs.
 """
 import os
+import shutil
+import tempfile
+
+# Metrics from every worker, added up at scrape time: prometheus_client reads this variable when
+# a worker first imports it (after the fork), so it must be set here, in the master.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sluice-metrics-")
 
 from config.settings import SETTINGS_DOC
 from web.wsgi import gunicorn_worker_class
@@ -26,8 +33,13 @@ _embedded = None
 
 
 def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
-    """In the master, before any fork: start embedded servers when no URLs are set."""
+    """In the master, before any fork: clear metrics a previous run left, and start embedded
+    servers when no URLs are set."""
     global _embedded
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(metrics_dir):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(metrics_dir, name))
     if os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"):
         return
     from app import EmbeddedServices, prepare_settings
@@ -47,6 +59,16 @@ def worker_exit(server, worker):  # noqa: ANN001
         drain(worker, services)
 
 
+def child_exit(server, worker):  # noqa: ANN001
+    """A worker is gone: its live gauges no longer count (its counters still do)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def on_exit(server):  # noqa: ANN001
     if _embedded is not None:
         _embedded.stop()
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(metrics_dir).startswith("sluice-metrics-"):
+        shutil.rmtree(metrics_dir, ignore_errors=True)

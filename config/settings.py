@@ -17,6 +17,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "HOST": ("0.0.0.0", "Interface to listen on."),
     "DATABASE_URL": ("(unset: embedded PostgreSQL)", "PostgreSQL URL."),
     "REDIS_URL": ("(unset: embedded Redis)", "Redis URL."),
+    "REDIS_VERIFY_TLS": ("true", "Verify the server certificate of a `rediss://` Redis. Heroku Redis uses self-signed certificates: set `false` there (app.json does)."),
     "SLUICE_SECRET": ("(unset)", "HS256 secret for tokens."),
     "SLUICE_SECRETS": ("(unset)", "Several keys for rotation: `kid:secret,kid2:secret2`."),
     "SLUICE_PUBLIC_KEYS": ("(unset)", "Public keys for origins that sign with a private key, as JSON `{\"kid\": \"-----BEGIN PUBLIC KEY-----...\"}`: RSA (2048+ bits) verifies RS256, EC P-256 verifies ES256."),
@@ -34,6 +35,11 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "MAX_HEADER_BYTES": ("32768", "Largest request header block (all header lines together; at most 100 headers); past it: `400` and the connection closed."),
     "BODY_TIMEOUT_S": ("30", "Time a client has to send a request body (`408` past it)."),
     "MAX_QUERY_PARAMS": ("64", "Most query parameters a request may carry (`400` past it). The request line is at most 8 KiB (`414`)."),
+    "SLUICE_WEBHOOK_URL": ("(unset)", "Where signed, batched `subscribe` / `unsubscribe` notices go (`POST {\"notices\": [...]}` with a `Sluice-Signature` header)."),
+    "SLUICE_WEBHOOK_SECRET": ("(unset: the `SLUICE_SECRET` key)", "Secret the notices are signed with (HMAC-SHA256)."),
+    "WEBHOOK_GRACE_S": ("5", "A client that reconnects (same connection id) within this long is neither reported gone nor back."),
+    "WEBHOOK_TIMEOUT_S": ("5", "How long one notice request may take before it is retried."),
+    "REQUEST_LOG": ("json", "`json`: one JSON line per request on stdout (no query strings, headers or tokens); `off`: none."),
     "SLUICE_ENV": ("development", "`production` refuses to start without a secret. `DYNO` implies production."),
     "SLUICE_DATA_DIR": ("./.sluice", "Where embedded servers keep their data and the dev secret."),
     "DB_POOL_SIZE": ("4", "Most Postgres connections one process opens."),
@@ -115,6 +121,20 @@ def _public_keys(env: Mapping[str, str]) -> dict[str, str]:
     return keys
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, SETTINGS_DOC[name][0]).strip().lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+    return raw in ("true", "1", "yes")
+
+
+def _request_log(env: Mapping[str, str]) -> bool:
+    raw = env.get("REQUEST_LOG", "json").strip().lower()
+    if raw not in ("json", "off"):
+        raise SettingsError(f"REQUEST_LOG must be json or off, got {raw!r}")
+    return raw == "json"
+
+
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     raw = env.get(name, SETTINGS_DOC[name][0])
     names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
@@ -123,10 +143,10 @@ def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return names
 
 
-def _authorize_url(env: Mapping[str, str]) -> str | None:
-    url = env.get("SLUICE_AUTHORIZE_URL", "").strip()
+def _url(env: Mapping[str, str], name: str) -> str | None:
+    url = env.get(name, "").strip()
     if url and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", url):
-        raise SettingsError(f"SLUICE_AUTHORIZE_URL must be an http(s) URL, got {url!r}")
+        raise SettingsError(f"{name} must be an http(s) URL, got {url!r}")
     return url or None
 
 
@@ -203,6 +223,12 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_header_bytes: int = 32768
+    redis_verify_tls: bool = True
+    request_log: bool = True
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_grace_s: float = 5.0
+    webhook_timeout_s: float = 5.0
     max_query_params: int = 64
 
     @classmethod
@@ -250,7 +276,7 @@ class Settings:
             sse_write_timeout_s=_float(env, "SSE_WRITE_TIMEOUT_S", 0.1),
             longpoll_max_s=min(_float(env, "LONGPOLL_MAX_S", 0.0), 25.0),
             shutdown_timeout_s=_float(env, "SHUTDOWN_TIMEOUT_S", 0.0),
-            authorize_url=_authorize_url(env),
+            authorize_url=_url(env, "SLUICE_AUTHORIZE_URL"),
             authorize_forward_headers=_names(env, "AUTHORIZE_FORWARD_HEADERS"),
             authorize_timeout_s=_float(env, "AUTHORIZE_TIMEOUT_S", 0.05),
             authorize_max_ttl_s=_float(env, "AUTHORIZE_MAX_TTL_S"),
@@ -262,8 +288,18 @@ class Settings:
             header_timeout_s=_float(env, "HEADER_TIMEOUT_S", 0.1),
             body_timeout_s=_float(env, "BODY_TIMEOUT_S", 0.1),
             max_header_bytes=_int(env, "MAX_HEADER_BYTES", 1024),
+            redis_verify_tls=_bool(env, "REDIS_VERIFY_TLS"),
+            request_log=_request_log(env),
+            webhook_url=_url(env, "SLUICE_WEBHOOK_URL"),
+            webhook_secret=env.get("SLUICE_WEBHOOK_SECRET") or (
+                secrets.get("default") or next(iter(secrets.values()), None)),
+            webhook_grace_s=_float(env, "WEBHOOK_GRACE_S"),
+            webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", 0.1),
             max_query_params=_int(env, "MAX_QUERY_PARAMS", 1),
         )
+        if settings.webhook_url and not settings.webhook_secret and production:
+            raise SettingsError("SLUICE_WEBHOOK_URL needs SLUICE_WEBHOOK_SECRET (or a "
+                                "SLUICE_SECRET) to sign notices with")
         if settings.max_batch_events > settings.ingest_max_backlog:
             raise SettingsError("MAX_BATCH_EVENTS must not exceed INGEST_MAX_BACKLOG")
         return settings
@@ -275,5 +311,23 @@ def readme_table() -> str:
                      for name, (default, text) in SETTINGS_DOC.items())
 
 
-if __name__ == "__main__":
-    print(readme_table())
+def write_readme_table(path: str) -> None:
+    """Replace the README's configuration rows (those starting "| `") with `readme_table()`."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("| `PORT`"))
+    end = start
+    while end < len(lines) and lines[end].startswith("| `"):
+        end += 1
+    lines[start:end] = readme_table().split("\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":  # python -m config.settings [README.md]
+    import sys
+
+    if sys.argv[1:]:
+        write_readme_table(sys.argv[1])
+    else:
+        print(readme_table())

@@ -217,7 +217,7 @@ class BatcherMetrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         self.backlog = Gauge("sluice_ingest_backlog_events", "Events accepted, not yet committed",
-                             registry=registry)
+                             registry=registry, multiprocess_mode="livesum")
         self.rejected = Counter("sluice_ingest_rejected_events", "Events refused by backpressure",
                                 registry=registry)
         self.flush_seconds = Histogram(

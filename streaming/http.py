@@ -192,9 +192,25 @@ def sse() -> Response:
                       f"times within {settings.retry_window_s} s, ignoring `retry:`",
                       headers={"Retry-After": str(settings.retry_window_s)},
                       limit=settings.max_reconnects)
-    release = svc.limits.acquire(checked.token_key, request.remote_addr)
+    release = svc.limits.acquire(checked.token_key, request.remote_addr, "sse")
+    request.environ["sluice.sid"] = sid  # for the request log line
+    svc.metrics.retry_ms.observe(retry)
     opened_at = time.monotonic()
     sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
+    takeover = checked.sid is not None  # a reconnect: an older connection with this id loses
+    svc.presence.join(sub, sid, checked.subject, takeover=takeover)
+    ended = False
+
+    def end() -> None:
+        """Leave the hub, the limits and presence, once (from the stream, or at close)."""
+        nonlocal ended
+        if ended:
+            return
+        ended = True
+        svc.hub.unsubscribe(sub)
+        release()
+        svc.presence.leave(sub, sid, checked.subject, takeover=takeover)
+
     start = seam if checked.resume is None else checked.resume
     environ = request.environ
     sock = _client_socket()
@@ -283,14 +299,13 @@ def sse() -> Response:
             if time.monotonic() - opened_at >= settings.retry_reset_after_s \
                     and not sub.overflowed:
                 svc.backoff.healthy(sid)  # it stayed up: its next reconnect starts short again
-            svc.hub.unsubscribe(sub)
-            release()
+            end()
             if watcher is not None:
                 watcher.stop()
 
     response = Response(stream(), status=200, mimetype=framing.content_type,
                         headers=SSE_HEADERS, direct_passthrough=True)
-    response.call_on_close(release)  # also when the stream never started
+    response.call_on_close(end)  # also when the stream never started
     return response
 
 
@@ -345,8 +360,10 @@ def poll() -> Response:
                       "wait for Retry-After", headers={"Retry-After": str(retry_after)},
                       limit_per_s=settings.longpoll_max_rate)
     page = settings.catchup_page
-    release = svc.limits.acquire(checked.token_key, request.remote_addr)
+    release = svc.limits.acquire(checked.token_key, request.remote_addr, "poll")
+    sid = checked.sid or new_sid()
     sub, seam = svc.hub.subscribe(checked.streams, settings.subscriber_queue_max)
+    svc.presence.join(sub, sid, checked.subject, takeover=False)
     try:
         start = checked.resume
         if start is None:
@@ -375,8 +392,9 @@ def poll() -> Response:
     finally:
         svc.hub.unsubscribe(sub)
         release()
+        svc.presence.leave(sub, sid, checked.subject, takeover=False)
     response = json_response({"events": events, "cursor": format_position(cursor),
-                              "sid": checked.sid or new_sid()})
+                              "sid": sid})
     if retry_after:
         response.headers["Retry-After"] = str(retry_after)  # answered, but slow down
     return response

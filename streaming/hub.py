@@ -124,6 +124,7 @@ class Hub:
         self.position = 0                   # every event with id <= position was delivered
         self.redis_up = False
         self.overflows = 0                  # subscribers cut loose because their queue filled
+        self.delivered = 0                  # events handed to subscribers (one per connection)
         self.overflow_counter = overflow_counter  # e.g. a Prometheus Counter
         self.heartbeat_s = heartbeat_s
         self.write_timeout_s = write_timeout_s
@@ -362,6 +363,7 @@ class Hub:
             self._offer(sub, lives)
 
     def _offer(self, sub: Subscription, lives: list[LiveEvent]) -> None:
+        self.delivered += len(lives)
         sink = sub.sink
         if sink is not None:
             sink(lives)  # the writer is idle with nothing queued: write now, without waiting

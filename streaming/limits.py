@@ -20,8 +20,10 @@ class ConnectionLimits:
         self.refused = refused  # a labelled Prometheus counter, or None
         self.by_token: dict[str, int] = {}
         self.by_ip: dict[str, int] = {}
+        self.held: dict[str, int] = {"sse": 0, "poll": 0}  # by transport, for the metrics
 
-    def acquire(self, token_key: str, address: str | None) -> Callable[[], None]:
+    def acquire(self, token_key: str, address: str | None,
+                transport: str = "sse") -> Callable[[], None]:
         """Count one connection, or raise 429 if it would pass a limit. Returns the release
         function (safe to call more than once)."""
         address = address or "-"
@@ -35,6 +37,7 @@ class ConnectionLimits:
             self.by_token[token_key] = self.by_token.get(token_key, 0) + 1
         if self.per_ip:
             self.by_ip[address] = self.by_ip.get(address, 0) + 1
+        self.held[transport] = self.held.get(transport, 0) + 1
         released = False
 
         def release() -> None:
@@ -42,6 +45,7 @@ class ConnectionLimits:
             if released:
                 return
             released = True
+            self.held[transport] -= 1
             if self.per_token:
                 _decrement(self.by_token, token_key)
             if self.per_ip:

@@ -258,6 +258,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["name", "lastId", "createdAt", "subscribers"],
         "properties": {"name": {"type": "string"}, "lastId": {"type": ["string", "null"]},
                        "createdAt": {"type": "string", "format": "date-time"},
-                       "subscribers": {"type": "integer"}},
+                       "subscribers": {"type": "integer", "description": "Live SSE and "
+                                       "long-poll subscribers in every process (refreshed "
+                                       "every second)."}},
     },
 }

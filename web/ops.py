@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from web.http import json_response, services
 from web.openapi import openapi_document
@@ -37,8 +37,7 @@ def readyz() -> Response:
 @bp.get("/metrics")
 def metrics() -> Response:
     svc = services()
-    svc.metrics.refresh(svc)
-    return Response(generate_latest(svc.registry), mimetype=CONTENT_TYPE_LATEST)
+    return Response(svc.metrics.exposition(svc), mimetype=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/openapi.json")

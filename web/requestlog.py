@@ -1,0 +1,53 @@
+"""One JSON line per request on stdout (Heroku's log router collects it).
+
+Fields: time, method, path, route (the matched rule), status, ms, ip, pid, and for streams the
+connection id (`sid`). Written when the response is closed, so a stream's line carries how long
+it was held. Never logged: query strings (they may hold `?token=`), headers, cookies, bodies.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+import orjson
+from flask import Flask, Response, request
+
+START_KEY = "sluice.started"
+SID_KEY = "sluice.sid"  # streams put their connection id here for the log line
+
+
+def install_request_log(app: Flask, out: TextIO | None = None) -> None:
+    pid = os.getpid()
+
+    @app.before_request
+    def _start() -> None:
+        request.environ[START_KEY] = time.monotonic()
+
+    @app.after_request
+    def _log(response: Response) -> Response:
+        environ = request.environ
+        rule = request.url_rule
+        fields: dict[str, Any] = {
+            "method": request.method, "path": request.path[:500],
+            "route": rule.rule if rule else None, "status": response.status_code,
+            "ip": request.remote_addr, "pid": pid,
+        }
+        started = environ.get(START_KEY, time.monotonic())
+
+        def write() -> None:
+            line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                    **fields, "ms": round((time.monotonic() - started) * 1000, 2)}
+            if environ.get(SID_KEY):
+                line["sid"] = environ[SID_KEY]
+            stream = out or sys.stdout
+            try:
+                stream.write(orjson.dumps(line).decode() + "\n")
+                stream.flush()
+            except (OSError, ValueError):  # stdout closed: nothing to do
+                pass
+
+        response.call_on_close(write)
+        return response
