@@ -49,7 +49,7 @@ from web.requestlog import install_request_log  # noqa: E402
 from web.http import install_error_handlers  # noqa: E402
 from web.problems import Problem  # noqa: E402
 from web.metrics import AppMetrics  # noqa: E402
-from web.wsgi import SluiceHandler  # noqa: E402
+from web.wsgi import SluiceHandler, close_idle  # noqa: E402
 
 log = logging.getLogger("sluice")
 
@@ -177,6 +177,12 @@ def create_app(services: Services) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=services.settings.proxy_hops)  # type: ignore
 
     @app.after_request
+    def _close_when_draining(response: Response) -> Response:
+        if services.draining:
+            response.headers["Connection"] = "close"  # do not keep a stopping process busy
+        return response
+
+    @app.after_request
     def _count(response: Response) -> Response:
         rule = request.url_rule
         services.metrics.count_response(rule.rule if rule else "unmatched", response.status_code)
@@ -288,7 +294,9 @@ def serve() -> None:
         started = time.monotonic()
         print("sluice: stopping: no new connections, flushing the batcher", flush=True)
         server.close()  # stop accepting
+        close_idle()
         flushed = services.close(settings.shutdown_timeout_s)
+        close_idle()
         remaining = max(0.5, settings.shutdown_timeout_s - (time.monotonic() - started))
         server.stop(timeout=min(remaining, 2.0))
         embedded.stop()

@@ -212,6 +212,7 @@ def sse() -> Response:
         svc.presence.leave(sub, sid, checked.subject, takeover=takeover)
 
     start = seam if checked.resume is None else checked.resume
+    hello = request.args.get("hello") == "1"
     environ = request.environ
     sock = _client_socket()
     watcher = None
@@ -241,7 +242,10 @@ def sse() -> Response:
     def stream() -> Iterator[bytes]:
         sub.last = start
         try:
-            yield from write(framing.preamble(retry, f"{sid}.{format_position(start)}"))
+            preamble = framing.preamble(retry, f"{sid}.{format_position(start)}")
+            if hello:  # opt-in: a visible first event, so a client can tell its stream works
+                preamble += framing.body("hello", orjson.dumps({"sid": sid}).decode())
+            yield from write(preamble)
             try:
                 for rows in catch_up(svc, checked, start, seam):
                     if sub.closed and not sub.overflowed:

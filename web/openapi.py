@@ -152,6 +152,11 @@ def openapi_document() -> dict[str, Any]:
                                     "position)."},
                     {"name": "sid", "in": "query", "schema": {"type": "string"},
                      "description": "Connection id for clients that cannot keep one in ids."},
+                    {"name": "hello", "in": "query", "schema": {"type": "string", "enum": ["1"]},
+                     "description": "`1`: after the preamble, send `event: hello` with "
+                                    "`{\"sid\": ...}`, so a client can tell that its stream "
+                                    "gets through (a buffering proxy holds it back). "
+                                    "static/sluice.js asks for it."},
                 ],
                 "responses": {
                     "200": {"description": "The event stream (or only `retry:` when the server "

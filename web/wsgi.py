@@ -16,7 +16,8 @@ The same handler serves `python app.py` and gunicorn's workers (`SluiceGunicornW
 from __future__ import annotations
 
 import socket
-from typing import BinaryIO, Iterator
+import weakref
+from typing import Any, BinaryIO, Iterator
 
 import gevent
 from gevent.pywsgi import WSGIHandler
@@ -96,6 +97,24 @@ class RequestHeaders:
         return self._index.get("content-type")
 
 
+IDLE: "weakref.WeakSet[Any]" = weakref.WeakSet()  # handlers waiting for a request line
+
+
+def close_idle() -> int:
+    """Close keep-alive connections that wait for their next request (on shutdown: a draining
+    worker need not wait for them to time out). Returns how many were closed."""
+    closed = 0
+    for handler in list(IDLE):
+        sock = getattr(handler, "socket", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                closed += 1
+            except OSError:
+                pass
+    return closed
+
+
 class HeaderTimeout(socket.timeout):
     """The request line and headers did not arrive in time (pywsgi closes on socket errors)."""
 
@@ -115,6 +134,14 @@ class HeaderDeadline:
             return super().handle_one_request()  # type: ignore[misc]
         finally:
             self._deadline.cancel()
+
+    def read_requestline(self) -> str:
+        """Wait for the next request line, known as idle meanwhile (see `close_idle`)."""
+        IDLE.add(self)
+        try:
+            return super().read_requestline()  # type: ignore[misc]
+        finally:
+            IDLE.discard(self)
 
     def read_request(self, raw_requestline: str):  # noqa: ANN201 - pywsgi's
         try:
@@ -200,6 +227,8 @@ def drain(worker: object, services: object) -> None:
     """Close a worker's services once and say whether its batcher flushed."""
     if getattr(services, "draining", False):
         return
+    close_idle()  # idle keep-alive connections: nothing to wait for
     flushed = services.close(services.settings.shutdown_timeout_s)  # type: ignore[attr-defined]
+    close_idle()  # and those that finished a request meanwhile
     worker.log.info("worker %s: batcher %s", worker.pid,  # type: ignore[attr-defined]
                     "flushed" if flushed else "NOT flushed")

@@ -1,0 +1,58 @@
+"""Drive static/sluice.js in headless Chromium against a real Sluice server.
+
+Same arrangement as eventsource.py (its own process, JSON lines on stdout, commands on stdin):
+
+    python tests/browser/client.py PAGE_URL SLUICE_URL TOKEN STREAM TRANSPORT
+
+The page is opened at PAGE_URL/healthz, loads PAGE_URL/static/sluice.js and subscribes to
+STREAM through SLUICE_URL with the given transport ("sse", "poll" or "auto"). Commands on stdin:
+`report` prints what the page has seen ({got, statuses, transport, errors}); end of input quits.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from playwright.sync_api import sync_playwright
+
+from eventsource import ARGS, CHROMIUM, say, wait_for
+
+SUBSCRIBE = """([url, token, stream, transport]) => {
+  window.got = []; window.statuses = []; window.errors = [];
+  window.sub = Sluice.subscribe({
+    url, token, streams: [stream], transport, openTimeoutMs: 1500, fallbackAfter: 2,
+    onEvent: (e) => window.got.push({id: e.id, lastEventId: e.lastEventId, type: e.type,
+                                     data: e.data}),
+    onStatus: (s) => window.statuses.push(s),
+    onError: (p) => window.errors.push(p),
+  });
+  window.sub.on("chat", (e) => window.got.push({chat: e.data}));
+}"""
+
+
+def main() -> None:
+    page_url, sluice_url, token, stream, transport = sys.argv[1:6]
+    for url in (page_url, sluice_url):
+        if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
+            raise SystemExit("loopback only")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page()
+        page.goto(page_url + "/healthz")
+        page.add_script_tag(url=page_url + "/static/sluice.js")
+        page.evaluate(SUBSCRIBE, [sluice_url, token, stream, transport])
+        wait_for(page, "window.statuses.includes('open') || window.statuses.includes('polling')"
+                       " || window.errors.length > 0", 30)
+        say(step="subscribed")
+        for line in sys.stdin:
+            if line.strip() == "report":
+                say(step="report", got=page.evaluate("window.got"),
+                    statuses=page.evaluate("window.statuses"),
+                    errors=page.evaluate("window.errors"),
+                    transport=page.evaluate("window.sub.transport"),
+                    lastEventId=page.evaluate("window.sub.lastEventId"))
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()
