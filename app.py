@@ -45,6 +45,7 @@ from streaming.webhooks import WebhookNotifier  # noqa: E402
 from streaming.hub import Hub  # noqa: E402
 from streaming.tokens import TokenVerifier, mint  # noqa: E402
 from web.cors import install_cors  # noqa: E402
+from web.dashboard import snapshot as dashboard_snapshot  # noqa: E402
 from web.requestlog import install_request_log  # noqa: E402
 from web.http import install_error_handlers  # noqa: E402
 from web.problems import Problem  # noqa: E402
@@ -146,6 +147,7 @@ def build_services(settings: Settings) -> Services:
     services = Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff,
                         limits, presence, authorizer, notifier)
     metrics.start(services)
+    presence.stats = lambda: dashboard_snapshot(services)
     return services
 
 
@@ -153,6 +155,7 @@ def create_app(services: Services) -> Flask:
     """The Flask application: blueprints over the services, errors as problem+json."""
     from ingest.http import bp as ingest_bp
     from streaming.http import bp as streaming_bp
+    from web.dashboard import bp as dashboard_bp
     from web.ops import bp as ops_bp
 
     app = Flask(__name__)
@@ -160,6 +163,7 @@ def create_app(services: Services) -> Flask:
     app.register_blueprint(ingest_bp)
     app.register_blueprint(streaming_bp)
     app.register_blueprint(ops_bp)
+    app.register_blueprint(dashboard_bp)
     install_error_handlers(app)
     install_cors(app, services.settings.cors_origins)
     if services.settings.request_log:

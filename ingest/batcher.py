@@ -49,6 +49,9 @@ class Batcher:
         self.max_backlog = max_backlog
         self.metrics = metrics
         self.backlog = 0                      # events submitted, not yet committed or failed
+        self.flushes = 0                      # batches written (for the dashboard's rates)
+        self.flush_seconds_total = 0.0
+        self.committed_events = 0
         self._queue: deque[IngestRequest] = deque()
         self._queued_events = 0
         self._inflight: list[IngestRequest] = []
@@ -163,8 +166,12 @@ class Batcher:
             self.backlog -= sum(len(r.events) for r in batch)
             if self.metrics:
                 self.metrics.backlog.set(self.backlog)
+        elapsed = time.monotonic() - started
+        self.flushes += 1
+        self.flush_seconds_total += elapsed
+        self.committed_events += sum(len(r.events) for c in commits for r in c.requests)
         if self.metrics:
-            self.metrics.flush_seconds.observe(time.monotonic() - started)
+            self.metrics.flush_seconds.observe(elapsed)
             self.metrics.batch_events.observe(sum(len(r.events) for r in batch))
         for commit in commits:
             for req in commit.requests:

@@ -57,7 +57,6 @@
 
   Subscription.prototype.on = function (type, handler) {
     (this.handlers[type] = this.handlers[type] || []).push(handler);
-    if (this.es && type !== "message") this._listen(this.es, type);
     return this;
   };
 
@@ -122,17 +121,19 @@
   };
 
   // -- Server-Sent Events --------------------------------------------------------------------
-  Subscription.prototype._listen = function (es, type) {
+  // SSE is asked for ?envelope=1: every event arrives as a `message` whose data is
+  // {"type", "data"}, so one listener sees every type (EventSource has no wildcard listener).
+  Subscription.prototype._listen = function (es) {
     var self = this;
-    es.addEventListener(type, function (e) {
+    es.addEventListener("message", function (e) {
       if (es !== self.es) return;
       self.failures = 0;
       self.backoffMs = BACKOFF_FIRST_MS;
       self.lastEventId = e.lastEventId || self.lastEventId;
-      var data = e.data;
-      try { data = JSON.parse(e.data); } catch (err) { /* not JSON: pass it as text */ }
+      var wrapped = JSON.parse(e.data);
       var id = (e.lastEventId || "").split(".").pop();
-      self._dispatch({id: id, type: type, data: data, lastEventId: e.lastEventId});
+      self._dispatch({id: id, type: wrapped.type, data: wrapped.data,
+                      lastEventId: e.lastEventId});
     });
   };
 
@@ -146,10 +147,10 @@
     this._stop();
     this.transport = "sse";
     this._status("connecting");
-    var url = this.base + "/api/v1/sse?" + this._query({lastEventId: this.lastEventId, hello: 1});
+    var url = this.base + "/api/v1/sse?" +
+      this._query({lastEventId: this.lastEventId, hello: 1, envelope: 1});
     var es = this.es = new root.EventSource(url, {withCredentials: !!this.options.withCredentials});
-    this._listen(es, "message");
-    for (var type in this.handlers) if (type !== "message") this._listen(es, type);
+    this._listen(es);
     es.addEventListener("hello", function () {
       if (es !== self.es) return;
       self._clearHelloTimer();

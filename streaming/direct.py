@@ -50,7 +50,12 @@ class DirectSink:
         sub = self.sub
         last = sub.last
         prefix = self.id_prefix
-        parts = [b"%s%d\n%s" % (prefix, e.position, e.body) for e in lives if e.position > last]
+        if sub.envelope:
+            parts = [b"%s%d\n%s" % (prefix, e.position, e.envelope()) for e in lives
+                     if e.position > last]
+        else:
+            parts = [b"%s%d\n%s" % (prefix, e.position, e.body) for e in lives
+                     if e.position > last]
         if not parts:
             return
         payload = parts[0] if len(parts) == 1 else b"".join(parts)

@@ -23,7 +23,7 @@ from ingest.pool import DatabaseUnavailable
 from ingest.validation import valid_stream
 from streaming.authorize import OriginUnavailable
 from streaming.direct import Unsent, direct_sink
-from streaming.hub import HEARTBEAT, StreamEnded, Subscription
+from streaming.hub import HEARTBEAT, StreamEnded, Subscription, envelope_body
 from streaming.sse import EventStreamFraming
 from streaming.tokens import unauthorized
 from web.http import bearer_token, json_response, services
@@ -213,6 +213,7 @@ def sse() -> Response:
 
     start = seam if checked.resume is None else checked.resume
     hello = request.args.get("hello") == "1"
+    sub.envelope = request.args.get("envelope") == "1"
     environ = request.environ
     sock = _client_socket()
     watcher = None
@@ -250,8 +251,14 @@ def sse() -> Response:
                 for rows in catch_up(svc, checked, start, seam):
                     if sub.closed and not sub.overflowed:
                         return
-                    yield from write(b"".join(framing.encode(f"{sid}.{row.id}", row.type, row.data)
-                                              for row in rows))
+                    if sub.envelope:
+                        yield from write(b"".join(
+                            framing.with_id(f"{sid}.{row.id}", envelope_body(row.type, row.data))
+                            for row in rows))
+                    else:
+                        yield from write(b"".join(
+                            framing.encode(f"{sid}.{row.id}", row.type, row.data)
+                            for row in rows))
                     sub.last = rows[-1].id
             except DatabaseUnavailable:
                 yield framing.retry_only(svc.backoff.retry_ms(2))
@@ -284,7 +291,8 @@ def sse() -> Response:
                         break
                     for e in item:
                         if e.position > sub.last:
-                            out.append(framing.with_id(f"{sid}.{e.position}", e.body))
+                            out.append(framing.with_id(f"{sid}.{e.position}",
+                                                       e.envelope() if sub.envelope else e.body))
                             sub.last = e.position
                 if isinstance(ended, StreamEnded):
                     # Deleted: say so and end; the reconnect gets 404 and EventSource stops.

@@ -52,6 +52,21 @@ class LiveEvent:
     type: str
     data: str
     body: bytes
+    _envelope: bytes | None = None
+
+    def envelope(self) -> bytes:
+        """The body for `?envelope=1` subscribers (a `message` whose data carries the type),
+        built once per event for all of them."""
+        if self._envelope is None:
+            self._envelope = envelope_body(self.type, self.data)
+        return self._envelope
+
+
+def envelope_body(event_type: str, data: str) -> bytes:
+    """`event: message` with `{"type": ..., "data": ...}`: EventSource hands every type to one
+    `message` listener. Types match ^[A-Za-z0-9._:-]{1,64}$: nothing to escape."""
+    return b'event: message\ndata: {"type":"%s","data":%s}\n\n' % (event_type.encode(),
+                                                                     data.encode())
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,7 @@ class Subscription:
     writing_since: float = 0.0
     on_stuck: Callable[[], None] | None = None
     last: int = 0                       # the last position this subscriber was sent
+    envelope: bool = False              # `?envelope=1`: every event as a typed message
     # Set by the writer only while it waits on an empty queue: the hub then hands deliveries to
     # it directly (it must not wait; it queues what it could not write, and unsets itself).
     sink: Callable[[list["LiveEvent"]], None] | None = None

@@ -24,6 +24,7 @@ import time
 from typing import Any, Iterable
 
 import gevent
+import orjson
 
 from streaming.hub import Hub, Subscription
 
@@ -45,6 +46,7 @@ class Presence:
         self._by_sid: dict[str, list[tuple[Subscription, float]]] = {}
         self._leaving: collections.deque = collections.deque()  # (due, sid, subject, stream)
         self._greenlets: list[gevent.Greenlet] = []
+        self.stats: Any = None  # a callable giving this process's dashboard numbers, or None
 
     def start(self) -> "Presence":
         self._greenlets = [gevent.spawn(self._flush_forever), gevent.spawn(self._listen)]
@@ -93,6 +95,18 @@ class Presence:
         others = sum(int(v) for (_, v), up in zip(fields.items(), alive) if up)
         return self.hub.subscriber_count(stream) + others
 
+    def snapshots(self) -> list[dict]:
+        """The dashboard numbers the other live processes wrote in the last second or so."""
+        try:
+            fields = self.redis.hgetall(f"{self.ns}:stats")
+            fields.pop(self.process_id.encode(), None)
+            if not fields:
+                return []
+            alive = self.redis.mget([self._heartbeat_key(p.decode()) for p in fields])
+        except Exception:  # noqa: BLE001
+            return []
+        return [orjson.loads(v) for v, up in zip(fields.values(), alive) if up]
+
     # -- counts -------------------------------------------------------------------------------
     def _count_key(self, stream: str) -> str:
         return f"{self.ns}:subscribers:{stream}"
@@ -114,6 +128,9 @@ class Presence:
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(self._heartbeat_key(self.process_id), 1, ex=HEARTBEAT_TTL_S)
+                if self.stats is not None:
+                    pipe.hset(f"{self.ns}:stats", self.process_id, orjson.dumps(self.stats()))
+                    pipe.expire(f"{self.ns}:stats", CONN_TTL_S)
                 for stream in dirty:
                     n = self.hub.subscriber_count(stream)
                     if n:

@@ -49,6 +49,9 @@ def has_inputs(op) -> bool:
 
 
 def headers_for(path: str) -> dict[str, str]:
+    if path == "/api/v1/stats":
+        # A stream that never ends: fuzz its refusal path (a token that does not verify).
+        return {"Authorization": "Bearer not-a-token"}
     if path == "/api/v1/sse":
         # May publish but subscribe to nothing: every SSE request is answered (400/401/403/404)
         # before the first byte instead of holding a stream open for the fuzzer.

@@ -315,3 +315,27 @@ def test_a_deleted_stream_is_not_served_from_the_existence_cache(make_server, da
     again = open_stream(srv, "cached")
     assert again.response.status_code == 200
     again.close()
+
+
+def test_opt_in_hello_and_envelope_framing(srv):
+    srv.put("/api/v1/streams/env/1", headers=auth())
+    publish(srv, "env/1", {"n": 0}, "chat")
+    s = open_stream(srv, "env/1", lastEventId="0", hello="1", envelope="1")
+    try:
+        hello = s.next()
+        assert hello[2] == "hello" and json.loads(hello[3])["sid"] == hello[1].split(".")[0]
+        publish(srv, "env/1", {"n": 1})
+        caught_up, live = s.events(2)
+    finally:
+        s.close()
+    # Every type arrives as a `message` whose data carries the type: one listener sees all.
+    assert (caught_up[1], json.loads(caught_up[2])) == ("message", {"type": "chat",
+                                                                    "data": {"n": 0}})
+    assert (live[1], json.loads(live[2])) == ("message", {"type": "message", "data": {"n": 1}})
+    # Without the options, the same events keep their own types.
+    plain = open_stream(srv, "env/1", lastEventId="0")
+    try:
+        assert [(e[1], e[2]) for e in plain.events(2)] == [("chat", '{"n":0}'),
+                                                           ("message", '{"n":1}')]
+    finally:
+        plain.close()

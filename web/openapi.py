@@ -152,6 +152,11 @@ def openapi_document() -> dict[str, Any]:
                                     "position)."},
                     {"name": "sid", "in": "query", "schema": {"type": "string"},
                      "description": "Connection id for clients that cannot keep one in ids."},
+                    {"name": "envelope", "in": "query",
+                     "schema": {"type": "string", "enum": ["1"]},
+                     "description": "`1`: every event arrives as `event: message` with data "
+                                    "`{\"type\": ..., \"data\": ...}`, so one EventSource "
+                                    "listener sees every type (static/sluice.js asks for it)."},
                     {"name": "hello", "in": "query", "schema": {"type": "string", "enum": ["1"]},
                      "description": "`1`: after the preamble, send `event: hello` with "
                                     "`{\"sid\": ...}`, so a client can tell that its stream "
@@ -191,6 +196,20 @@ def openapi_document() -> dict[str, Any]:
                                               "authorization unreachable, or shutting down.",
                                               retry_after=True)},
             }},
+            "/": {"get": {"summary": "The live dashboard (HTML): charts over /api/v1/stats and "
+                                     "a stream explorer; asks for a token.", "security": [],
+                          "responses": {"200": {"description": "The page.",
+                                                "content": {"text/html": {}}}}}},
+            "/api/v1/stats": {"get": {
+                "summary": "Dashboard numbers over SSE: `event: stats` once a second with "
+                           "connections, subscribers, cumulative events in and deliveries, "
+                           "flushes and flush seconds, pool use and size, backlog, summed over "
+                           "every live process.",
+                "parameters": [SUBSCRIBE_PARAMS[1]],
+                "responses": {"200": {"description": "The event stream.",
+                                      "content": {"text/event-stream": {
+                                          "schema": {"type": "string"}}}},
+                              "401": AUTH_ERRORS["401"]}}},
             "/healthz": {"get": {"summary": "Liveness.", "security": [],
                                  "responses": {"200": {"description": "Alive."}}}},
             "/readyz": {"get": {"summary": "Readiness: Postgres and Redis reachable, not draining.",

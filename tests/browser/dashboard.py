@@ -1,0 +1,53 @@
+"""Drive the dashboard (`/`) in headless Chromium; same arrangement as eventsource.py.
+
+    python tests/browser/dashboard.py BASE_URL TOKEN
+
+Opens BASE_URL/?token=TOKEN and waits for the charts to fill. Commands on stdin, one per line:
+`tail STREAM` (tail it in the stream explorer), `report` (chart series, explorer rows and
+status), `screenshot PATH`. End of input quits.
+"""
+from __future__ import annotations
+
+import sys
+
+from playwright.sync_api import sync_playwright
+
+from eventsource import ARGS, CHROMIUM, say, wait_for
+
+REPORT = """() => ({
+  series: window.sluiceDashboard.series,
+  status: document.getElementById("status").textContent,
+  values: Array.from(document.querySelectorAll(".card .value")).map((e) => e.textContent),
+  tail: Array.from(document.querySelectorAll("#tail li")).map((li) => ({
+    id: li.querySelector(".id").textContent, type: li.querySelector(".type").textContent,
+    data: li.querySelector(".data").textContent})),
+  tailStatus: document.getElementById("tail-status").textContent,
+})"""
+
+
+def main() -> None:
+    url, token = sys.argv[1:3]
+    if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
+        raise SystemExit("loopback only")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page.goto(f"{url}/?token={token}")
+        wait_for(page, "window.sluiceDashboard.series.connections.length >= 2", 30)
+        say(step="live")
+        for line in sys.stdin:
+            command, _, arg = line.strip().partition(" ")
+            if command == "tail":
+                page.fill("#stream", arg)
+                page.click("#tail-form button")
+                say(step="tailing")
+            elif command == "report":
+                say(step="report", **page.evaluate(REPORT))
+            elif command == "screenshot":
+                page.screenshot(path=arg, full_page=True)
+                say(step="screenshot", path=arg)
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()
