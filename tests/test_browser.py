@@ -3,48 +3,26 @@
 The browser runs in a helper process (tests/browser/eventsource.py); see its docstring.
 """
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+from tests.browser_helper import BrowserHelper, needs_chromium
+from tests.conftest import auth, token
 
-from tests.conftest import ROOT, auth, token
-
-SCRIPT = ROOT / "tests" / "browser" / "eventsource.py"
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/bin/chromium").exists(),
-    reason="Debian's chromium is not installed (bash .ci/run installs it with apt-get)")
+pytestmark = needs_chromium
 
 
-class Browser:
+class Browser(BrowserHelper):
+    """tests/browser/eventsource.py running one scenario against `server`."""
+
     def __init__(self, scenario, server, stream):
-        env = {k: v for k, v in os.environ.items()}
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), scenario, server.url, token(),
-                                      stream], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-
-    def read(self, timeout=90):
-        from gevent import Timeout
-        with Timeout(timeout):
-            line = self.proc.stdout.readline()
-        assert line, f"browser helper ended: {self.proc.stderr.read()}"
-        return json.loads(line)
+        super().__init__("eventsource.py", scenario, server.url, token(), stream)
 
     def send(self):
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
+        self.tell("go")
 
     def report(self):
-        self.proc.stdin.write("report\n")
-        self.proc.stdin.flush()
-        return self.read()
-
-    def finish(self):
-        assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()
+        return self.command("report")
 
 
 def sse_requests(server, status):
@@ -181,7 +159,6 @@ def test_reconnecting_again_and_again_gets_a_growing_retry(make_server, database
                    message=f"event {n} in the browser")
         proxy.cut_all()  # a network drop: EventSource reconnects with Last-Event-ID
     report = b.report()
-    b.proc.stdin.close()
     b.finish()
     proxy.close()
     retries = [s["retry"] for s in proxy.streams]
@@ -214,12 +191,9 @@ def test_cross_origin_eventsource_with_credentials_follows_cors_origins(make_ser
                {"url": wildcard.url + query, "credentials": False},
                {"url": wildcard.url + query, "credentials": True},
                {"url": unlisted.url + query, "credentials": False}]
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "cors", page_origin, "-", "-"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    out, err = proc.communicate(json.dumps(targets) + "\n", timeout=120)
-    assert proc.returncode == 0, err
-    report = json.loads(out.splitlines()[-1])
+    b = BrowserHelper("eventsource.py", "cors", page_origin, "-", "-")
+    report = b.command(json.dumps(targets))
+    b.finish()
     assert report["origin"] == page_origin
     results = report["results"]
     assert results[0]["got"] == {"hello": 1}       # listed origin, with credentials

@@ -1,49 +1,30 @@
 """static/sluice.js in headless Chromium against real servers: both transports, a server restart
 in the middle, a refusal, and the fall back to long-poll behind a buffering proxy."""
-import json
 import signal
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import gevent
 import pytest
 from gevent.server import StreamServer
 
-from tests.conftest import ROOT, auth, token, wait_until
+from tests.browser_helper import BrowserHelper, needs_chromium
+from tests.conftest import auth, token, wait_until
 
-SCRIPT = ROOT / "tests" / "browser" / "client.py"
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/bin/chromium").exists(),
-    reason="Debian's chromium is not installed (bash .ci/run installs it with apt-get)")
+pytestmark = needs_chromium
 
 
-class Page:
+class Page(BrowserHelper):
+    """tests/browser/client.py: a page using static/sluice.js."""
+
     def __init__(self, page_url, sluice_url, stream, transport, tok=None):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), page_url, sluice_url, tok or token(), stream,
-             transport], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=ROOT)
-
-    def read(self, timeout=90):
-        with gevent.Timeout(timeout):
-            line = self.proc.stdout.readline()
-        assert line, f"browser helper ended: {self.proc.stderr.read()}"
-        return json.loads(line)
+        super().__init__("client.py", page_url, sluice_url, tok or token(), stream, transport)
 
     def report(self):
-        self.proc.stdin.write("report\n")
-        self.proc.stdin.flush()
-        return self.read()
+        return self.command("report")
 
     def wait_for_events(self, n, timeout=40):
         return wait_until(lambda: (r := self.report()) and len(r["got"]) >= n and r, timeout,
                           0.2, f"{n} events in the page")
-
-    def finish(self):
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()
 
 
 def publish(server, stream, data, type_="message"):

@@ -1,44 +1,19 @@
 """The live dashboard at `/` in headless Chromium against a real server: charts fed by
 `/api/v1/stats` over SSE, the stream explorer limited to what the token grants, and a
 screenshot written to test-artifacts/dashboard.png."""
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import gevent
-import pytest
 
+from tests.browser_helper import BrowserHelper, needs_chromium
 from tests.conftest import ROOT, auth, token, wait_until
 from tests.sse import Stream
 
-SCRIPT = ROOT / "tests" / "browser" / "dashboard.py"
 ARTIFACTS = ROOT / "test-artifacts"
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/bin/chromium").exists(),
-    reason="Debian's chromium is not installed (bash .ci/run installs it with apt-get)")
+pytestmark = needs_chromium
 
 
-class Dashboard:
+class Dashboard(BrowserHelper):
     def __init__(self, server, tok):
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), server.url, tok],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, cwd=ROOT)
-
-    def read(self, timeout=60):
-        with gevent.Timeout(timeout):
-            line = self.proc.stdout.readline()
-        assert line, f"browser helper ended: {self.proc.stderr.read()}"
-        return json.loads(line)
-
-    def command(self, text):
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-        return self.read()
-
-    def finish(self):
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()
+        super().__init__("dashboard.py", server.url, tok)
 
 
 def test_dashboard_shows_live_numbers_and_tails_granted_streams(make_server, database_url):
@@ -63,12 +38,8 @@ def test_dashboard_shows_live_numbers_and_tails_granted_streams(make_server, dat
     assert max(report["series"]["flush"]) > 0
     assert report["status"].startswith("live")
     page.command("tail dash/1")
-    try:
-        report = wait_until(lambda: (r := page.command("report")) and len(r["tail"]) >= 30 and r,
-                            15, 0.3, "the explorer to show the history")
-    except AssertionError:
-        print(page.command("report"))
-        raise
+    report = wait_until(lambda: (r := page.command("report")) and len(r["tail"]) >= 30 and r,
+                        15, 0.3, "the explorer to show the history")
     assert [row["id"] for row in report["tail"]] == list(reversed(published))  # newest first
     assert report["tail"][0] == {"id": published[-1], "type": "tick", "data": '{"n":29}'}
     ARTIFACTS.mkdir(exist_ok=True)

@@ -10,7 +10,6 @@ STREAM through SLUICE_URL with the given transport ("sse", "poll" or "auto"). Co
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from playwright.sync_api import sync_playwright
