@@ -138,3 +138,15 @@ def test_client_falls_back_to_long_poll_behind_a_buffering_proxy(make_server, da
     assert proxy.sse_requests >= 2  # it tried EventSource first
     assert [g["id"] for g in report["got"]] == ids
     assert [g["data"] for g in report["got"]] == [0, 1, 2]
+
+
+def test_client_polls_where_eventsource_is_missing(make_server, database_url):
+    server = make_server(database_url)
+    server.put("/api/v1/streams/old/browser", headers=auth())
+    page = Page(server.url, server.url, "old/browser", "auto-without-eventsource")
+    assert page.read()["step"] == "subscribed"
+    ids = [publish(server, "old/browser", n) for n in range(2)]
+    report = page.wait_for_events(2)
+    page.finish()
+    assert report["transport"] == "poll" and report["statuses"][0] == "polling"
+    assert [g["id"] for g in report["got"]] == ids

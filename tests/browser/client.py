@@ -5,7 +5,8 @@ Same arrangement as eventsource.py (its own process, JSON lines on stdout, comma
     python tests/browser/client.py PAGE_URL SLUICE_URL TOKEN STREAM TRANSPORT
 
 The page is opened at PAGE_URL/healthz, loads PAGE_URL/static/sluice.js and subscribes to
-STREAM through SLUICE_URL with the given transport ("sse", "poll" or "auto"). Commands on stdin:
+STREAM through SLUICE_URL with the given transport ("sse", "poll", "auto", or
+"auto-without-eventsource": auto in a page whose EventSource is gone). Commands on stdin:
 `report` prints what the page has seen ({got, statuses, transport, errors}); end of input quits.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main() -> None:
         page = browser.new_page()
         page.goto(page_url + "/healthz")
         page.add_script_tag(url=page_url + "/static/sluice.js")
+        if transport == "auto-without-eventsource":  # an old browser
+            page.evaluate("() => { window.EventSource = undefined; }")
+            transport = "auto"
         page.evaluate(SUBSCRIBE, [sluice_url, token, stream, transport])
         wait_for(page, "window.statuses.includes('open') || window.statuses.includes('polling')"
                        " || window.errors.length > 0", 30)
