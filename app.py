@@ -283,7 +283,8 @@ def serve() -> None:
         raise
     app = create_app(services)
     handler = type("Handler", (SluiceHandler,), {"header_timeout_s": settings.header_timeout_s,
-                                                  "max_header_bytes": settings.max_header_bytes})
+                                                  "max_header_bytes": settings.max_header_bytes,
+                                                  "max_request_line": settings.max_request_line})
     server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log,
                         handler_class=handler)
     stopping = gevent.event.Event()

@@ -34,7 +34,8 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "HEADER_TIMEOUT_S": ("10", "Time a client has to send its request line and headers (slow-header clients are cut off), and the longest an idle keep-alive connection is kept."),
     "MAX_HEADER_BYTES": ("32768", "Largest request header block (all header lines together; at most 100 headers); past it: `400` and the connection closed."),
     "BODY_TIMEOUT_S": ("30", "Time a client has to send a request body (`408` past it)."),
-    "MAX_QUERY_PARAMS": ("64", "Most query parameters a request may carry (`400` past it). The request line is at most 8 KiB (`414`)."),
+    "MAX_QUERY_PARAMS": ("64", "Most query parameters a request may carry (`400` past it)."),
+    "MAX_REQUEST_LINE_BYTES": ("8192", "Longest request line (method, URL, version); past it: `414`. At most 8192."),
     "SLUICE_WEBHOOK_URL": ("(unset)", "Where signed, batched `subscribe` / `unsubscribe` notices go (`POST {\"notices\": [...]}` with a `Sluice-Signature` header)."),
     "SLUICE_WEBHOOK_SECRET": ("(unset: the `SLUICE_SECRET` key)", "Secret the notices are signed with (HMAC-SHA256)."),
     "WEBHOOK_GRACE_S": ("5", "A client that reconnects (same connection id) within this long is neither reported gone nor back."),
@@ -223,6 +224,7 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_header_bytes: int = 32768
+    max_request_line: int = 8192
     redis_verify_tls: bool = True
     request_log: bool = True
     webhook_url: str | None = None
@@ -288,6 +290,7 @@ class Settings:
             header_timeout_s=_float(env, "HEADER_TIMEOUT_S", 0.1),
             body_timeout_s=_float(env, "BODY_TIMEOUT_S", 0.1),
             max_header_bytes=_int(env, "MAX_HEADER_BYTES", 1024),
+            max_request_line=min(_int(env, "MAX_REQUEST_LINE_BYTES", 256), 8192),
             redis_verify_tls=_bool(env, "REDIS_VERIFY_TLS"),
             request_log=_request_log(env),
             webhook_url=_url(env, "SLUICE_WEBHOOK_URL"),

@@ -186,6 +186,13 @@ def test_a_request_line_over_8_kib_is_414(server):
     assert r.status_code == 414
 
 
+def test_max_request_line_bytes_is_honoured(make_server, database_url):
+    srv = make_server(database_url, MAX_REQUEST_LINE_BYTES="1024")
+    assert srv.get("/healthz", params={"pad": "x" * 900}).status_code == 200
+    assert srv.get("/healthz", params={"pad": "x" * 1100}).status_code == 414
+    assert srv.get("/healthz").status_code == 200
+
+
 def test_a_body_that_never_finishes_is_408_and_holds_no_pool_slot(make_server, database_url):
     srv = make_server(database_url, BODY_TIMEOUT_S="1", DB_POOL_SIZE="1")
     srv.put("/api/v1/streams/s", headers=auth())

@@ -64,7 +64,7 @@ def openapi_document() -> dict[str, Any]:
             "description": "Real-time event gateway: durable ingest into PostgreSQL with group "
                            "commit, history reads that include accepted-but-uncommitted events. "
                            "Any endpoint may also answer 400 `too-many-parameters` (past "
-                           "MAX_QUERY_PARAMS) and 414 (a request line over 8 KiB); with "
+                           "MAX_QUERY_PARAMS) and 414 (a request line over MAX_REQUEST_LINE_BYTES); with "
                            "CORS_ORIGINS set, preflight `OPTIONS` requests are answered 204 or "
                            "403.",
         },

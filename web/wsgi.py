@@ -20,6 +20,7 @@ import weakref
 from typing import Any, BinaryIO, Iterator
 
 import gevent
+from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
 
 MAX_LINE = 65536
@@ -125,6 +126,7 @@ class HeaderDeadline:
 
     header_timeout_s = 10.0
     max_header_bytes = MAX_HEADER_BYTES
+    max_request_line = 8192
     _deadline: gevent.Timeout | None = None
 
     def handle_one_request(self):  # noqa: ANN201 - pywsgi's
@@ -136,12 +138,16 @@ class HeaderDeadline:
             self._deadline.cancel()
 
     def read_requestline(self) -> str:
-        """Wait for the next request line, known as idle meanwhile (see `close_idle`)."""
+        """Wait for the next request line, known as idle meanwhile (see `close_idle`); a line
+        over `max_request_line` bytes gets pywsgi's 414."""
         IDLE.add(self)
         try:
-            return super().read_requestline()  # type: ignore[misc]
+            line = self.rfile.readline(self.max_request_line + 1)  # type: ignore[attr-defined]
         finally:
             IDLE.discard(self)
+        if len(line) > self.max_request_line:
+            return "x" * pywsgi.MAX_REQUEST_LINE  # pywsgi answers 414 to a line this long
+        return line.decode("latin-1")
 
     def read_request(self, raw_requestline: str):  # noqa: ANN201 - pywsgi's
         try:
@@ -192,9 +198,8 @@ def gunicorn_worker_class() -> type:
 
     try:
         settings = Settings.from_env()
-        header_timeout_s, max_header_bytes = settings.header_timeout_s, settings.max_header_bytes
     except SettingsError:  # the worker's app factory reports it
-        header_timeout_s, max_header_bytes = HeaderDeadline.header_timeout_s, MAX_HEADER_BYTES
+        settings = Settings()
 
     class Handler(HeaderDeadline, PyWSGIHandler):
         def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:  # noqa: N802
@@ -205,8 +210,9 @@ def gunicorn_worker_class() -> type:
             env["sluice.handler"] = self  # live SSE writes go straight to its socket
             return env
 
-    Handler.header_timeout_s = header_timeout_s
-    Handler.max_header_bytes = max_header_bytes
+    Handler.header_timeout_s = settings.header_timeout_s
+    Handler.max_header_bytes = settings.max_header_bytes
+    Handler.max_request_line = settings.max_request_line
 
     class SluiceGunicornWorker(GeventPyWSGIWorker):
         wsgi_handler = Handler
