@@ -7,7 +7,6 @@ same catch-up reads in pages through the bounded pool. Only the framing differs.
 """
 from __future__ import annotations
 
-import hashlib
 import secrets
 import socket
 import time
@@ -25,6 +24,7 @@ from streaming.authorize import OriginUnavailable
 from streaming.direct import Unsent, direct_sink
 from streaming.hub import HEARTBEAT, StreamEnded, Subscription, envelope_body
 from streaming.sse import EventStreamFraming
+from streaming.limits import token_key
 from streaming.tokens import unauthorized
 from web.http import bearer_token, json_response, services
 from web.problems import Problem
@@ -77,10 +77,9 @@ def check_subscribe() -> Checked:
     token = bearer_token(allow_query=True, allow_cookie=True)
     if token is not None:
         principal = svc.tokens.verify(token)
-        token_key = "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        key = token_key(token)
     elif svc.authorizer is not None:  # no token: ask the origin (raises OriginUnavailable)
-        principal, token_key = svc.authorizer.authorize(request.headers, streams,
-                                                        request.remote_addr)
+        principal, key = svc.authorizer.authorize(request.headers, streams, request.remote_addr)
     else:
         raise unauthorized("a token is required (Authorization: Bearer <token>, ?token= or "
                            "the sluice_token cookie)")
@@ -106,7 +105,7 @@ def check_subscribe() -> Checked:
     if missing:
         raise Problem(404, "unknown-stream", f"stream `{sorted(missing)[0]}` does not exist",
                       stream=sorted(missing)[0])
-    return Checked(streams, resume, sid, principal.subject, token_key)
+    return Checked(streams, resume, sid, principal.subject, key)
 
 
 def catch_up(svc: Any, checked: Checked, after: int, upto: int) -> Iterator[list]:
@@ -207,9 +206,9 @@ def sse() -> Response:
         if ended:
             return
         ended = True
+        svc.presence.leave(sub, sid, checked.subject, takeover=takeover)  # recorded first
         svc.hub.unsubscribe(sub)
         release()
-        svc.presence.leave(sub, sid, checked.subject, takeover=takeover)
 
     start = seam if checked.resume is None else checked.resume
     hello = request.args.get("hello") == "1"

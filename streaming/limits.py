@@ -6,9 +6,15 @@ these limits bound abuse of one process's memory and sockets rather than give an
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 from web.problems import Problem
+
+
+def token_key(token: str) -> str:
+    """What MAX_CONNECTIONS_PER_TOKEN counts by: a digest, never the token itself."""
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 class ConnectionLimits:

@@ -13,12 +13,12 @@ and subscribe/unsubscribe notices for the origin.
   lands on: joining increments a counter and deletes a "leaving" marker. A join that found the
   marker is a reconnect within the grace period (no notice); a first join is a `subscribe`. The
   last leave sets the marker; if it is still there after `WEBHOOK_GRACE_S`, nobody came back and
-  the leave is an `unsubscribe`. Streaming never waits on any of this beyond one pipelined
-  Redis round trip at connect and disconnect.
+  the leave is an `unsubscribe`. The check is queued in Redis (a sorted set by due time) and
+  claimed by whichever live process gets to it first, so it survives a restart. Streaming never
+  waits on any of this beyond one pipelined Redis round trip at connect and disconnect.
 """
 from __future__ import annotations
 
-import collections
 import secrets
 import time
 from typing import Any, Iterable
@@ -44,7 +44,6 @@ class Presence:
         self.grace_s = grace_s
         self._dirty: set[str] = set()
         self._by_sid: dict[str, list[tuple[Subscription, float]]] = {}
-        self._leaving: collections.deque = collections.deque()  # (due, sid, subject, stream)
         self._greenlets: list[gevent.Greenlet] = []
         self.stats: Any = None  # a callable giving this process's dashboard numbers, or None
 
@@ -200,29 +199,28 @@ class Presence:
             gone = [s for s, n in zip(streams, held) if int(n) <= 0]
             if not gone:
                 return
+            due = time.time() + self.grace_s
             with self.redis.pipeline(transaction=False) as pipe:
                 for stream in gone:
                     pipe.delete(self._conn_key(sid, stream))
                     pipe.set(self._leaving_key(sid, stream), 1,
-                             px=int((self.grace_s * 4 + 5) * 1000))
+                             px=int((self.grace_s * 4 + 30) * 1000))
+                    # The grace check is shared: whichever live process looks first after `due`
+                    # does it, so a departure is reported even if this process stops meanwhile.
+                    pipe.zadd(f"{self.ns}:leaving-due",
+                              {orjson.dumps([sid, subject, stream]): due})
                 pipe.execute()
         except Exception:  # noqa: BLE001
             return
-        due = time.monotonic() + self.grace_s
-        for stream in gone:
-            self._leaving.append((due, sid, subject, stream))
 
     def _due_leaves(self) -> None:
-        now = time.monotonic()
-        due = []
-        while self._leaving and self._leaving[0][0] <= now:
-            due.append(self._leaving.popleft())
-        if not due:
+        if self.notifier is None:
             return
-        with self.redis.pipeline(transaction=False) as pipe:
-            for _, sid, _, stream in due:
-                pipe.delete(self._leaving_key(sid, stream))
-            still_gone = pipe.execute()
-        for (_, sid, subject, stream), gone in zip(due, still_gone):
-            if gone:  # nobody reconnected within the grace period, anywhere
-                self.notifier.notify("unsubscribe", stream, subject, sid)
+        key = f"{self.ns}:leaving-due"
+        members = self.redis.zrangebyscore(key, "-inf", time.time(), start=0, num=500)
+        for member in members:
+            if not self.redis.zrem(key, member):
+                continue  # another process claimed it
+            sid, subject, stream = orjson.loads(member)
+            if self.redis.delete(self._leaving_key(sid, stream)):
+                self.notifier.notify("unsubscribe", stream, subject, sid)  # nobody came back

@@ -1,6 +1,8 @@
 """The live dashboard at `/` in headless Chromium against a real server: charts fed by
 `/api/v1/stats` over SSE, the stream explorer limited to what the token grants, and a
 screenshot written to test-artifacts/dashboard.png."""
+import json
+
 import gevent
 
 from tests.browser_helper import BrowserHelper, needs_chromium
@@ -61,3 +63,19 @@ def test_stats_need_a_valid_token(server):
     assert r.status_code == 401
     assert server.get("/").status_code == 200
     assert b"/static/dashboard.js" in server.get("/").content
+
+
+def test_stats_streams_count_against_the_token_limit(make_server, database_url):
+    server = make_server(database_url, MAX_CONNECTIONS_PER_TOKEN="1")
+    mine = auth("watcher")
+    first = Stream(server.url + "/api/v1/stats", headers=mine)
+    try:
+        assert first.response.status_code == 200
+        stats = first.next()
+        assert stats[2] == "stats" and {"sse", "deliveries", "backlog"} <= set(
+            json.loads(stats[3]))
+        second = Stream(server.url + "/api/v1/stats", headers=mine)
+        assert second.response.status_code == 429
+        second.close()
+    finally:
+        first.close()

@@ -180,3 +180,21 @@ def test_sigterm_still_exits_quickly_with_notices_pending(make_server, database_
         s.close()
     finally:
         origin.server.stop(timeout=1)
+
+
+def test_a_departure_is_reported_even_if_its_process_stops_during_the_grace(
+        make_server, database_url, origin):
+    env = dict(SLUICE_WEBHOOK_URL=origin.url, WEBHOOK_GRACE_S="2")
+    a = make_server(database_url, **env)
+    b = make_server(database_url, **env)
+    a.put("/api/v1/streams/room", headers=auth())
+    s = open_sse(a, "room", sub="leaver")
+    wait_until(lambda: origin.notices, 10, message="the subscribe notice")
+    sid = origin.notices[0]["sid"]
+    s.close()
+    wait_until(lambda: subscribers(a, "room") == 0, 10, message="the leave")
+    a.signal(signal.SIGTERM)  # gone before the grace period ends
+    assert a.wait(timeout=25) == 0
+    wait_until(lambda: len(origin.notices) == 2, 15, message="the other process to report it")
+    assert origin.events()[1] == ("unsubscribe", "room", "leaver", sid)
+    assert b.get("/healthz").status_code == 200

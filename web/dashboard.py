@@ -14,10 +14,12 @@ from typing import Any, Iterator
 
 import gevent
 import orjson
-from flask import Blueprint, Response, send_from_directory
+from flask import Blueprint, Response, request, send_from_directory
 
+from streaming.limits import token_key
 from streaming.sse import EventStreamFraming
-from web.http import authenticate, services
+from streaming.tokens import unauthorized
+from web.http import bearer_token, services
 
 bp = Blueprint("dashboard", __name__)
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -58,16 +60,25 @@ def page() -> Response:
 
 @bp.get("/api/v1/stats")
 def stats() -> Response:
-    authenticate(allow_query=True, allow_cookie=True)  # any valid token may watch
     svc = services()
+    token = bearer_token(allow_query=True, allow_cookie=True)
+    if token is None:
+        raise unauthorized("a token is required")
+    svc.tokens.verify(token)  # any valid token may watch
+    release = svc.limits.acquire(token_key(token), request.remote_addr, "stats")
 
     def stream() -> Iterator[bytes]:
-        yield framing.preamble(svc.settings.retry_base_ms, "stats")
-        while not svc.draining:
-            yield framing.body("stats", orjson.dumps(cluster_snapshot(svc)).decode())
-            gevent.sleep(INTERVAL_S)
-        yield framing.retry_only(svc.settings.retry_base_ms)
+        try:
+            yield framing.preamble(svc.settings.retry_base_ms, "stats")
+            while not svc.draining:
+                yield framing.body("stats", orjson.dumps(cluster_snapshot(svc)).decode())
+                gevent.sleep(INTERVAL_S)
+            yield framing.retry_only(svc.settings.retry_base_ms)
+        finally:
+            release()
 
-    return Response(stream(), mimetype=framing.content_type,
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                    direct_passthrough=True)
+    response = Response(stream(), mimetype=framing.content_type,
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                        direct_passthrough=True)
+    response.call_on_close(release)
+    return response
