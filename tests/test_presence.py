@@ -101,12 +101,17 @@ def origin():
     o.server.stop(timeout=1)
 
 
+def notifying_pair(make_server, database_url, origin, grace_s):
+    """Two processes that send notices to `origin`, and the stream `room`."""
+    env = dict(SLUICE_WEBHOOK_URL=origin.url, WEBHOOK_GRACE_S=str(grace_s))
+    a, b = make_server(database_url, **env), make_server(database_url, **env)
+    a.put("/api/v1/streams/room", headers=auth())
+    return a, b
+
+
 def test_notices_are_signed_and_a_quick_reconnect_elsewhere_is_not_reported(
         make_server, database_url, origin):
-    env = dict(SLUICE_WEBHOOK_URL=origin.url, WEBHOOK_GRACE_S="1.5")
-    a = make_server(database_url, **env)
-    b = make_server(database_url, **env)
-    a.put("/api/v1/streams/room", headers=auth())
+    a, b = notifying_pair(make_server, database_url, origin, 1.5)
     first = open_sse(a, "room", sub="user-1")
     sid = first.next(("event", "retry"), timeout=10) and first.parser.last_id.split(".")[0]
     wait_until(lambda: origin.notices, 10, message="the subscribe notice")
@@ -184,10 +189,7 @@ def test_sigterm_still_exits_quickly_with_notices_pending(make_server, database_
 
 def test_a_departure_is_reported_even_if_its_process_stops_during_the_grace(
         make_server, database_url, origin):
-    env = dict(SLUICE_WEBHOOK_URL=origin.url, WEBHOOK_GRACE_S="2")
-    a = make_server(database_url, **env)
-    b = make_server(database_url, **env)
-    a.put("/api/v1/streams/room", headers=auth())
+    a, b = notifying_pair(make_server, database_url, origin, 2)
     s = open_sse(a, "room", sub="leaver")
     wait_until(lambda: origin.notices, 10, message="the subscribe notice")
     sid = origin.notices[0]["sid"]
