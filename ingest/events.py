@@ -68,6 +68,13 @@ class StoredEvent:
     created_at: str | None
     pending: bool = False
 
+    @property
+    def position(self) -> int:
+        """The id of a committed event (every row read from the store has one)."""
+        if self.id is None:
+            raise ValueError("a pending event has no position yet")
+        return self.id
+
     def to_json(self) -> dict[str, Any]:
         """The API representation, for orjson; `data` is spliced in as the JSON stored."""
         out: dict[str, Any] = {

@@ -5,22 +5,21 @@ logic of its own beyond status codes.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, request
 
+from auth.tokens import Principal
+from common.problems import Problem, invalid_parameter, not_granted, unknown_stream
+from config.settings import Settings
 from ingest.events import IngestRequest
 from ingest.ids import format_position, parse_position
 from ingest.reads import read_history
-from ingest.validation import parse_body, valid_stream
-from streaming.tokens import Principal
+from ingest.schema import invalid_stream, valid_stream
+from ingest.validation import parse_body
 from web.http import authenticate, json_response, read_body, services
-from web.problems import Problem
 
 bp = Blueprint("ingest", __name__)
-
-
-def _forbidden(stream: str, action: str, index: int | None = None) -> Problem:
-    return Problem(403, "not-granted", f"the token does not grant `{action}` on `{stream}`",
-                   stream=stream, index=index)
 
 
 @bp.post("/api/v1/events")
@@ -34,7 +33,7 @@ def post_events() -> Response:
                         header_key=request.headers.get("Idempotency-Key"))
     for i, ev in enumerate(events):
         if not principal.publish.allows(ev.stream):
-            raise _forbidden(ev.stream, "publish", i if len(events) > 1 else None)
+            raise not_granted("publish", ev.stream, i if len(events) > 1 else None)
     req = IngestRequest(principal.subject, events)
     svc.batcher.commit(req, timeout=settings.ingest_commit_timeout_s)
     results = req.results or []
@@ -46,11 +45,11 @@ def post_events() -> Response:
     return json_response(payload, 201 if created else 200)
 
 
-def _limit(settings) -> int:  # type: ignore[no-untyped-def]
+def _limit(settings: Settings) -> int:
     raw = request.args.get("limit", "100")
     if not raw.isdigit() or not 1 <= int(raw) <= settings.read_max_limit:
-        raise Problem(400, "invalid-parameter",
-                      f"`limit` must be an integer from 1 to {settings.read_max_limit}", field="limit")
+        raise invalid_parameter(
+            "limit", f"`limit` must be an integer from 1 to {settings.read_max_limit}")
     return int(raw)
 
 
@@ -61,7 +60,7 @@ def _after() -> int:
     try:
         return parse_position(raw)
     except ValueError:
-        raise Problem(400, "invalid-parameter", "`after` must be an event id", field="after") from None
+        raise invalid_parameter("after", "`after` must be an event id") from None
 
 
 @bp.get("/api/v1/events")
@@ -73,27 +72,25 @@ def get_events() -> Response:
     if client_id is None and stream is None:
         raise Problem(400, "invalid-parameter", "give `clientId`, `stream`, or both")
     if client_id is not None and not 1 <= len(client_id) <= 200:
-        raise Problem(400, "invalid-parameter", "`clientId` must be 1 to 200 characters",
-                      field="clientId")
+        raise invalid_parameter("clientId", "`clientId` must be 1 to 200 characters")
     if stream is not None:
         _check_stream_name(stream)
         if not principal.subscribe.allows(stream):
-            raise _forbidden(stream, "subscribe")
+            raise not_granted("subscribe", stream)
     limit, after = _limit(svc.settings), _after()
     page = read_history(svc.store, svc.pool, svc.batcher, principal.subscribe, client_id=client_id,
                         stream=stream, after=after, limit=limit)
     if stream is not None and not page.events and after == 0:
         with svc.pool.connection() as conn:
             if svc.store.describe_stream(conn, stream) is None:
-                raise Problem(404, "unknown-stream", f"stream `{stream}` does not exist")
+                raise unknown_stream(stream)
     return json_response({"events": [e.to_json() for e in page.events],
                           "next": format_position(page.next)})
 
 
 def _check_stream_name(stream: str) -> None:
     if not valid_stream(stream):
-        raise Problem(400, "invalid-stream",
-                      "stream names match ^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$", field="stream")
+        raise invalid_stream()
 
 
 def _stream_principal(stream: str, action: str) -> Principal:
@@ -101,7 +98,7 @@ def _stream_principal(stream: str, action: str) -> Principal:
     principal = authenticate()
     grants = principal.publish if action == "publish" else principal.subscribe
     if not grants.allows(stream):
-        raise _forbidden(stream, action)
+        raise not_granted(action, stream)
     return principal
 
 
@@ -112,6 +109,8 @@ def put_stream(stream: str) -> Response:
     with svc.pool.connection() as conn:
         created = svc.store.create_stream(conn, stream)
         info = svc.store.describe_stream(conn, stream)
+    if info is None:  # deleted between the two statements
+        raise unknown_stream(stream)
     return json_response(_describe(info), 201 if created else 200)
 
 
@@ -122,7 +121,7 @@ def get_stream(stream: str) -> Response:
     with svc.pool.connection() as conn:
         info = svc.store.describe_stream(conn, stream)
     if info is None:
-        raise Problem(404, "unknown-stream", f"stream `{stream}` does not exist")
+        raise unknown_stream(stream)
     return json_response(_describe(info))
 
 
@@ -133,11 +132,11 @@ def delete_stream(stream: str) -> Response:
     with svc.pool.connection() as conn:
         existed = svc.store.delete_stream(conn, stream)
     if not existed:
-        raise Problem(404, "unknown-stream", f"stream `{stream}` does not exist")
+        raise unknown_stream(stream)
     svc.hub.end_stream(stream)
     return Response(status=204)
 
 
-def _describe(info: dict) -> dict:
+def _describe(info: dict[str, Any]) -> dict[str, Any]:
     return {**info, "subscribers": services().subscriber_count(info["name"])}
 

@@ -8,14 +8,14 @@ by itself after a Postgres restart.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import psycopg2
 import psycopg2.extensions
 from gevent.lock import BoundedSemaphore
 
-from web.problems import Unavailable
+from common.problems import Unavailable
 
 # Errors that mean "the connection or the server is gone", not "your SQL is wrong".
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from auth.grants import Grants
 from ingest.batcher import Batcher, pending_events
 from ingest.events import StoredEvent
 from ingest.pool import Pool
 from ingest.store import EventStore
-from streaming.tokens import Grants
 
 
 @dataclass
@@ -31,7 +31,7 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
         rows = store.read_events(conn, after=after, limit=limit, client_id=client_id,
                                  streams=None if stream is None else [stream],
                                  stream_regexes=grants.sql_filter())
-    next_position = rows[-1].id if rows else after
+    next_position = rows[-1].position if rows else after
     if len(rows) < limit:
         committed_ids = {row.id for row in rows}
         for req, i in snapshot:

@@ -14,9 +14,10 @@ idempotency check (look up existing keys, then insert) race-free without a retry
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any
 
 import orjson
 import psycopg2
@@ -210,7 +211,8 @@ class EventStore:
             cur.execute("INSERT INTO streams (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
             return cur.rowcount == 1
 
-    def describe_stream(self, conn: psycopg2.extensions.connection, name: str) -> dict | None:
+    def describe_stream(self, conn: psycopg2.extensions.connection,
+                        name: str) -> dict[str, Any] | None:
         with conn.cursor() as cur:
             cur.execute(
                 "SELECT name, last_id, to_char(created_at AT TIME ZONE 'UTC',"

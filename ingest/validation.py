@@ -4,28 +4,29 @@ Nothing here touches the database: a request that fails validation stores nothin
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
 
+from common.problems import Problem
 from ingest.events import NewEvent
-from web.problems import Problem
+from ingest.schema import (
+    DEFAULT_TYPE,
+    EVENT_FIELDS,
+    KEY_MAX,
+    STREAM_PATTERN,
+    TYPE_PATTERN,
+    valid_key,
+    valid_stream,
+    valid_type,
+)
 
-STREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
-TYPE_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-KEY_MAX = 200
-EVENT_FIELDS = frozenset({"stream", "type", "data", "key"})
 JSON_TYPES = ("application/json", "")
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
 
 
 def bad_event(index: int | None, field: str | None, detail: str) -> Problem:
     return Problem(400, "invalid-event", detail, index=index, field=field)
-
-
-def valid_stream(name: Any) -> bool:
-    return isinstance(name, str) and STREAM_RE.match(name) is not None
 
 
 def parse_body(body: bytes, content_type: str, *, max_events: int, max_data_bytes: int,
@@ -61,7 +62,7 @@ def parse_body(body: bytes, content_type: str, *, max_events: int, max_data_byte
                       "Idempotency-Key applies to a single event; put `key` in each event of a batch")
     events = [_event(item, i if not single else None, max_data_bytes) for i, item in enumerate(items)]
     if header_key is not None:
-        if not header_key or len(header_key) > KEY_MAX or "\x00" in header_key:
+        if not valid_key(header_key):
             raise Problem(400, "invalid-idempotency-key",
                           f"Idempotency-Key must be 1 to {KEY_MAX} characters")
         if events[0].key is not None and events[0].key != header_key:
@@ -72,7 +73,7 @@ def parse_body(body: bytes, content_type: str, *, max_events: int, max_data_byte
 
 
 def _parse_ndjson(body: bytes, max_events: int) -> list[Any]:
-    items = []
+    items: list[Any] = []
     for lineno, line in enumerate(body.split(b"\n")):
         if not line.strip():
             continue
@@ -97,11 +98,10 @@ def _event(item: Any, index: int | None, max_data_bytes: int) -> NewEvent:
     if stream is None:
         raise bad_event(index, "stream", "`stream` is required")
     if not valid_stream(stream):
-        raise bad_event(index, "stream",
-                        "`stream` must match ^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
-    etype = item.get("type", "message")
-    if not isinstance(etype, str) or not TYPE_RE.match(etype):
-        raise bad_event(index, "type", "`type` must match ^[A-Za-z0-9._:-]{1,64}$")
+        raise bad_event(index, "stream", f"`stream` must match {STREAM_PATTERN}")
+    etype = item.get("type", DEFAULT_TYPE)
+    if not valid_type(etype):
+        raise bad_event(index, "type", f"`type` must match {TYPE_PATTERN}")
     if "data" not in item:
         raise bad_event(index, "data", "`data` is required (any JSON value, null included)")
     data = orjson.dumps(item["data"])
@@ -110,8 +110,7 @@ def _event(item: Any, index: int | None, max_data_bytes: int) -> NewEvent:
                       f"`data` is {len(data)} bytes encoded; at most {max_data_bytes} are allowed",
                       index=index, field="data", limit=max_data_bytes)
     key = item.get("key")
-    if key is not None and (not isinstance(key, str) or not key or len(key) > KEY_MAX
-                            or "\x00" in key):
+    if key is not None and not valid_key(key):
         raise bad_event(index, "key", f"`key` must be a string of 1 to {KEY_MAX} characters "
                         "without NUL")
     return NewEvent(stream, etype, data.decode(), key)

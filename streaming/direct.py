@@ -16,8 +16,8 @@ The rules that keep this correct:
   those bytes with a timed cooperative write, and everything after them goes through the queue
   (and its bound) until the writer is idle again.
 - A send error means the client is gone: the subscription is closed and its writer ends.
-- Chunked transfer encoding is framed here exactly as pywsgi frames it, so the writer's later
-  chunks and pywsgi's final `0` chunk continue one valid response.
+- Chunked transfer encoding is framed (`streaming.sse.http_chunk`) exactly as pywsgi frames
+  it, so the writer's later chunks and pywsgi's final `0` chunk continue one valid response.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from streaming.hub import LiveEvent, Subscription
+from streaming.sse import http_chunk, id_prefix, with_position
+from streaming.subscription import LiveEvent, Subscription
 
 
 @dataclass(slots=True)
@@ -43,7 +44,7 @@ class DirectSink:
     def __init__(self, sub: Subscription, raw_socket: Any, sid: str, chunked: bool) -> None:
         self.sub = sub
         self.send = raw_socket.send        # the non-blocking OS socket under gevent's wrapper
-        self.id_prefix = b"id: " + sid.encode("ascii") + b"."   # sid is [a-z2-7]: safe as is
+        self.id_prefix = id_prefix(sid)
         self.chunked = chunked
 
     def __call__(self, lives: list[LiveEvent]) -> None:
@@ -51,16 +52,16 @@ class DirectSink:
         last = sub.last
         prefix = self.id_prefix
         if sub.envelope:
-            parts = [b"%s%d\n%s" % (prefix, e.position, e.envelope()) for e in lives
+            parts = [with_position(prefix, e.position, e.envelope()) for e in lives
                      if e.position > last]
         else:
-            parts = [b"%s%d\n%s" % (prefix, e.position, e.body) for e in lives
+            parts = [with_position(prefix, e.position, e.body) for e in lives
                      if e.position > last]
         if not parts:
             return
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
         if self.chunked:
-            payload = b"%x\r\n%s\r\n" % (len(payload), payload)
+            payload = http_chunk(payload)
         sub.last = lives[-1].position
         try:
             sent = self.send(payload)
@@ -76,7 +77,7 @@ class DirectSink:
             sub.queue.put_nowait(Unsent(payload[sent:]))  # the queue was empty: this fits
 
 
-def direct_sink(sub: Subscription, environ: dict, sid: str) -> DirectSink | None:
+def direct_sink(sub: Subscription, environ: dict[str, Any], sid: str) -> DirectSink | None:
     """A sink for this connection if it runs under Sluice's pywsgi handler with a plain TCP
     socket whose response headers are out; else None (the queue path serves it)."""
     handler = environ.get("sluice.handler")

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import gevent
 import orjson
 
-from streaming.hub import Hub, Subscription
+from streaming.hub import Hub
+from streaming.relay import subscribe_forever
+from streaming.subscription import Subscription
 
 FLUSH_S = 1.0
 HEARTBEAT_TTL_S = 10
@@ -47,7 +50,7 @@ class Presence:
         self._greenlets: list[gevent.Greenlet] = []
         self.stats: Any = None  # a callable giving this process's dashboard numbers, or None
 
-    def start(self) -> "Presence":
+    def start(self) -> Presence:
         self._greenlets = [gevent.spawn(self._flush_forever), gevent.spawn(self._listen)]
         return self
 
@@ -91,7 +94,7 @@ class Presence:
                 if fields else []
         except Exception:  # noqa: BLE001
             return self.hub.subscriber_count(stream)
-        others = sum(int(v) for (_, v), up in zip(fields.items(), alive) if up)
+        others = sum(int(v) for (_, v), up in zip(fields.items(), alive, strict=False) if up)
         return self.hub.subscriber_count(stream) + others
 
     def snapshots(self) -> list[dict]:
@@ -104,7 +107,7 @@ class Presence:
             alive = self.redis.mget([self._heartbeat_key(p.decode()) for p in fields])
         except Exception:  # noqa: BLE001
             return []
-        return [orjson.loads(v) for v, up in zip(fields.values(), alive) if up]
+        return [orjson.loads(v) for v, up in zip(fields.values(), alive, strict=False) if up]
 
     # -- counts -------------------------------------------------------------------------------
     def _count_key(self, stream: str) -> str:
@@ -150,21 +153,15 @@ class Presence:
             pass
 
     def _listen(self) -> None:
-        while True:
-            try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(f"{self.ns}:takeover")
-                for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    process_id, sid, at = message["data"].decode().split(" ")
-                    if process_id == self.process_id:
-                        continue
-                    for older, opened in self._by_sid.get(sid, ()):
-                        if opened < float(at):
-                            older.close()  # the newer connection, elsewhere, wins
-            except Exception:  # noqa: BLE001 - Redis gone: resubscribe when it is back
-                gevent.sleep(1.0)
+        subscribe_forever(self.redis, f"{self.ns}:takeover", self._takeover)
+
+    def _takeover(self, data: bytes) -> None:
+        process_id, sid, at = data.decode().split(" ")
+        if process_id == self.process_id:
+            return
+        for older, opened in self._by_sid.get(sid, ()):
+            if opened < float(at):
+                older.close()  # the newer connection, elsewhere, wins
 
     # -- notices ------------------------------------------------------------------------------
     def _conn_key(self, sid: str, stream: str) -> str:
@@ -196,7 +193,7 @@ class Presence:
                 for stream in streams:
                     pipe.decr(self._conn_key(sid, stream))
                 held = pipe.execute()
-            gone = [s for s, n in zip(streams, held) if int(n) <= 0]
+            gone = [s for s, n in zip(streams, held, strict=False) if int(n) <= 0]
             if not gone:
                 return
             due = time.time() + self.grace_s

@@ -1,9 +1,14 @@
-"""Framing: how one update becomes bytes on the wire. SSE and long-poll share everything else.
+"""Every SSE byte Sluice writes: the framing (how one update becomes bytes on the wire), the
+`?envelope=1` body, the per-connection `id:` line and the HTTP chunk of the hub's direct writes.
 
 A framing has four small parts: its content type, a preamble (the `retry:` hint and the
-connection's position), one encoded update, and a heartbeat. Event data reaches here already
-JSON-encoded at ingest, so it is encoded once per event, never per subscriber, and JSON text
-cannot hold a raw CR or LF: nothing a publisher sends can start a new SSE field or event.
+connection's position), one encoded update, and a heartbeat; the SSE endpoint, the dashboard's
+stats stream and the hub (one shared body per event) all write through `EventStreamFraming`.
+Long-poll answers JSON and shares the subscription, not the framing.
+
+Event data reaches here already JSON-encoded at ingest, so it is encoded once per event, never
+per subscriber, and JSON text cannot hold a raw CR or LF: nothing a publisher sends can start a
+new SSE field or event.
 """
 from __future__ import annotations
 
@@ -66,3 +71,28 @@ class EventStreamFraming:
     def retry_only(self, retry_ms: int) -> bytes:
         """What a stream says when it must end: come back in `retry_ms`."""
         return f"retry: {int(retry_ms)}\n\n".encode()
+
+
+# -- bytes shared by every subscriber, and the hub's direct writes -----------------------------
+
+def envelope_body(event_type: str, data: str) -> bytes:
+    """`event: message` with `{"type": ..., "data": ...}`: EventSource hands every type to one
+    `message` listener. Types match the event type rule (ingest.schema): nothing to escape."""
+    return b'event: message\ndata: {"type":"%s","data":%s}\n\n' % (event_type.encode(),
+                                                                     data.encode())
+
+
+def id_prefix(sid: str) -> bytes:
+    """The start of every `id:` line of one connection (a sid is [a-z2-7]: safe as is)."""
+    return b"id: " + sid.encode("ascii") + b"."
+
+
+def with_position(prefix: bytes, position: int, body: bytes) -> bytes:
+    """One event for one connection: its `id: <sid>.<position>` line, then the shared body."""
+    return b"%s%d\n%s" % (prefix, position, body)
+
+
+def http_chunk(payload: bytes) -> bytes:
+    """One HTTP/1.1 chunk, framed exactly as gevent's pywsgi frames the chunks it writes, so a
+    direct write and pywsgi's own writes continue one valid chunked response."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)

@@ -17,14 +17,14 @@ import collections
 import datetime as dt
 import hashlib
 import hmac
-import http.client
 import time
-import urllib.parse
 from typing import Any
 
 import gevent
 import orjson
 from gevent.event import Event
+
+from common.origin import OriginClient, OriginError
 
 BATCH_MAX = 100
 QUEUE_MAX = 10000
@@ -55,11 +55,7 @@ def verify_signature(secret: str, body: bytes, header: str, tolerance_s: float =
 class WebhookNotifier:
     def __init__(self, url: str, secret: str, *, timeout_s: float = 5.0, metrics: Any = None,
                  queue_max: int = QUEUE_MAX) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.https = parts.scheme == "https"
-        self.host = parts.hostname or ""
-        self.port = parts.port
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.origin = OriginClient(url, timeout_s=timeout_s, user_agent="sluice-webhook")
         self.secret = secret
         self.timeout_s = timeout_s
         self.metrics = metrics            # labelled Counter (outcome), or None
@@ -68,7 +64,7 @@ class WebhookNotifier:
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
 
-    def start(self) -> "WebhookNotifier":
+    def start(self) -> WebhookNotifier:
         self._greenlet = gevent.spawn(self._send_forever)
         return self
 
@@ -86,7 +82,7 @@ class WebhookNotifier:
             self.queue.popleft()
             self._count("dropped")
         self.queue.append({"event": event, "stream": stream, "subject": subject, "sid": sid,
-                           "time": dt.datetime.now(dt.timezone.utc).isoformat(
+                           "time": dt.datetime.now(dt.UTC).isoformat(
                                timespec="milliseconds")})
         self._wake.set()
 
@@ -106,21 +102,12 @@ class WebhookNotifier:
                 pause = RETRY_FIRST_S
 
     def _post(self, body: bytes) -> bool:
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         try:
-            with gevent.Timeout(self.timeout_s):
-                conn = cls(self.host, self.port, timeout=self.timeout_s)
-                try:
-                    conn.request("POST", self.path, body=body, headers={
-                        "Content-Type": "application/json", "User-Agent": "sluice-webhook",
-                        "Sluice-Signature": sign(self.secret, body)})
-                    response = conn.getresponse()
-                    response.read(65536)
-                    return 200 <= response.status < 300
-                finally:
-                    conn.close()
-        except (gevent.Timeout, OSError, http.client.HTTPException):
+            reply = self.origin.post(body, {"Content-Type": "application/json",
+                                            "Sluice-Signature": sign(self.secret, body)})
+        except OriginError:
             return False
+        return 200 <= reply.status < 300
 
     def _count(self, outcome: str, n: int = 1) -> None:
         if self.metrics is not None:

@@ -9,11 +9,13 @@ from pathlib import Path
 import gevent
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
-needs_chromium = pytest.mark.skipif(
+# Browser tests are marked `browser`, and skipped only where Debian's chromium is missing
+# (bash .ci/run installs it with apt-get when run as root).
+needs_chromium = [pytest.mark.browser, pytest.mark.skipif(
     not Path("/usr/bin/chromium").exists(),
-    reason="Debian's chromium is not installed (bash .ci/run installs it with apt-get)")
+    reason="Debian's chromium is not installed (bash .ci/run installs it with apt-get)")]
 
 
 class BrowserHelper:

@@ -2,9 +2,8 @@
 and records everything a browser would act on (events, `retry`, `id`, comments, the end)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import socket
+from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 
 import gevent

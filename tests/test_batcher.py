@@ -2,11 +2,11 @@
 import gevent
 import pytest
 
+from common.problems import Problem
 from ingest.batcher import Backpressure, Batcher
 from ingest.pool import DatabaseUnavailable, Pool
 from ingest.store import EventStore
-from tests.conftest import ingest_request as req
-from web.problems import Problem
+from tests.helpers import ingest_request as req
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_commit_ranges_are_contiguous_and_cover_every_id(pool):
     requests = [req(n=1 + i % 7, key=None) for i in range(60)] + [req(key="dup"), req(key="dup")]
     gevent.joinall([gevent.spawn(batcher.commit, r, 10) for r in requests], raise_error=True)
     assert commits[0].after == 0
-    for prev, nxt in zip(commits, commits[1:]):
+    for prev, nxt in zip(commits, commits[1:], strict=False):
         assert nxt.after == prev.upto
     for commit in commits:
         ids = [w.id for r in commit.requests for w in r.results if not w.duplicate]

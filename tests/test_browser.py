@@ -7,7 +7,7 @@ import re
 import signal
 
 from tests.browser_helper import BrowserHelper, needs_chromium
-from tests.conftest import auth, token
+from tests.helpers import auth, token
 
 pytestmark = needs_chromium
 
@@ -141,7 +141,7 @@ class CuttingProxy:
 
 
 def test_reconnecting_again_and_again_gets_a_growing_retry(make_server, database_url):
-    from tests.conftest import wait_until
+    from tests.helpers import wait_until
 
     server = make_server(database_url, RETRY_BASE_MS="200", RETRY_MAX_MS="3200")
     server.put("/api/v1/streams/browser/storm", headers=auth())
@@ -150,12 +150,12 @@ def test_reconnecting_again_and_again_gets_a_growing_retry(make_server, database
     assert b.read()["step"] == "open"
     published = []
     for n in range(6):
-        wait_until(lambda: len(proxy.streams) == n + 1 and "retry" in proxy.streams[-1],
+        wait_until(lambda n=n: len(proxy.streams) == n + 1 and "retry" in proxy.streams[-1],
                    timeout=30, message=f"connection {n + 1} through the proxy")
         published.append(server.post("/api/v1/events", json={"stream": "browser/storm",
                                                               "data": n},
                                      headers=auth()).json()["events"][0]["id"])
-        wait_until(lambda: len(b.report()["got"]) == n + 1, timeout=30,
+        wait_until(lambda n=n: len(b.report()["got"]) == n + 1, timeout=30,
                    message=f"event {n} in the browser")
         proxy.cut_all()  # a network drop: EventSource reconnects with Last-Event-ID
     report = b.report()
@@ -168,7 +168,7 @@ def test_reconnecting_again_and_again_gets_a_growing_retry(make_server, database
         [f"{sid}.{i}" for i in published[:len(proxy.streams) - 1]]
     # Full jitter under a doubling ceiling: each retry within its ceiling, and it grows.
     ceilings = [min(3200, 200 * 2 ** n) for n in range(len(retries))]
-    assert retries[0] == 200 and all(200 <= r <= c for r, c in zip(retries, ceilings))
+    assert retries[0] == 200 and all(200 <= r <= c for r, c in zip(retries, ceilings, strict=False))
     assert max(retries[3:]) > 400  # a 1-in-10^5 chance of three draws at the bottom
     assert [g["data"] for g in report["got"]] == list(range(6))  # nothing missed, once each
     assert report["state"] != 2  # still reconnecting: it never gave up

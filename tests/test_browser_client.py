@@ -8,7 +8,7 @@ import pytest
 from gevent.server import StreamServer
 
 from tests.browser_helper import BrowserHelper, needs_chromium
-from tests.conftest import auth, token, wait_until
+from tests.helpers import auth, token, wait_until
 
 pytestmark = needs_chromium
 

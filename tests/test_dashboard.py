@@ -6,7 +6,7 @@ import json
 import gevent
 
 from tests.browser_helper import BrowserHelper, needs_chromium
-from tests.conftest import ROOT, auth, token, wait_until
+from tests.helpers import ROOT, auth, token, wait_until
 from tests.sse import Stream
 
 ARTIFACTS = ROOT / "test-artifacts"

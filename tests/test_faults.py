@@ -15,7 +15,7 @@ import psycopg2
 import requests
 
 from embedded.servers import child_pids, free_port
-from tests.conftest import ROOT, auth, wait_until
+from tests.helpers import ROOT, auth, wait_until
 
 EVENTS = "/api/v1/events"
 BATCH = 10
@@ -205,9 +205,15 @@ def test_embedded_default_starts_serves_and_stops_cleanly(tmp_path):
         dev_token = wait_until(token_line, timeout=60, message="the dev token banner")
         out = (tmp_path / "out.log").read_text()
         assert "embedded PostgreSQL" in out and "embedded Redis" in out and "WARNING" in out
-        r = requests.post(f"http://127.0.0.1:{port}{EVENTS}", json={"stream": "dev", "data": 1},
-                          headers={"Authorization": f"Bearer {dev_token}"}, timeout=10)
+        # The README's first example, as written, with the token it printed.
+        bearer = {"Authorization": f"Bearer {dev_token}"}
+        r = requests.post(f"http://127.0.0.1:{port}{EVENTS}", headers=bearer, timeout=10,
+                          json={"stream": "client/1", "data": {"hello": "world"}})
         assert r.status_code == 201
+        page = requests.get(f"http://127.0.0.1:{port}{EVENTS}", params={"clientId": "client-1"},
+                            headers=bearer, timeout=10).json()
+        assert [(e["stream"], e["data"]) for e in page["events"]] == [("client/1",
+                                                                       {"hello": "world"})]
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
         children = child_pids(proc.pid)
         assert len(children) >= 2  # postgres and redis

@@ -16,18 +16,18 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import positive_data_acceptance
 
-from tests.conftest import auth
+from tests.helpers import auth
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory, pg_admin_url, redis_url):
-    from tests.conftest import SluiceServer, _server_env, fresh_database
+    from tests.helpers import SluiceServer, fresh_database, server_env
 
     tmp = tmp_path_factory.mktemp("fuzz")
     # Short holds so a generated long-poll answers quickly; small pages keep reads cheap.
-    server = SluiceServer(_server_env(fresh_database(pg_admin_url), redis_url, tmp / "data",
+    server = SluiceServer(server_env(fresh_database(pg_admin_url), redis_url, tmp / "data",
                                       LONGPOLL_MAX_S="0.2", INGEST_COMMIT_TIMEOUT_S="5"),
                           tmp / "server.log").start()
     # A few streams exist, so generated names sometimes hit one.
@@ -74,14 +74,14 @@ def test_every_operation_answers_as_documented_and_never_5xx(fuzz_server):
         @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                   phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck))
-        def check(case):
-            sent[mode.value] += 1
-            response = case.call(base_url=fuzz_server.url, headers=headers_for(op.path),
+        def check(case):  # run at once below, within this iteration: `op` and `mode` are its
+            sent[mode.value] += 1  # noqa: B023
+            response = case.call(base_url=fuzz_server.url, headers=headers_for(op.path),  # noqa: B023
                                  timeout=10)
             assert response.status_code < 500, (
                 f"{response.status_code} for {case.method} {case.formatted_path} "
                 f"{case.query} {case.body!r}: {response.text[:300]}")
-            case.validate_response(response, headers=headers_for(op.path),
+            case.validate_response(response, headers=headers_for(op.path),  # noqa: B023
                                    excluded_checks=[positive_data_acceptance])
 
         try:

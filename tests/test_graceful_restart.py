@@ -8,12 +8,14 @@ import subprocess
 import time
 
 import gevent
+import pytest
 import requests
 
 from embedded.servers import free_port
-from tests.conftest import ROOT, auth, fresh_database, wait_until
+from tests.helpers import ROOT, argv, auth, fresh_database, procfile, run_env, wait_until
 from tests.sse import Stream
-from tests.test_procfile import argv, procfile, run_env
+
+pytestmark = pytest.mark.slow  # several server processes
 
 EVENTS = "/api/v1/events"
 

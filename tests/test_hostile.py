@@ -7,7 +7,7 @@ import gevent
 import pytest
 import requests
 
-from tests.conftest import auth, token, wait_until
+from tests.helpers import auth, token, wait_until
 from tests.sse import Stream
 
 SSE = "/api/v1/sse"

@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 
-from tests.conftest import SECRET, auth
+from tests.helpers import SECRET, auth
 
 
 @pytest.fixture

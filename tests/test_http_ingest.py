@@ -2,7 +2,7 @@
 import gevent
 import orjson
 
-from tests.conftest import auth, wait_until
+from tests.helpers import auth, wait_until
 
 EVENTS = "/api/v1/events"
 

@@ -10,7 +10,8 @@ from ingest.batcher import Batcher
 from ingest.pool import Pool
 from ingest.store import EventStore
 from streaming.hub import Hub
-from tests.conftest import ingest_request as req, wait_until
+from tests.helpers import ingest_request as req
+from tests.helpers import wait_until
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 import gevent
 import requests
 
-from tests.conftest import auth
+from tests.helpers import auth
 
 EVENTS = "/api/v1/events"
 

@@ -9,7 +9,7 @@ import gevent
 import pytest
 from gevent.pywsgi import WSGIServer
 
-from tests.conftest import auth, token
+from tests.helpers import auth, token
 from tests.sse import Stream
 
 SSE = "/api/v1/sse"

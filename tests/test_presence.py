@@ -8,7 +8,7 @@ import pytest
 from gevent.pywsgi import WSGIServer
 
 from streaming.webhooks import verify_signature
-from tests.conftest import SECRET, auth, wait_until
+from tests.helpers import SECRET, auth, wait_until
 from tests.sse import Stream
 
 SSE = "/api/v1/sse"

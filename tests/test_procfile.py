@@ -1,48 +1,24 @@
 """The Procfile's commands, run as written: `release` migrates, `web` serves with gunicorn's
 gevent pywsgi workers and drains on SIGTERM."""
 import os
-import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import gevent
+import pytest
 import requests
 
 from embedded.servers import free_port
-from tests.conftest import ROOT, SECRET, auth, fresh_database, wait_until
+from tests.helpers import ROOT, argv, auth, fresh_database, procfile, run_env, wait_until
 
-
-def procfile() -> dict[str, str]:
-    entries = {}
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, command = line.partition(":")
-            entries[name.strip()] = command.strip()
-    return entries
-
-
-def run_env(database_url: str, redis_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DYNO", "SLUICE_ENV")}
-    env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, SLUICE_SECRET=SECRET,
-               SLUICE_DATA_DIR=str(tmp_path / "data"), PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def argv(command: str) -> list[str]:
-    words = shlex.split(command)
-    if words[0] in ("python", "python3"):
-        words[0] = sys.executable
-    elif words[0] == "gunicorn":
-        words[:1] = [sys.executable, "-m", "gunicorn"]
-    return words
+pytestmark = pytest.mark.slow  # several server processes
 
 
 def test_release_applies_migrations(pg_admin_url, redis_url, tmp_path):
     import psycopg2
 
-    from tests.conftest import admin_execute, with_database
+    from tests.helpers import admin_execute, with_database
     name = f"release_{os.getpid()}"
     admin_execute(pg_admin_url, f"CREATE DATABASE {name}")
     url = with_database(pg_admin_url, name)

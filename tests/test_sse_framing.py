@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.validation import TYPE_RE
+from ingest.schema import TYPE_RE
 from streaming.sse import EventStreamFraming
 from tests.sse import parse_event_stream
-
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.text()

@@ -7,7 +7,8 @@ import pytest
 
 from ingest.pool import DatabaseUnavailable, Pool
 from ingest.store import EventStore
-from tests.conftest import ingest_request as req, wait_until
+from tests.helpers import ingest_request as req
+from tests.helpers import wait_until
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_commit_order_equals_id_order_under_concurrent_writers(database_url):
     done = []
 
     def writer(w):
-        for i in range(30):
+        for _i in range(30):
             with pool.connection() as conn:
                 store.write_batch(conn, [req(client=f"w{w}", n=random.randint(1, 5))])
         done.append(w)

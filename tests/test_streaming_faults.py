@@ -4,7 +4,7 @@ import signal
 import pytest
 
 from embedded.servers import EmbeddedRedis
-from tests.conftest import auth, wait_until
+from tests.helpers import auth, wait_until
 from tests.sse import Stream
 
 SSE = "/api/v1/sse"

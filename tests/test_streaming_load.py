@@ -7,11 +7,13 @@ import socket
 from pathlib import Path
 
 import gevent
+import pytest
 from gevent.pool import Pool as GreenletPool
 
-from tests.conftest import auth, wait_until
+from tests.helpers import EVENTS, SSE, auth, open_stream, publish, wait_until
 from tests.sse import Stream
-from tests.test_streaming import EVENTS, SSE, open_stream, publish
+
+pytestmark = pytest.mark.slow  # several server processes
 
 
 def rss_kb(server) -> int:

@@ -6,8 +6,9 @@ import jwt
 import pytest
 import redis
 
-from streaming.tokens import Grants, TokenVerifier, mint, pattern_to_regex
-from web.problems import Problem
+from auth.grants import Grants, pattern_to_regex
+from auth.tokens import TokenVerifier, mint
+from common.problems import Problem
 
 
 @pytest.mark.parametrize("pattern, stream, allowed", [

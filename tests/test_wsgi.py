@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from tests.conftest import auth
+from tests.helpers import auth
 from web.wsgi import MAX_HEADERS, RequestHeaders
 
 

@@ -8,11 +8,11 @@ let the page read the answer, and their preflights are refused with `403`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from flask import Flask, Response, request
 
-from web.problems import Problem
+from common.problems import Problem
 
 ALLOWED_METHODS = "GET, POST, PUT, DELETE"
 ALLOWED_HEADERS = ("authorization", "content-type", "last-event-id", "idempotency-key",

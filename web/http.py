@@ -8,8 +8,9 @@ import orjson
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from streaming.tokens import Principal, unauthorized
-from web.problems import Problem
+from auth.tokens import Principal
+from common.problems import Problem, unauthorized
+from runtime.services import Services
 
 PROBLEM_MIME = "application/problem+json"
 
@@ -56,9 +57,10 @@ def _read_body(limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def services() -> Any:
-    """The Services object the app factory built (see app.py)."""
-    return current_app.extensions["sluice"]
+def services() -> Services:
+    """The Services object the app factory was given (web/app.py)."""
+    services: Services = current_app.extensions["sluice"]
+    return services
 
 
 def bearer_token(*, allow_query: bool = False, allow_cookie: bool = False) -> str | None:

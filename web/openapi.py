@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-STREAM_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
-TYPE_PATTERN = "^[A-Za-z0-9._:-]{1,64}$"
+from ingest.schema import new_event_schema, stream_schema
 
 
 def _problem(description: str, retry_after: bool = False) -> dict[str, Any]:
@@ -35,7 +34,7 @@ UNAVAILABLE = {"503": _problem("Database unreachable, pool exhausted, backlog fu
 SUBSCRIBE_PARAMS: list[dict[str, Any]] = [
     {"name": "stream", "in": "query", "required": True, "style": "form", "explode": True,
      "schema": {"type": "array", "minItems": 1, "maxItems": 50,
-                "items": {"type": "string", "pattern": STREAM_PATTERN}}},
+                "items": stream_schema()}},
     {"name": "token", "in": "query", "schema": {"type": "string"},
      "description": "Token, for clients that cannot set headers (EventSource); or the "
                     "`sluice_token` cookie. Without any token and with SLUICE_AUTHORIZE_URL "
@@ -52,7 +51,7 @@ SUBSCRIBE_REFUSALS = {
 }
 STREAM_PARAM = {"name": "stream", "in": "path", "required": True,
                 "description": "Stream name; may contain `/`.",
-                "schema": {"type": "string", "pattern": STREAM_PATTERN}}
+                "schema": stream_schema()}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -107,7 +106,7 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [
                         {"name": "clientId", "in": "query", "schema": {"type": "string"}},
                         {"name": "stream", "in": "query",
-                         "schema": {"type": "string", "pattern": STREAM_PATTERN}},
+                         "schema": stream_schema()},
                         {"name": "after", "in": "query", "schema": {"type": "string"},
                          "description": "Resume after this id (`next` of the previous page)."},
                         {"name": "limit", "in": "query",
@@ -234,16 +233,7 @@ SCHEMAS: dict[str, Any] = {
                        "field": {"type": "string"}, "stream": {"type": "string"},
                        "limit": {"type": "integer"}},
     },
-    "NewEvent": {
-        "type": "object", "required": ["stream", "data"], "additionalProperties": False,
-        "properties": {
-            "stream": {"type": "string", "pattern": STREAM_PATTERN},
-            "type": {"type": "string", "pattern": TYPE_PATTERN, "default": "message"},
-            "data": {"description": "Any JSON value, at most 64 KiB encoded."},
-            "key": {"type": "string", "minLength": 1, "maxLength": 200,
-                    "description": "Idempotency key, unique per client."},
-        },
-    },
+    "NewEvent": new_event_schema(),
     "Written": {
         "type": "object", "required": ["events"],
         "properties": {"events": {"type": "array", "items": {

@@ -38,7 +38,7 @@ def install_request_log(app: Flask, out: TextIO | None = None) -> None:
         started = environ.get(START_KEY, time.monotonic())
 
         def write() -> None:
-            line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+            line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
                     **fields, "ms": round((time.monotonic() - started) * 1000, 2)}
             if environ.get(SID_KEY):
                 line["sid"] = environ[SID_KEY]

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from playwright.sync_api import sync_playwright
-
 from eventsource import ARGS, CHROMIUM, say, wait_for
+from playwright.sync_api import sync_playwright
 
 SUBSCRIBE = """([url, token, stream, transport]) => {
   window.got = []; window.statuses = []; window.errors = [];

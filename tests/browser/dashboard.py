@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from playwright.sync_api import sync_playwright
-
 from eventsource import ARGS, CHROMIUM, say, wait_for
+from playwright.sync_api import sync_playwright
 
 REPORT = """() => ({
   series: window.sluiceDashboard.series,

@@ -30,7 +30,7 @@ class AppMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
-        live = {"multiprocess_mode": "livesum"}  # summed over live workers in multiprocess mode
+        live: dict[str, Any] = {"multiprocess_mode": "livesum"}  # summed over live workers
         self.batcher = BatcherMetrics(reg)
         self.events_in = Counter("sluice_events_in", "Events committed by ingest", registry=reg)
         self.events_out = Counter("sluice_events_out", "Event deliveries to subscribers (one "

@@ -19,19 +19,19 @@ Concurrent checks for the same headers and streams share one origin request.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import time
-import urllib.parse
-from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-import gevent
 import orjson
 from gevent.event import AsyncResult
 
-from streaming.tokens import Grants, Principal
-from web.problems import Problem
+from auth.grants import Grants
+from auth.tokens import Principal
+from common.cache import BoundedCache
+from common.origin import OriginClient, OriginError
+from common.problems import Problem
 
 REDIS_KEY = "sluice:authz:{}"
 CACHE_MAX = 10000
@@ -58,24 +58,23 @@ class OriginAuthorizer:
 
     def __init__(self, url: str, *, forward_headers: Sequence[str], timeout_s: float,
                  max_ttl_s: float, redis: Any = None, metrics: Any = None) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.https = parts.scheme == "https"
-        self.host = parts.hostname or ""
-        self.port = parts.port
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.origin = OriginClient(url, timeout_s=timeout_s, user_agent="sluice-authorize",
+                                   max_answer_bytes=MAX_ANSWER_BYTES)
         self.forward_headers = tuple(forward_headers)
         self.timeout_s = timeout_s
         self.max_ttl_s = max_ttl_s
         self.redis = redis
         self.metrics = metrics
-        self._cache: OrderedDict[str, Grant] = OrderedDict()
+        self._cache: BoundedCache[str, Grant] = BoundedCache(CACHE_MAX)
         self._inflight: dict[str, AsyncResult] = {}
 
     def authorize(self, headers: Mapping[str, str], streams: Sequence[str],
                   address: str | None) -> tuple[Principal, str]:
         """The principal the origin grants for these streams, and the key that identifies the
         forwarded credentials (for per-credential limits). Raises Problem or OriginUnavailable."""
-        forwarded = {name: headers[name] for name in self.forward_headers if headers.get(name)}
+        # `headers` is keyed by lower-case name (HTTP header names are case-insensitive).
+        forwarded = {name: headers[name.lower()] for name in self.forward_headers
+                     if headers.get(name.lower())}
         credentials = hashlib.sha256(orjson.dumps(sorted(forwarded.items()))).hexdigest()
         key = hashlib.sha256(f"{credentials}\n{chr(10).join(sorted(streams))}".encode()
                              ).hexdigest()
@@ -106,7 +105,7 @@ class OriginAuthorizer:
         if grant is not None:
             if grant.expires_at > now:
                 return grant
-            del self._cache[key]
+            self._cache.pop(key)
         if self.redis is None:
             return None
         try:
@@ -126,26 +125,22 @@ class OriginAuthorizer:
         return grant
 
     def _remember(self, key: str, grant: Grant) -> None:
-        self._cache[key] = grant
-        self._cache.move_to_end(key)
-        while len(self._cache) > CACHE_MAX:
-            self._cache.popitem(last=False)
+        self._cache.put(key, grant)
 
     # -- the origin ----------------------------------------------------------------------
 
     def _ask(self, key: str, forwarded: dict[str, str], streams: Sequence[str],
              address: str | None) -> Grant:
         body = orjson.dumps({"streams": list(streams)})
-        headers = {**forwarded, "Content-Type": "application/json", "Accept": "application/json",
-                   "User-Agent": "sluice-authorize"}
+        headers = {**forwarded, "Content-Type": "application/json", "Accept": "application/json"}
         if address:
             headers["X-Forwarded-For"] = address
         try:
-            with gevent.Timeout(self.timeout_s):
-                status, content_type, answer = self._post(body, headers)
-        except (gevent.Timeout, OSError, http.client.HTTPException) as exc:
+            reply = self.origin.post(body, headers)
+        except OriginError as exc:
             self._count("unavailable")
-            raise OriginUnavailable(f"the origin did not answer: {exc or 'timeout'}") from None
+            raise OriginUnavailable(f"the origin did not answer: {exc}") from None
+        status, content_type, answer = reply.status, reply.content_type, reply.body
         if 400 <= status < 500:
             self._count("denied")
             raise self._refusal(status, content_type, answer)
@@ -169,17 +164,6 @@ class OriginAuthorizer:
                 except Exception:  # noqa: BLE001 - the process cache still has it
                     pass
         return grant
-
-    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=self.timeout_s)
-        try:
-            conn.request("POST", self.path, body=body, headers=headers)
-            response = conn.getresponse()
-            answer = response.read(MAX_ANSWER_BYTES + 1)
-            return response.status, response.getheader("Content-Type") or "", answer
-        finally:
-            conn.close()
 
     def _grant(self, answer: bytes) -> Grant | None:
         if len(answer) > MAX_ANSWER_BYTES:

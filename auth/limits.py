@@ -7,9 +7,10 @@ these limits bound abuse of one process's memory and sockets rather than give an
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from web.problems import Problem
+from common.problems import Problem
 
 
 def token_key(token: str) -> str:

@@ -1,67 +1,29 @@
-"""Token verification and stream grants: the one place a JWT is decoded or a pattern matched.
+"""Token verification: the one place a JWT is decoded (and minted, for tests and the CLI).
 
 A token is a JWT signed with one of the server's keys (`kid` picks it; without `kid` every key
 that accepts the token's algorithm is tried, which keeps rotation painless). Each key accepts
 exactly one algorithm, fixed by what the key is: a shared secret HS256, an RSA public key RS256,
 a P-256 public key ES256. The token's header never chooses how it is checked, so `alg: none`
-and algorithm confusion (an RS256 public key used as an HS256 secret) cannot verify. Its `publish` and `subscribe` claims are lists of stream
-patterns, compiled once per token into a `Grants` object whose answers are memoised, so a
-permission is decided once, not per event. Verified tokens are cached until they expire.
+and algorithm confusion (an RS256 public key used as an HS256 secret) cannot
+verify. Its `publish` and `subscribe` claims are lists of stream patterns, compiled once per
+token into `auth.grants.Grants`, so a permission is decided once, not per event. Verified tokens
+are cached until they expire.
 """
 from __future__ import annotations
 
-import re
 import time
-from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import jwt
 
-from web.problems import Problem, Unavailable
+from auth.grants import PATTERN_RE, Grants
+from common.cache import BoundedCache
+from common.problems import Unavailable, unauthorized
+from config.keys import load_public_key
 
-PATTERN_RE = re.compile(r"^[A-Za-z0-9._:/*-]{1,200}$")
 JTI_KEY = "sluice:jti:{}"  # Redis key remembering a used single-use token until its exp
-
-
-def pattern_to_regex(pattern: str) -> str:
-    """Compile a stream pattern to a regex valid in both Python and PostgreSQL (`~`).
-
-    `*` matches within one `/`-separated segment, a trailing `/**` matches any depth below,
-    and `**` alone matches every stream.
-    """
-    if pattern == "**":
-        return "^.*$"
-    deep = pattern.endswith("/**")
-    body = pattern[:-3] if deep else pattern
-    if "**" in body:
-        raise ValueError(f"`**` may only stand alone or end a pattern: {pattern!r}")
-    parts = [re.escape(p) if p != "*" else "[^/]*" for p in re.split(r"(\*)", body) if p]
-    regex = "^" + "".join(parts).replace("\\/", "/").replace("\\-", "-").replace("\\:", ":")
-    return regex + ("/.+$" if deep else "$")
-
-
-class Grants:
-    """The set of streams a token grants for one action, with memoised answers."""
-
-    def __init__(self, patterns: Sequence[str]) -> None:
-        self.patterns = tuple(patterns)
-        self.everything = "**" in self.patterns
-        self.regexes = [pattern_to_regex(p) for p in self.patterns]
-        self._compiled = [re.compile(r) for r in self.regexes]
-        self._memo: dict[str, bool] = {}
-
-    def allows(self, stream: str) -> bool:
-        answer = self._memo.get(stream)
-        if answer is None:
-            answer = self.everything or any(r.match(stream) for r in self._compiled)
-            if len(self._memo) < 4096:
-                self._memo[stream] = answer
-        return answer
-
-    def sql_filter(self) -> list[str] | None:
-        """Regexes for the store to filter reads by, or None when everything is granted."""
-        return None if self.everything else list(self.regexes)
 
 
 @dataclass(frozen=True)
@@ -73,29 +35,6 @@ class Principal:
     subscribe: Grants
     expires_at: float
     claims: dict[str, Any]
-
-
-def unauthorized(detail: str) -> Problem:
-    return Problem(401, "invalid-token", detail,
-                   headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-
-
-def load_public_key(pem: str) -> tuple[Any, str]:
-    """A PEM public key and the one algorithm it verifies (RS256 or ES256)."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    try:
-        key = load_pem_public_key(pem.encode())
-    except ValueError as exc:
-        raise ValueError(f"not a PEM public key: {exc}") from None
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < 2048:
-            raise ValueError("RSA public keys must have at least 2048 bits")
-        return key, "RS256"
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return key, "ES256"
-    raise ValueError("public keys must be RSA (RS256) or EC P-256 (ES256)")
 
 
 class TokenVerifier:
@@ -117,25 +56,21 @@ class TokenVerifier:
         self.algorithms = {alg for _, alg in self.keys.values()}
         self.leeway_s = leeway_s
         self.redis = redis
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, Principal] = OrderedDict()
+        self._cache: BoundedCache[str, Principal] = BoundedCache(cache_size)
 
     def verify(self, token: str) -> Principal:
         now = time.time()
         cached = self._cache.get(token)
         if cached is not None:
             if now <= cached.expires_at + self.leeway_s:
-                self._cache.move_to_end(token)
                 return cached
-            del self._cache[token]
+            self._cache.pop(token)
             raise unauthorized("token has expired")
         principal = self._decode(token)
         if principal.claims.get("once") is True:
             self._spend(principal)
-        elif self.cache_size:
-            self._cache[token] = principal
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+        else:
+            self._cache.put(token, principal)
         return principal
 
     def _decode(self, token: str) -> Principal:
@@ -205,7 +140,7 @@ class TokenVerifier:
         try:
             fresh = self.redis.set(JTI_KEY.format(principal.subject + "\x00" + jti), b"1", nx=True,
                                    exat=int(principal.expires_at + self.leeway_s) + 1)
-        except Exception as exc:  # noqa: BLE001 - any Redis failure means we cannot decide
+        except Exception as exc:
             raise Unavailable("cannot check a single-use token right now",
                               slug="redis-unavailable") from exc
         if not fresh:

@@ -1,0 +1,59 @@
+"""The rules an event's fields obey, in one place: the validator (`ingest.validation`), the
+subscribe checks and the OpenAPI document (`web.openapi`) all take them from here, so what is
+accepted and what is documented cannot drift apart."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from common.problems import Problem
+
+STREAM_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
+TYPE_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+KEY_MAX = 200
+DEFAULT_TYPE = "message"
+EVENT_FIELDS = frozenset({"stream", "type", "data", "key"})
+
+STREAM_RE = re.compile(STREAM_PATTERN)
+TYPE_RE = re.compile(TYPE_PATTERN)
+
+
+def valid_stream(name: Any) -> bool:
+    """True for a string that is a legal stream name."""
+    return isinstance(name, str) and STREAM_RE.match(name) is not None
+
+
+def valid_type(name: Any) -> bool:
+    return isinstance(name, str) and TYPE_RE.match(name) is not None
+
+
+def valid_key(key: Any) -> bool:
+    """An idempotency key: 1 to KEY_MAX characters, no NUL."""
+    return isinstance(key, str) and 0 < len(key) <= KEY_MAX and "\x00" not in key
+
+
+def invalid_stream(field: str = "stream") -> Problem:
+    """400 for a stream name (query or path) that breaks the rule."""
+    return Problem(400, "invalid-stream", f"stream names match {STREAM_PATTERN}", field=field)
+
+
+def stream_schema() -> dict[str, Any]:
+    """JSON Schema of a stream name."""
+    return {"type": "string", "pattern": STREAM_PATTERN}
+
+
+def new_event_schema(max_data_bytes: int = 65536) -> dict[str, Any]:
+    """JSON Schema of one event in an ingest body, exactly as `ingest.validation` accepts it
+    (a `key` of null is the same as no key)."""
+    return {
+        "type": "object", "required": ["stream", "data"], "additionalProperties": False,
+        "properties": {
+            "stream": stream_schema(),
+            "type": {"type": "string", "pattern": TYPE_PATTERN, "default": DEFAULT_TYPE},
+            "data": {"description": f"Any JSON value, at most {max_data_bytes // 1024} KiB "
+                                    "encoded."},
+            "key": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": KEY_MAX,
+                               "pattern": "^[^\\u0000]*$"}, {"type": "null"}],
+                    "description": "Idempotency key, unique per client (null: none)."},
+        },
+    }

@@ -1,0 +1,141 @@
+"""The process's services, built once from the settings and handed to the app factory.
+
+`build_services` is the composition root below HTTP: it opens the pool, applies migrations,
+and wires the batcher, the hub, auth, presence, webhooks and metrics together. Nothing here
+knows about Flask; `web.app.create_app` turns a `Services` into an application.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis as redis_lib
+
+from auth.authorize import OriginAuthorizer
+from auth.backoff import Backoff
+from auth.limits import ConnectionLimits
+from auth.tokens import TokenVerifier
+from config.settings import Settings, SettingsError
+from ingest.batcher import Batcher
+from ingest.pool import Pool
+from ingest.store import EventStore
+from runtime.metrics import AppMetrics
+from runtime.stats import snapshot
+from streaming.hub import Hub
+from streaming.presence import Presence
+from streaming.webhooks import WebhookNotifier
+
+log = logging.getLogger("sluice")
+
+
+@dataclass
+class Services:
+    """Everything a process shares between requests, built once and handed to the app."""
+
+    settings: Settings
+    pool: Pool
+    store: EventStore
+    batcher: Batcher
+    tokens: TokenVerifier
+    redis: Any
+    metrics: AppMetrics
+    hub: Hub
+    backoff: Backoff
+    limits: ConnectionLimits
+    presence: Presence
+    authorizer: OriginAuthorizer | None = None
+    notifier: WebhookNotifier | None = None
+    draining: bool = False
+
+    def subscriber_count(self, stream: str) -> int:
+        return self.presence.count(stream)  # every process
+
+    @property
+    def registry(self) -> Any:
+        return self.metrics.registry
+
+    def close(self, timeout: float) -> bool:
+        """Flush the batcher and release connections; True if everything flushed in time."""
+        self.draining = True
+        self.hub.stop()  # every stream ends with a `retry:` hint and resumes elsewhere
+        self.metrics.stop()
+        self.presence.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
+        flushed = self.batcher.stop(timeout)
+        self.pool.close()
+        try:
+            self.redis.close()
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass
+        return flushed
+
+
+def connect_redis(settings: Settings) -> Any:
+    """A Redis client with short timeouts (Heroku Redis: TLS without a verifiable chain)."""
+    url = settings.redis_url or ""
+    tls: dict[str, Any] = {"ssl_cert_reqs": None} \
+        if url.startswith("rediss://") and not settings.redis_verify_tls else {}
+    return redis_lib.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
+                                    health_check_interval=10, **tls)
+
+
+def migrate(settings: Settings) -> list[str]:
+    """Apply the schema migrations (the Procfile's release phase); returns those applied."""
+    pool = Pool(settings.database_url or "", 1, 30, settings.db_connect_timeout_s)
+    try:
+        with pool.connection() as conn:
+            return EventStore().migrate(conn)
+    finally:
+        pool.close()
+
+
+def build_services(settings: Settings) -> Services:
+    """Connect to Postgres and Redis, apply migrations, and start the batcher and the hub."""
+    if not settings.database_url or not settings.redis_url or not (settings.secrets
+                                                                    or settings.public_keys):
+        raise SettingsError("build_services needs DATABASE_URL, REDIS_URL and a key")
+    pool = Pool(settings.database_url, settings.db_pool_size, settings.db_pool_timeout_s,
+                settings.db_connect_timeout_s)
+    store = EventStore()
+    with pool.connection(timeout_s=30) as conn:
+        applied = store.migrate(conn)
+        identity = store.identity(conn)
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    metrics = AppMetrics()
+    batcher = Batcher(store, pool, max_events=settings.batch_max_events,
+                      max_wait_ms=settings.batch_max_wait_ms,
+                      max_backlog=settings.ingest_max_backlog, metrics=metrics.batcher).start()
+    redis = connect_redis(settings)
+    tokens = TokenVerifier(settings.secrets, public_keys=settings.public_keys,
+                           leeway_s=settings.token_leeway_s, redis=redis)
+    hub = Hub(store, pool, redis, channel=f"sluice:{identity}:commits",
+              overflow_counter=metrics.slow_consumers, heartbeat_s=settings.heartbeat_s,
+              write_timeout_s=settings.sse_write_timeout_s,
+              stream_cache_s=settings.stream_cache_s).start()
+    batcher.add_listener(hub.on_commit)
+    backoff = Backoff(redis, base_ms=settings.retry_base_ms, max_ms=settings.retry_max_ms,
+                      window_s=settings.retry_window_s)
+    limits = ConnectionLimits(settings.max_connections_per_token, settings.max_connections_per_ip,
+                              refused=metrics.limited)
+    authorizer = None
+    if settings.authorize_url:
+        authorizer = OriginAuthorizer(settings.authorize_url,
+                                      forward_headers=settings.authorize_forward_headers,
+                                      timeout_s=settings.authorize_timeout_s,
+                                      max_ttl_s=settings.authorize_max_ttl_s, redis=redis,
+                                      metrics=metrics.authorize)
+    notifier = None
+    if settings.webhook_url and settings.webhook_secret:
+        notifier = WebhookNotifier(settings.webhook_url, settings.webhook_secret,
+                                   timeout_s=settings.webhook_timeout_s,
+                                   metrics=metrics.webhook).start()
+    presence = Presence(redis, hub, namespace=f"sluice:{identity}", notifier=notifier,
+                        grace_s=settings.webhook_grace_s).start()
+    services = Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff,
+                        limits, presence, authorizer, notifier)
+    metrics.start(services)
+    presence.stats = lambda: snapshot(services)
+    return services

@@ -1,0 +1,224 @@
+"""One SSE connection, from its preamble to its final `retry:`.
+
+`SSEConnection.stream()` is the response body: the preamble (`retry:` and the connection's
+position), catch-up pages from the store, then live deliveries from the hub's queue (or written
+by the hub itself through a direct sink while the writer idles), and at the end a `retry:` hint
+or, for a deleted stream, `event: end`. The hub's one ticker sends heartbeats and ends stuck
+writes; `DisconnectWatch` notices a client that left while its stream is idle.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import gevent
+import orjson
+
+from ingest.ids import format_position
+from ingest.pool import DatabaseUnavailable
+from streaming.catchup import catch_up
+from streaming.checks import Checked
+from streaming.deps import StreamingServices
+from streaming.direct import Unsent, direct_sink
+from streaming.sse import EventStreamFraming, envelope_body
+from streaming.subscription import HEARTBEAT, LiveEvent, StreamEnded, Subscription
+
+framing = EventStreamFraming()
+COALESCE_MAX = 64  # queued deliveries written in one go
+
+
+def shutdown(sock: Any) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class DisconnectWatch:
+    """Notices a client that went away while its stream is idle, without a greenlet of its own
+    (a parked greenlet per connection costs ~10 KB): an I/O watcher on the event loop calls back
+    when the socket turns readable. EventSource sends nothing after its request, so readable
+    means closed (or, for a client that does send bytes, nothing to act on: stop watching)."""
+
+    def __init__(self, sock: Any, sub: Subscription) -> None:
+        self.raw = getattr(sock, "_sock", sock)
+        self.sub = sub
+        self.io: Any = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1 = readable
+        self.io.start(self._readable)
+
+    def _readable(self) -> None:
+        try:
+            if self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                self.stop()  # the client sent bytes: not an EventSource; nothing to close
+                return
+        except BlockingIOError:
+            return           # woken for nothing: keep watching
+        except OSError:
+            pass
+        self.stop()
+        self.sub.close()
+
+    def stop(self) -> None:
+        if self.io is not None:
+            self.io.stop()
+            self.io.close()
+            self.io = None
+
+
+class SSEConnection:
+    """A subscription admitted by the checks, and everything it writes."""
+
+    def __init__(self, svc: StreamingServices, checked: Checked, sid: str, retry_ms: int,
+                 environ: dict[str, Any], release: Callable[[], None], *, hello: bool = False,
+                 envelope: bool = False) -> None:
+        self.svc = svc
+        self.checked = checked
+        self.sid = sid
+        self.retry_ms = retry_ms
+        self.environ = environ
+        self.release = release
+        self.hello = hello
+        self.opened_at = time.monotonic()
+        self.takeover = checked.sid is not None  # a reconnect: an older connection loses
+        self.sub, self.seam = svc.hub.subscribe(checked.streams, svc.settings.subscriber_queue_max)
+        self.sub.envelope = envelope
+        self.start = self.seam if checked.resume is None else checked.resume
+        svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)
+        self.ended = False
+        self.sock = environ.get("sluice.socket") or environ.get("gunicorn.sock")
+        self.watcher: DisconnectWatch | None = None
+        if self.sock is not None:
+            sock = self.sock
+            self.sub.on_stuck = lambda: shutdown(sock)  # the hub's ticker ends a stuck write
+            self.watcher = DisconnectWatch(sock, self.sub)
+
+    def end(self) -> None:
+        """Leave presence, the hub and the limits, once (from the stream, or at close)."""
+        if self.ended:
+            return
+        self.ended = True
+        self.svc.presence.leave(self.sub, self.sid, self.checked.subject,
+                                takeover=self.takeover)  # recorded first
+        self.svc.hub.unsubscribe(self.sub)
+        self.release()
+
+    # -- writing ------------------------------------------------------------------------------
+    def _write(self, data: bytes) -> Iterator[bytes]:
+        """Yield one chunk to pywsgi, stamped so the hub's ticker can see a stuck write."""
+        sub = self.sub
+        sub.writing_since = time.monotonic()
+        yield data
+        sub.writing_since = 0.0
+        sub.active_at = time.monotonic()
+
+    def _write_unsent(self, data: bytes) -> bool:
+        """Finish a chunk the hub's direct write left half sent (raw bytes, framed already)."""
+        sub = self.sub
+        sub.writing_since = time.monotonic()
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            return False
+        finally:
+            sub.writing_since = 0.0
+        sub.active_at = time.monotonic()
+        return True
+
+    # -- the response body --------------------------------------------------------------------
+    def stream(self) -> Iterator[bytes]:
+        sub = self.sub
+        sub.last = self.start
+        try:
+            preamble = framing.preamble(self.retry_ms, f"{self.sid}.{format_position(self.start)}")
+            if self.hello:  # opt-in: a visible first event, so a client can tell its stream works
+                preamble += framing.body("hello", orjson.dumps({"sid": self.sid}).decode())
+            yield from self._write(preamble)
+            try:
+                if (yield from self._catch_up()):
+                    return  # the client left during catch-up
+            except DatabaseUnavailable:
+                yield framing.retry_only(self.svc.backoff.retry_ms(2))
+                return
+            sub.last = max(sub.last, self.seam)
+            if (yield from self._live()):
+                return
+            # Cut loose (queue full), the server is stopping, or the client left: tell it when
+            # to come back; Last-Event-ID resumes it from `last` with nothing missed.
+            yield framing.retry_only(self.retry_ms)
+        finally:
+            sub.sink = None
+            if time.monotonic() - self.opened_at >= self.svc.settings.retry_reset_after_s \
+                    and not sub.overflowed:
+                self.svc.backoff.healthy(self.sid)  # it stayed up: next reconnect starts short
+            self.end()
+            if self.watcher is not None:
+                self.watcher.stop()
+
+    def _catch_up(self) -> Generator[bytes, None, bool]:
+        """History pages up to the seam; returns True if the subscription closed meanwhile."""
+        sub = self.sub
+        for rows in catch_up(self.svc.pool, self.svc.store, self.checked.streams, self.start,
+                             self.seam, self.svc.settings.catchup_page):
+            if sub.closed and not sub.overflowed:
+                return True
+            if sub.envelope:
+                out = b"".join(framing.with_id(f"{self.sid}.{row.id}",
+                                               envelope_body(row.type, row.data)) for row in rows)
+            else:
+                out = b"".join(framing.encode(f"{self.sid}.{row.id}", row.type, row.data)
+                               for row in rows)
+            yield from self._write(out)
+            sub.last = rows[-1].position
+        return False
+
+    def _live(self) -> Generator[bytes, None, bool]:
+        """Deliveries until the subscription closes; returns True if the stream was deleted
+        (it said `event: end` and must not add a `retry:`)."""
+        sub = self.sub
+        sink = direct_sink(sub, self.environ, self.sid)  # headers are out: the hub may write
+        while True:
+            if sink is not None and sub.queue.empty() and not sub.closed:
+                sub.sink = sink   # idle: the hub writes the next delivery itself
+            item = sub.queue.get()  # the hub's ticker queues heartbeats: no timer here
+            sub.sink = None
+            if isinstance(item, Unsent):
+                if not self._write_unsent(item.data) or (sub.closed and sub.queue.empty()):
+                    return False
+                continue
+            items = [item]
+            while not sub.queue.empty() and len(items) < COALESCE_MAX:
+                items.append(sub.queue.get_nowait())  # coalesce what is waiting: one write
+            out, ended = self._frame(items)
+            if isinstance(ended, StreamEnded):
+                # Deleted: say so and end; the reconnect gets 404 and EventSource stops.
+                out.append(framing.end(orjson.dumps({"stream": ended.stream}).decode()))
+                yield from self._write(b"".join(out))
+                return True
+            if out:
+                yield from self._write(b"".join(out))
+            if ended or (sub.closed and sub.queue.empty()):
+                return False
+
+    def _frame(self, items: list[Any]) -> tuple[list[bytes], StreamEnded | bool]:
+        """The bytes for queued items, and whether (or how) the subscription ended among them."""
+        sub = self.sub
+        out: list[bytes] = []
+        for item in items:
+            if item is None:
+                return out, True
+            if item is HEARTBEAT:
+                out.append(framing.heartbeat())
+                continue
+            if isinstance(item, StreamEnded):
+                return out, item
+            lives: list[LiveEvent] = item
+            for e in lives:
+                if e.position > sub.last:
+                    out.append(framing.with_id(f"{self.sid}.{e.position}",
+                                               e.envelope() if sub.envelope else e.body))
+                    sub.last = e.position
+        return out, False

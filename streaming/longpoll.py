@@ -1,0 +1,68 @@
+"""Long-poll: one answer per request, with the same checks, hub subscription and catch-up as
+SSE. It answers at once with events after the cursor (up to a page), else holds up to the
+timeout for live ones; every answer hands out the cursor and a `sid` to pass back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import orjson
+
+from ingest.ids import format_position
+from streaming.catchup import catch_up
+from streaming.checks import Checked, new_sid
+from streaming.deps import StreamingServices
+from streaming.subscription import HEARTBEAT, StreamEnded
+
+
+@dataclass(frozen=True, slots=True)
+class PollAnswer:
+    events: list[dict[str, Any]]
+    cursor: int
+    sid: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"events": self.events, "cursor": format_position(self.cursor), "sid": self.sid}
+
+
+def poll_event(position: int, stream: str, event_type: str, data: str) -> dict[str, Any]:
+    return {"id": format_position(position), "stream": stream, "type": event_type,
+            "data": orjson.Fragment(data)}
+
+
+def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAnswer:
+    """Wait up to `hold_s` for events of the checked streams after its resume point."""
+    page = svc.settings.catchup_page
+    sid = checked.sid or new_sid()
+    sub, seam = svc.hub.subscribe(checked.streams, svc.settings.subscriber_queue_max)
+    svc.presence.join(sub, sid, checked.subject, takeover=False)
+    try:
+        start = checked.resume
+        if start is None:
+            # "Newer than now" means newer than the last commit, which the hub may not have
+            # heard of yet (a client that just published must not get its own event back).
+            with svc.pool.connection() as conn:
+                start = max(seam, svc.store.last_position(conn))
+        cursor = max(start, seam)
+        events: list[dict[str, Any]] = []
+        for rows in catch_up(svc.pool, svc.store, checked.streams, start, seam, page):
+            events = [poll_event(r.position, r.stream, r.type, r.data) for r in rows]
+            if len(rows) == page:
+                cursor = rows[-1].position  # more history to come: continue from here
+            break
+        if not events and hold_s > 0:
+            with gevent.Timeout(hold_s, False):
+                while not events:
+                    item = sub.queue.get()
+                    if item is None or isinstance(item, StreamEnded):
+                        break  # closed or deleted: answer with what there is
+                    if item is not HEARTBEAT:  # heartbeats mean nothing to a poll: keep waiting
+                        for e in item:
+                            if e.position > cursor and len(events) < page:
+                                events.append(poll_event(e.position, e.stream, e.type, e.data))
+                                cursor = e.position
+    finally:
+        svc.hub.unsubscribe(sub)
+        svc.presence.leave(sub, sid, checked.subject, takeover=False)
+    return PollAnswer(events, cursor, sid)

@@ -1,0 +1,143 @@
+"""How commits travel between processes: Redis pub/sub when it is up, Postgres when it is not.
+
+After each batch commits, the batcher's listener publishes ONE Redis message for the whole batch
+on one channel, `{"a": after, "u": upto, "e": [[position, stream, type, data], ...]}`, and every
+process holds ONE Redis subscription to it (its own messages included). A deleted stream is
+announced on the same channel as `{"end": stream}`. Without Redis a message is handed straight
+to this process's hub, and the hub reads what other processes committed from Postgres
+(`read_range`, `last_position`), so delivery continues.
+
+`subscribe_forever` is the one pub/sub reconnect loop (the hub's relay and presence both use it).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import orjson
+from gevent.event import Event
+
+from ingest.events import Commit
+from ingest.pool import Pool
+from ingest.store import EventStore
+
+log = logging.getLogger("sluice.relay")
+
+CHANNEL = "sluice:commits"       # default Redis channel: one message per committed batch
+FILL_PAGE = 2000                 # rows per Postgres read when filling a hole
+
+# A batch as it travels: [[position, stream, type, data], ...]
+Events = list[list[Any]]
+
+
+def subscribe_forever(redis: Any, channel: str, on_message: Callable[[bytes], None], *,
+                      on_up: Callable[[], None] | None = None,
+                      on_down: Callable[[Exception], None] | None = None,
+                      retry_s: float = 1.0) -> None:
+    """Hold one subscription to `channel`, calling `on_message(data)` for each message;
+    after a failure, `on_down(exc)`, wait `retry_s` and subscribe again. Runs until killed."""
+    while True:
+        pubsub = None
+        try:
+            pubsub = redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(channel)
+            if on_up is not None:
+                on_up()
+            for message in pubsub.listen():
+                if message.get("type") == "message":
+                    on_message(message["data"])
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Redis down: the callers fall back
+            if on_down is not None:
+                on_down(exc)
+        finally:
+            if pubsub is not None:
+                try:
+                    pubsub.close()
+                except Exception:  # noqa: BLE001 - it is being thrown away
+                    pass
+        gevent.sleep(retry_s)
+
+
+class Relay:
+    """Carries commits and stream deletions to every process's hub, and reads the store for
+    what a hub missed. `receive(after, upto, events)` and `end(stream)` are the hub's."""
+
+    def __init__(self, store: EventStore, pool: Pool, redis: Any, *, channel: str = CHANNEL,
+                 retry_s: float = 1.0) -> None:
+        self.store = store
+        self.pool = pool
+        self.redis = redis
+        self.channel = channel
+        self.retry_s = retry_s
+        self.up = False                 # subscribed to Redis right now
+        self.receive: Callable[[int, int, Events], None] = lambda after, upto, events: None
+        self.end: Callable[[str], None] = lambda stream: None
+        self.changed: Callable[[], None] = lambda: None  # Redis came or went: look for holes
+        self.subscribed = Event()
+
+    # -- out ------------------------------------------------------------------------------------
+    def publish_commit(self, commit: Commit) -> None:
+        """Batcher listener: send the batch once to every process (this one included)."""
+        events = [[w.id, w.stream, ev.type, ev.data]
+                  for req in commit.requests
+                  for ev, w in zip(req.events, req.results or (), strict=False)
+                  if not w.duplicate]
+        if not self._publish(orjson.dumps({"a": commit.after, "u": commit.upto, "e": events})):
+            self.receive(commit.after, commit.upto, events)
+
+    def publish_end(self, stream: str) -> None:
+        """A stream was deleted: tell its subscribers in every process."""
+        if not self._publish(orjson.dumps({"end": stream})):
+            self.end(stream)
+
+    def _publish(self, message: bytes) -> bool:
+        if not self.up:
+            return False
+        try:
+            self.redis.publish(self.channel, message)
+            return True
+        except Exception:  # noqa: BLE001 - the caller delivers locally instead
+            log.warning("redis publish failed; delivering locally")
+            self.up = False
+            return False
+
+    # -- in -------------------------------------------------------------------------------------
+    def listen(self) -> None:
+        """The process's one Redis subscription (runs in its own greenlet until killed)."""
+        subscribe_forever(self.redis, self.channel, self._message, on_up=self._up,
+                          on_down=self._down, retry_s=self.retry_s)
+
+    def _message(self, data: bytes) -> None:
+        doc = orjson.loads(data)
+        if "end" in doc:
+            self.end(doc["end"])
+        else:
+            self.receive(doc["a"], doc["u"], doc["e"])
+
+    def _up(self) -> None:
+        self.up = True
+        self.subscribed.set()
+        self.changed()  # messages may have been lost while it was down
+
+    def _down(self, exc: Exception) -> None:
+        if self.up:
+            log.warning("redis subscription lost (%s); polling Postgres", exc)
+        self.up = False
+        self.subscribed.set()
+        self.changed()
+
+    # -- the store --------------------------------------------------------------------------------
+    def last_position(self) -> int:
+        with self.pool.connection() as conn:
+            return self.store.last_position(conn)
+
+    def read_range(self, after: int, upto: int) -> tuple[Events, int]:
+        """Committed events in (after, upto], one page, and the position the page covers up to."""
+        with self.pool.connection() as conn:
+            rows = self.store.read_events(conn, after=after, upto=upto, limit=FILL_PAGE)
+        covered = rows[-1].position if len(rows) == FILL_PAGE else upto
+        return [[r.position, r.stream, r.type, r.data] for r in rows], covered

@@ -1,0 +1,81 @@
+"""What a subscriber is to the hub: its streams and bounded queue (`Subscription`), and what
+that queue carries: deliveries of `LiveEvent`s, `HEARTBEAT`, `StreamEnded`, or None (closed)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gevent.queue import Full, Queue
+
+from streaming.sse import envelope_body
+
+
+@dataclass(slots=True)
+class LiveEvent:
+    """A committed event on its way to subscribers; `body` is shared by all of them."""
+
+    position: int
+    stream: str
+    type: str
+    data: str
+    body: bytes
+    _envelope: bytes | None = None
+
+    def envelope(self) -> bytes:
+        """The body for `?envelope=1` subscribers (a `message` whose data carries the type),
+        built once per event for all of them."""
+        if self._envelope is None:
+            self._envelope = envelope_body(self.type, self.data)
+        return self._envelope
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """Queued instead of a delivery when one of the subscription's streams was deleted."""
+
+    stream: str
+
+
+HEARTBEAT = "heartbeat"  # queued by the hub's ticker when a subscriber has been quiet
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """One subscriber: its streams, decided once, and its bounded queue of deliveries.
+
+    Its writer stamps `active_at` after each write and `writing_since` while a write is in
+    progress, so the hub's one ticker can send heartbeats and end stuck writes for everyone,
+    instead of a timer per subscriber per wait.
+    """
+
+    streams: frozenset[str]
+    queue: Queue
+    overflowed: bool = False
+    closed: bool = False
+    active_at: float = field(default_factory=time.monotonic)
+    writing_since: float = 0.0
+    on_stuck: Callable[[], None] | None = None
+    last: int = 0                       # the last position this subscriber was sent
+    envelope: bool = False              # `?envelope=1`: every event as a typed message
+    # Set by the writer only while it waits on an empty queue: the hub then hands deliveries to
+    # it directly (it must not wait; it queues what it could not write, and unsets itself).
+    sink: Callable[[list[LiveEvent]], None] | None = None
+
+    def close(self) -> None:
+        """End the subscription; wakes its reader (a full queue is drained first, then noticed)."""
+        self.closed = True
+        try:
+            self.queue.put_nowait(None)
+        except Full:
+            pass
+
+    def offer(self, events: list[LiveEvent]) -> bool:
+        """Enqueue one delivery without waiting; False (and overflowed) if the queue is full."""
+        try:
+            self.queue.put_nowait(events)
+            return True
+        except Full:
+            self.overflowed = True
+            self.closed = True
+            return False
