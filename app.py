@@ -32,12 +32,12 @@ from runtime.devenv import (  # noqa: E402
     raise_open_files_limit,
 )
 from runtime.services import build_services, migrate  # noqa: E402
+from web.app import create_app  # noqa: E402
+from web.server import serve  # noqa: E402
 
 
 def wsgi() -> Flask:
     """The WSGI application for gunicorn (`gunicorn 'app:wsgi()'`), built in each worker."""
-    from web.app import create_app
-
     configure_logging()
     settings = prepare_settings(EmbeddedServices())  # URLs come from the master (config/gunicorn.py)
     raise_open_files_limit()
@@ -78,8 +78,6 @@ def main(argv: list[str]) -> None:
         elif argv[:1] == ["token"]:
             token_command(argv[1:])
         elif not argv:
-            from web.server import serve
-
             serve()
         else:
             sys.exit(f"usage: python app.py [migrate | token --sub ID ...]; got {argv}")

@@ -80,7 +80,8 @@ class Proc:
 def run_load(url: str, token: str, pid: int, **kw: object) -> dict:
     args = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--token", token]
     for k, v in kw.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+        flag = f"--{k.replace('_', '-')}"
+        args += [flag] if v is True else [flag, str(v)]
     cpu0 = cpu_seconds(pid)
     out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
     cpu1 = cpu_seconds(pid)

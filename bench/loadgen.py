@@ -12,6 +12,8 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
 import resource  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
@@ -97,6 +99,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0, help="requests/s (open loop); 0 = closed loop")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--realistic", action="store_true",
+                    help="seed 003's shape: every event keyed (random 32-hex), ~120-byte data, "
+                         "streams drawn from 1,000; NDJSON when several per request")
     args = ap.parse_args()
 
     hostport = args.url.split("//", 1)[1].rstrip("/")
@@ -110,6 +115,16 @@ def main() -> None:
     else:
         body = json.dumps([{"stream": f"bench/{i % 16}", "data": data} for i in range(n)]).encode()
     payload = request_bytes(host, int(port), "/api/v1/events", args.token, body)
+
+    def realistic_payload() -> bytes:
+        events = [json.dumps({"stream": f"s/{random.randrange(1000)}", "key": os.urandom(16).hex(),
+                              "data": {"payload": "x" * 100}}) for _ in range(n)]
+        if n == 1:
+            return request_bytes(host, int(port), "/api/v1/events", args.token, events[0].encode())
+        head = (f"POST /api/v1/events HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer "
+                f"{args.token}\r\nContent-Type: application/x-ndjson\r\n")
+        body = "\n".join(events).encode()
+        return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
     latencies: list[float] = []
     last_done = [0.0]
@@ -134,7 +149,7 @@ def main() -> None:
                 due = time.monotonic()
             if due >= end:
                 break
-            status = conn.roundtrip(payload)
+            status = conn.roundtrip(realistic_payload() if args.realistic else payload)
             done = time.monotonic()
             if due >= measure_from:
                 latencies.append(done - due)

@@ -54,6 +54,10 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "MAX_BODY_BYTES": ("1048576", "Largest ingest body (413 past it)."),
     "MAX_BATCH_EVENTS": ("1000", "Most events in one ingest request (413 past it)."),
     "MAX_DATA_BYTES": ("65536", "Largest encoded `data` of one event (400 past it)."),
+    "RETENTION_MAX_AGE_S": ("86400", "How long an event is kept, by default (a stream may override it with `PUT /api/v1/streams/{stream}` `{\"retention\": {\"maxAgeS\": ...}}`); `0` keeps forever."),
+    "RETENTION_MAX_EVENTS": ("0", "Most events kept per stream, by default (a stream may override it: `maxEvents`); `0` = no count limit."),
+    "RETENTION_PRUNE_S": ("60", "How often one process (an advisory lock picks it) removes expired history: whole storage slices past the age, bounded row steps for per-stream limits."),
+    "STORAGE_SLICE_POSITIONS": ("1000000", "Positions per storage slice (a range partition of the events table): expired history goes a slice at a time."),
     "READ_MAX_LIMIT": ("1000", "Largest `limit` a history read accepts."),
     "SUBSCRIBER_QUEUE_MAX": ("1000", "Outbound queue bound per subscriber; a full queue ends the stream with `retry:`."),
     "SUBSCRIBE_MAX_STREAMS": ("50", "Most streams one subscription may name."),
@@ -233,6 +237,10 @@ class Settings:
     webhook_grace_s: float = 5.0
     webhook_timeout_s: float = 5.0
     max_query_params: int = 64
+    retention_max_age_s: int = 86400
+    retention_max_events: int = 0
+    retention_prune_s: float = 60.0
+    storage_slice_positions: int = 1_000_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -300,6 +308,10 @@ class Settings:
             webhook_grace_s=_float(env, "WEBHOOK_GRACE_S"),
             webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", 0.1),
             max_query_params=_int(env, "MAX_QUERY_PARAMS", 1),
+            retention_max_age_s=_int(env, "RETENTION_MAX_AGE_S"),
+            retention_max_events=_int(env, "RETENTION_MAX_EVENTS"),
+            retention_prune_s=_float(env, "RETENTION_PRUNE_S", 0.05),
+            storage_slice_positions=_int(env, "STORAGE_SLICE_POSITIONS", 1),
         )
         if settings.webhook_url and not settings.webhook_secret and production:
             raise SettingsError("SLUICE_WEBHOOK_URL needs SLUICE_WEBHOOK_SECRET (or a "

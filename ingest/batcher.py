@@ -169,13 +169,17 @@ class Batcher:
         elapsed = time.monotonic() - started
         self.flushes += 1
         self.flush_seconds_total += elapsed
-        self.committed_events += sum(len(r.events) for c in commits for r in c.requests)
+        self.committed_events += sum(len(r.events) for c in commits for r in c.requests
+                                     if r.error is None)
         if self.metrics:
             self.metrics.flush_seconds.observe(elapsed)
             self.metrics.batch_events.observe(sum(len(r.events) for r in batch))
         for commit in commits:
             for req in commit.requests:
-                req.done.set(req.results)
+                if req.error is not None:
+                    req.done.set_exception(req.error)
+                else:
+                    req.done.set(req.results)
             for listener in self._listeners:
                 try:
                     listener(commit)

@@ -8,6 +8,8 @@ from typing import Any
 import orjson
 from gevent.event import AsyncResult
 
+from common.problems import Problem
+
 
 @dataclass(slots=True)
 class NewEvent:
@@ -38,6 +40,7 @@ class IngestRequest:
     accepted_at: float = field(default_factory=time.monotonic)
     results: list[Written] | None = None
     cancelled: bool = False
+    error: Problem | None = None   # refused while writing (a reused idempotency key)
     done: AsyncResult = field(default_factory=AsyncResult)
 
 

@@ -16,7 +16,7 @@ from ingest.events import IngestRequest
 from ingest.ids import format_position, parse_position
 from ingest.reads import read_history
 from ingest.schema import invalid_stream, valid_stream
-from ingest.validation import parse_body
+from ingest.validation import parse_body, parse_retention
 from web.http import authenticate, json_response, read_body, services
 
 bp = Blueprint("ingest", __name__)
@@ -84,8 +84,11 @@ def get_events() -> Response:
         with svc.pool.connection() as conn:
             if svc.store.describe_stream(conn, stream) is None:
                 raise unknown_stream(stream)
-    return json_response({"events": [e.to_json() for e in page.events],
-                          "next": format_position(page.next)})
+    body: dict[str, Any] = {"events": [e.to_json() for e in page.events],
+                            "next": format_position(page.next)}
+    if page.reset is not None:
+        body["reset"] = page.reset
+    return json_response(body)
 
 
 def _check_stream_name(stream: str) -> None:
@@ -104,10 +107,14 @@ def _stream_principal(stream: str, action: str) -> Principal:
 
 @bp.put("/api/v1/streams/<path:stream>")
 def put_stream(stream: str) -> Response:
+    """Create the stream (idempotent); with `{"retention": {...}}`, set its overrides."""
     svc = services()
     _stream_principal(stream, "publish")
+    retention = parse_retention(read_body(65536, svc.settings.body_timeout_s))
     with svc.pool.connection() as conn:
         created = svc.store.create_stream(conn, stream)
+        if retention is not None:
+            svc.store.set_retention(conn, stream, *retention)
         info = svc.store.describe_stream(conn, stream)
     if info is None:  # deleted between the two statements
         raise unknown_stream(stream)
@@ -138,5 +145,14 @@ def delete_stream(stream: str) -> Response:
 
 
 def _describe(info: dict[str, Any]) -> dict[str, Any]:
-    return {**info, "subscribers": services().subscriber_count(info["name"])}
+    """A stream as the API shows it: its effective retention, its own overrides (null: the
+    default), the oldest position it holds, and its subscribers in every process."""
+    svc = services()
+    own = info["retention"]
+    effective = {"maxAgeS": svc.settings.retention_max_age_s if own["maxAgeS"] is None
+                 else own["maxAgeS"],
+                 "maxEvents": svc.settings.retention_max_events if own["maxEvents"] is None
+                 else own["maxEvents"]}
+    return {**info, "retention": effective, "retentionOverride": own,
+            "subscribers": svc.subscriber_count(info["name"])}
 

@@ -51,6 +51,10 @@ class Pool:
                 self.dsn, connect_timeout=self.connect_timeout_s,
                 application_name=self.application_name,
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                # Every hot read is an ordered index range that stops after a page. A bitmap
+                # scan reads every matching row and sorts them: the plan that makes a read
+                # cost what the stream holds instead of what it returns.
+                options="-c enable_bitmapscan=off",
             )
         except CONNECTION_ERRORS as exc:
             raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc

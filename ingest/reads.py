@@ -7,21 +7,41 @@ stays the last committed id, so the next page shows it as committed, once).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import psycopg2.extensions
 
 from auth.grants import Grants
 from ingest.batcher import Batcher, pending_events
 from ingest.events import StoredEvent
+from ingest.ids import format_position
 from ingest.pool import Pool
 from ingest.store import EventStore
 
 
 @dataclass
 class Page:
-    """One page of history: committed events first, then pending ones; `next` resumes after."""
+    """One page of history: committed events first, then pending ones; `next` resumes after.
+    `reset` says that history after the requested point is gone (see `history_gone`)."""
 
     events: list[StoredEvent]
     next: int
+    reset: dict[str, Any] | None = None
+
+
+def history_gone(store: EventStore, conn: psycopg2.extensions.connection,
+                 streams: Sequence[str], after: int) -> dict[str, Any] | None:
+    """The `reset` notice for a resume point older than what the streams still hold (events
+    after it were pruned, or the stream was deleted and re-created), or None. SSE sends it as
+    `event: reset`, long-poll and history reads as a `reset` field."""
+    gone = store.history_gone(conn, streams, after)
+    if gone is None:
+        return None
+    names, oldest = gone
+    return {"reason": "history-gone", "streams": names,
+            "oldest": None if oldest is None else format_position(oldest)}
 
 
 def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants, *,
@@ -31,6 +51,8 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
         rows = store.read_events(conn, after=after, limit=limit, client_id=client_id,
                                  streams=None if stream is None else [stream],
                                  stream_regexes=grants.sql_filter())
+        reset = history_gone(store, conn, [stream], after) if stream is not None and after \
+            else None
     next_position = rows[-1].position if rows else after
     if len(rows) < limit:
         committed_ids = {row.id for row in rows}
@@ -48,4 +70,4 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
                 continue
             rows.append(StoredEvent(None, ev.stream, ev.type, ev.data, req.client_id, ev.key,
                                     None, pending=True))
-    return Page(rows, next_position)
+    return Page(rows, next_position, reset)

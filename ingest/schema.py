@@ -57,3 +57,22 @@ def new_event_schema(max_data_bytes: int = 65536) -> dict[str, Any]:
                     "description": "Idempotency key, unique per client (null: none)."},
         },
     }
+
+
+RETENTION_FIELDS = ("maxAgeS", "maxEvents")
+
+
+def retention_schema() -> dict[str, Any]:
+    """JSON Schema of `PUT /api/v1/streams/{stream}`'s optional body, as parse_retention takes it."""
+    value = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}
+    return {
+        "type": "object", "additionalProperties": False,
+        "properties": {"retention": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "maxAgeS": {**value, "description": "Seconds to keep events; 0 keeps forever; "
+                                                    "null: RETENTION_MAX_AGE_S."},
+                "maxEvents": {**value, "description": "Most events kept; 0 = no count limit; "
+                                                      "null: RETENTION_MAX_EVENTS."},
+            }}},
+    }

@@ -14,40 +14,75 @@ idempotency check (look up existing keys, then insert) race-free without a retry
 """
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 
+from common.problems import Problem
 from ingest.events import IngestRequest, StoredEvent, Written
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x511CE  # pg advisory lock key held while migrating
+SLICE_LOCK = 0x511CF      # held while creating slices
+PRUNE_LOCK = 0x511D0      # held by the one process pruning right now
+SLICE_WIDTH = 1_000_000   # positions per slice (STORAGE_SLICE_POSITIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """One partition of `events`: the positions [lo, hi)."""
+
+    name: str
+    lo: int
+    hi: int
 
 
 SQL_RESERVE = "BEGIN; UPDATE sluice_position SET last = last + %s RETURNING last"
+# The events already stored under some (client, key) pairs, with what the key promised.
 SQL_EXISTING_KEYS = (
-    "SELECT e.client_id, e.key, e.id, e.stream FROM events e "
-    "JOIN unnest(%s::text[], %s::text[]) AS k(client_id, key) "
-    "ON e.client_id = k.client_id AND e.key = k.key"
+    "SELECT k.client_id, k.key, k.id, k.stream, e.type, e.data FROM event_keys k "
+    "JOIN unnest(%s::text[], %s::text[]) AS q(client_id, key) "
+    "ON k.client_id = q.client_id AND k.key = q.key "
+    "LEFT JOIN events e ON e.id = k.id"
 )
 SQL_FINISH = (
     "INSERT INTO events (id, stream, type, data, client_id, key) "
     "SELECT i, s, t, d, c, k FROM json_to_recordset(%s::json) "
     "AS r(i bigint, s text, t text, d text, c text, k text); "
-    "INSERT INTO streams (name, last_id) SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+    "INSERT INTO event_keys (client_id, key, id, stream) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[]); "
+    "INSERT INTO streams (name, last_id, pruned_upto) "
+    "SELECT u.n, u.l, COALESCE(t.deleted_upto, 0) FROM unnest(%s::text[], %s::bigint[]) AS u(n, l) "
+    "LEFT JOIN stream_tombstones t ON t.name = u.n "
     "ON CONFLICT (name) DO UPDATE SET last_id = GREATEST(streams.last_id, EXCLUDED.last_id); "
     "COMMIT"
 )
+# One stream's page: an index range scan on (stream, id) in each slice, in slice order.
+SQL_STREAM_PAGE = (
+    "SELECT {cols} FROM events WHERE stream = %s AND id > %s AND id <= %s ORDER BY id LIMIT %s"
+)
+# Several streams: one such range per stream (LATERAL), then the pages merged by position; the
+# sort sees at most streams x limit rows, never a stream's whole history.
+SQL_STREAMS_PAGE = (
+    "SELECT p.* FROM unnest(%s::text[]) AS s(name) CROSS JOIN LATERAL ("
+    " SELECT {cols} FROM events e WHERE e.stream = s.name AND e.id > %s AND e.id <= %s"
+    " ORDER BY e.id LIMIT %s) AS p ORDER BY p.id LIMIT %s"
+)
+UPTO_MAX = 2 ** 63 - 1
 SQL_COMMIT = "COMMIT"
 SQL_ROLLBACK = "ROLLBACK"
 _EVENT_COLUMNS = (
     "id, stream, type, data, client_id, key, "
-    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS created"
 )
 
 
@@ -65,12 +100,34 @@ def _transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.exte
             raise
 
 
+@dataclass(frozen=True, slots=True)
+class KeyedEvent:
+    """What an idempotency key stands for: the event stored (or being stored) under it."""
+
+    id: int
+    stream: str
+    type: str | None
+    data: str | None
+
+    def same_event(self, stream: str, event_type: str, data: str) -> bool:
+        """The same stream, type and data (as JSON values: key order does not matter)."""
+        if self.type is None or self.data is None:  # its row is being pruned: judge by stream
+            return self.stream == stream
+        if self.stream != stream or self.type != event_type:
+            return False
+        return self.data == data or orjson.loads(self.data) == orjson.loads(data)
+
+
 class ReservationFailed(Exception):
     """The first statement of a batch failed: nothing was sent that could have committed."""
 
 
 class EventStore:
-    """Stateless SQL for events and streams; every method takes a borrowed connection."""
+    """SQL for events and streams; every method takes a borrowed connection. Holds only the
+    storage slice width (positions per partition)."""
+
+    def __init__(self, slice_width: int = SLICE_WIDTH) -> None:
+        self.slice_width = slice_width
 
     # -- schema -------------------------------------------------------------------------------
     def migrate(self, conn: psycopg2.extensions.connection) -> list[str]:
@@ -97,11 +154,27 @@ class EventStore:
                     requests: Sequence[IngestRequest]) -> tuple[int, int]:
         """Commit every event of `requests` in one transaction and fill in their results.
 
-        Returns the reserved position range (after, upto]: the position before and after.
+        Returns the reserved position range (after, upto]: the position before and after. A
+        request whose key repeats a different event is refused (`req.error`, 422) and writes
+        nothing; the others commit.
 
         Raises ReservationFailed if the very first round trip failed (safe to retry on another
         connection); any later failure leaves the outcome to the transaction (all or nothing).
+        A batch whose positions run past the last slice creates the slice and is written again.
         """
+        try:
+            return self._write_batch(conn, requests)
+        except psycopg2.errors.CheckViolation as exc:
+            if "no partition" not in str(exc):
+                raise
+        with conn.cursor() as cur:
+            cur.execute("SELECT last FROM sluice_position")
+            last = cur.fetchone()[0]
+        self.ensure_slices(conn, last + sum(len(r.events) for r in requests), self.slice_width)
+        return self._write_batch(conn, requests)
+
+    def _write_batch(self, conn: psycopg2.extensions.connection,
+                     requests: Sequence[IngestRequest]) -> tuple[int, int]:
         total = sum(len(r.events) for r in requests)
         cur = conn.cursor()
         try:
@@ -121,6 +194,7 @@ class EventStore:
                         pass
                 for r in requests:
                     r.results = None
+                    r.error = None
                 raise
         finally:
             cur.close()
@@ -129,9 +203,15 @@ class EventStore:
                         requests: Sequence[IngestRequest], first: int) -> None:
         existing = self._existing_keys(cur, requests)
         next_id = first
-        rows: list[dict] = []
+        rows: list[dict[str, Any]] = []
+        keys: tuple[list[str], list[str], list[int], list[str]] = ([], [], [], [])
         stream_last: dict[str, int] = {}
         for req in requests:
+            conflict = self._key_conflict(req, existing)
+            if conflict is not None:
+                req.error = conflict
+                req.results = None
+                continue
             results: list[Written] = []
             client = req.client_id
             for ev in req.events:
@@ -144,17 +224,38 @@ class EventStore:
                 written = Written(next_id, ev.stream, ev.key)
                 if ev.key is not None:
                     # A later event in this same batch with the same key repeats this one.
-                    existing[(client, ev.key)] = written
+                    existing[(client, ev.key)] = KeyedEvent(next_id, ev.stream, ev.type, ev.data)
+                    keys[0].append(client)
+                    keys[1].append(ev.key)
+                    keys[2].append(next_id)
+                    keys[3].append(ev.stream)
                 results.append(written)
                 stream_last[ev.stream] = next_id
                 rows.append({"i": next_id, "s": ev.stream, "t": ev.type, "d": ev.data, "c": client,
                              "k": ev.key})
             req.results = results
-        cur.execute(SQL_FINISH, (orjson.dumps(rows).decode(), list(stream_last),
+        cur.execute(SQL_FINISH, (orjson.dumps(rows).decode(), *keys, list(stream_last),
                                  list(stream_last.values())))
 
+    @staticmethod
+    def _key_conflict(req: IngestRequest,
+                      existing: dict[tuple[str, str], KeyedEvent]) -> Problem | None:
+        """422 if any key of the request names a different event than it did before (another
+        stream, type or data; the IETF Idempotency-Key draft's rule), else None."""
+        mine: dict[str, KeyedEvent] = {}
+        for ev in req.events:
+            if ev.key is None:
+                continue
+            seen = existing.get((req.client_id, ev.key)) or mine.get(ev.key)
+            if seen is not None and not seen.same_event(ev.stream, ev.type, ev.data):
+                return Problem(422, "idempotency-key-reused",
+                               f"key `{ev.key}` was used for a different event (stream "
+                               f"`{seen.stream}`); use a new key for a new event", key=ev.key)
+            mine.setdefault(ev.key, KeyedEvent(0, ev.stream, ev.type, ev.data))
+        return None
+
     def _existing_keys(self, cur: psycopg2.extensions.cursor,
-                       requests: Sequence[IngestRequest]) -> dict[tuple[str, str], Written]:
+                       requests: Sequence[IngestRequest]) -> dict[tuple[str, str], KeyedEvent]:
         clients: list[str] = []
         keys: list[str] = []
         for req in requests:
@@ -165,7 +266,7 @@ class EventStore:
         if not keys:
             return {}
         cur.execute(SQL_EXISTING_KEYS, (clients, keys))
-        return {(c, k): Written(i, s, k, duplicate=True) for c, k, i, s in cur.fetchall()}
+        return {(c, k): KeyedEvent(i, s, t, d) for c, k, i, s, t, d in cur.fetchall()}
 
     # -- reads --------------------------------------------------------------------------------
     def read_events(self, conn: psycopg2.extensions.connection, *, after: int, limit: int,
@@ -174,30 +275,51 @@ class EventStore:
                     upto: int | None = None) -> list[StoredEvent]:
         """Committed events with after < id (<= upto), oldest first, by client and/or streams.
 
-        `stream_regexes` (POSIX regexes, any of which may match) restricts the result to the
-        streams the caller is granted; None means no restriction.
+        Every shape is an index range scan that stops after `limit` rows: by stream on
+        (stream, id), several streams as one such range each merged by position, by client on
+        (client_id, id), neither on (id). `stream_regexes` (POSIX regexes, any of which may
+        match) restricts a read by client to the streams the caller is granted; None means no
+        restriction (a read by stream was checked against the grants already).
         """
-        where = ["id > %s"]
-        params: list = [after]
-        if upto is not None:
-            where.append("id <= %s")
-            params.append(upto)
-        if client_id is not None:
-            where.append("client_id = %s")
-            params.append(client_id)
-        if streams is not None:
-            where.append("stream = ANY(%s)")
-            params.append(list(streams))
-        if stream_regexes is not None:
-            if not stream_regexes:
-                return []
-            where.append("stream ~ ANY(%s)")
-            params.append(list(stream_regexes))
-        params.append(limit)
-        sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY id LIMIT %s"
+        if stream_regexes is not None and not stream_regexes and streams is None:
+            return []
+        sql, params = self.read_query(after=after, limit=limit, client_id=client_id,
+                                      streams=streams, stream_regexes=stream_regexes, upto=upto)
         with conn.cursor() as cur:
             cur.execute(sql, params)
             return [StoredEvent(*row) for row in cur.fetchall()]
+
+    def read_query(self, *, after: int, limit: int, client_id: str | None = None,
+                   streams: Iterable[str] | None = None,
+                   stream_regexes: Sequence[str] | None = None,
+                   upto: int | None = None) -> tuple[str, list[Any]]:
+        """The statement `read_events` runs, and its parameters (tests EXPLAIN it)."""
+        high = UPTO_MAX if upto is None else upto
+        if streams is not None:
+            names = list(dict.fromkeys(streams))
+            if client_id is not None:
+                sql = SQL_STREAM_PAGE.replace("stream = %s", "stream = ANY(%s) AND client_id = %s")
+                params: list[Any] = [names, client_id, after, high, limit]
+                if len(names) == 1:
+                    sql = SQL_STREAM_PAGE.replace("stream = %s", "stream = %s AND client_id = %s")
+                    params[0] = names[0]
+            elif len(names) == 1:
+                sql, params = SQL_STREAM_PAGE, [names[0], after, high, limit]
+            else:
+                sql, params = SQL_STREAMS_PAGE, [names, after, high, limit, limit]
+        else:
+            where = ["id > %s", "id <= %s"]
+            params = [after, high]
+            if client_id is not None:
+                where.append("client_id = %s")
+                params.append(client_id)
+            if stream_regexes is not None:
+                where.append("stream ~ ANY(%s)")
+                params.append(list(stream_regexes))
+            params.append(limit)
+            sql = ("SELECT {cols} FROM events WHERE " + " AND ".join(where)
+                   + " ORDER BY id LIMIT %s")
+        return sql.format(cols=_EVENT_COLUMNS), params
 
     def last_position(self, conn: psycopg2.extensions.connection) -> int:
         with conn.cursor() as cur:
@@ -206,38 +328,232 @@ class EventStore:
 
     # -- streams ------------------------------------------------------------------------------
     def create_stream(self, conn: psycopg2.extensions.connection, name: str) -> bool:
-        """Create the stream if it does not exist; True if this call created it."""
+        """Create the stream if it does not exist; True if this call created it. A name that
+        was deleted before starts with its history gone up to the deletion."""
         with conn.cursor() as cur:
-            cur.execute("INSERT INTO streams (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
+            cur.execute("INSERT INTO streams (name, pruned_upto) SELECT %s, COALESCE("
+                        "(SELECT deleted_upto FROM stream_tombstones WHERE name = %s), 0) "
+                        "ON CONFLICT (name) DO NOTHING", (name, name))
             return cur.rowcount == 1
+
+    def set_retention(self, conn: psycopg2.extensions.connection, name: str,
+                      max_age_s: int | None, max_events: int | None) -> None:
+        """Set (or, with None, clear) a stream's retention overrides."""
+        with conn.cursor() as cur:
+            cur.execute("UPDATE streams SET retention_max_age_s = %s, retention_max_events = %s, "
+                        "count_checked_id = 0 WHERE name = %s", (max_age_s, max_events, name))
 
     def describe_stream(self, conn: psycopg2.extensions.connection,
                         name: str) -> dict[str, Any] | None:
+        """The stream's row: name, last id, creation time, retention overrides, and the oldest
+        position it still holds (None when it holds nothing)."""
         with conn.cursor() as cur:
             cur.execute(
                 "SELECT name, last_id, to_char(created_at AT TIME ZONE 'UTC',"
-                " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM streams WHERE name = %s", (name,))
+                " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), retention_max_age_s, retention_max_events,"
+                " (SELECT id FROM events WHERE stream = %s ORDER BY id LIMIT 1)"
+                " FROM streams WHERE name = %s", (name, name))
             row = cur.fetchone()
         if row is None:
             return None
-        return {"name": row[0], "lastId": str(row[1]) if row[1] else None, "createdAt": row[2]}
+        return {"name": row[0], "lastId": str(row[1]) if row[1] else None, "createdAt": row[2],
+                "retention": {"maxAgeS": row[3], "maxEvents": row[4]},
+                "oldest": None if row[5] is None else str(row[5])}
 
-    def existing_streams(self, conn: psycopg2.extensions.connection, names: Sequence[str]) -> set[str]:
+    def existing_streams(self, conn: psycopg2.extensions.connection,
+                         names: Sequence[str]) -> set[str]:
         with conn.cursor() as cur:
             cur.execute("SELECT name FROM streams WHERE name = ANY(%s)", (list(names),))
             return {row[0] for row in cur.fetchall()}
 
+    def history_gone(self, conn: psycopg2.extensions.connection, names: Sequence[str],
+                     after: int) -> tuple[list[str], int | None] | None:
+        """If some of `names` lost history after position `after` (pruned, or deleted and
+        re-created), those streams and the oldest position they still hold; else None."""
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT s.name, (SELECT id FROM events e WHERE e.stream = s.name ORDER BY e.id"
+                " LIMIT 1) FROM streams s WHERE s.name = ANY(%s) AND s.pruned_upto > %s",
+                (list(names), after))
+            rows = cur.fetchall()
+        if not rows:
+            return None
+        held = [r[1] for r in rows if r[1] is not None]
+        return sorted(r[0] for r in rows), (min(held) if held else None)
+
     def delete_stream(self, conn: psycopg2.extensions.connection, name: str) -> bool:
-        """Delete a stream and its history; True if it existed.
+        """Delete a stream, its history and its keys; True if it existed. Its name is
+        remembered with the position, so a re-created stream says old history is gone.
 
         Takes the position lock so no batch writes to the stream halfway through the delete.
         """
         with _transaction(conn) as cur:
             cur.execute("SELECT last FROM sluice_position FOR UPDATE")
+            last = cur.fetchone()[0]
             cur.execute("DELETE FROM streams WHERE name = %s", (name,))
             existed = cur.rowcount == 1
             cur.execute("DELETE FROM events WHERE stream = %s", (name,))
+            cur.execute("DELETE FROM event_keys WHERE stream = %s", (name,))
+            if existed:
+                cur.execute("INSERT INTO stream_tombstones (name, deleted_upto) VALUES (%s, %s) "
+                            "ON CONFLICT (name) DO UPDATE SET deleted_upto = EXCLUDED.deleted_upto",
+                            (name, last))
         return existed
+
+    # -- slices and retention -------------------------------------------------------------------
+    def slices(self, conn: psycopg2.extensions.connection) -> list[Slice]:
+        """The partitions of `events`, oldest first."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                        "JOIN pg_class c ON c.oid = i.inhrelid "
+                        "WHERE i.inhparent = 'events'::regclass")
+            found = []
+            for name, bound in cur.fetchall():
+                lo, hi = (int(v) for v in re.findall(r"\('?(-?\d+)'?\)", bound))
+                found.append(Slice(name, lo, hi))
+        return sorted(found, key=lambda s: s.lo)
+
+    def ensure_slices(self, conn: psycopg2.extensions.connection, upto: int,
+                      width: int | None = None) -> list[str]:
+        """Create slices until positions up to `upto` have one; returns the names created.
+        Each is made empty and attached (SHARE UPDATE EXCLUSIVE on `events`: reads and writes
+        go on), under an advisory lock so processes do not race."""
+        width = width or self.slice_width
+        created: list[str] = []
+        with _transaction(conn) as cur:
+            cur.execute("SET LOCAL lock_timeout = '5s'")
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (SLICE_LOCK,))
+            existing = self.slices(conn)
+            hi = existing[-1].hi if existing else 0
+            while hi <= upto:
+                name = f"events_s{hi}"
+                cur.execute(f"CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS)")
+                cur.execute(f"ALTER TABLE {name} ADD CONSTRAINT {name}_range "
+                            f"CHECK (id >= {hi} AND id < {hi + width})")
+                cur.execute(f"ALTER TABLE events ATTACH PARTITION {name} "
+                            f"FOR VALUES FROM ({hi}) TO ({hi + width})")
+                cur.execute(f"ALTER TABLE {name} DROP CONSTRAINT {name}_range")
+                created.append(name)
+                hi += width
+        return created
+
+    def slice_newest(self, conn: psycopg2.extensions.connection,
+                     piece: Slice) -> tuple[int, float] | None:
+        """The newest event of a slice: (position, age in seconds), or None if it is empty."""
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT id, extract(epoch FROM now() - created_at) FROM {piece.name} "
+                        "ORDER BY id DESC LIMIT 1")
+            row = cur.fetchone()
+        return None if row is None else (row[0], float(row[1]))
+
+    def retention_exempt(self, conn: psycopg2.extensions.connection,
+                         default_age_s: int) -> list[str]:
+        """Streams that keep history longer than the default age (0 means forever)."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT name FROM streams WHERE retention_max_age_s = 0 "
+                        "OR retention_max_age_s > %s", (default_age_s,))
+            return [row[0] for row in cur.fetchall()]
+
+    def drop_slice(self, conn: psycopg2.extensions.connection, piece: Slice,
+                   keep: Sequence[str], step: int = 50_000) -> int:
+        """Remove a slice whose events have all expired, except those of the `keep` streams
+        (longer retention), which stay in a compacted copy of the slice. Records, per stream
+        that lost events, that its history up to the slice's end is gone. Returns the number of
+        events removed. Costs one pass over the slice, whatever the total history."""
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT DISTINCT stream FROM {piece.name}")
+            streams = [row[0] for row in cur.fetchall() if row[0] not in set(keep)]
+            cur.execute(f"SELECT count(*) FROM {piece.name}")
+            total = cur.fetchone()[0]
+        kept = 0
+        while True:  # the slice's keys first, in bounded steps (a key lives as long as its event)
+            with conn.cursor() as cur:
+                cur.execute("DELETE FROM event_keys WHERE ctid = ANY(ARRAY(SELECT ctid FROM "
+                            "event_keys WHERE id >= %s AND id < %s AND NOT stream = ANY(%s) "
+                            "LIMIT %s))", (piece.lo, piece.hi, list(keep), step))
+                if cur.rowcount < step:
+                    break
+        with conn.cursor() as cur:
+            if keep:
+                cur.execute(f"SELECT count(*) FROM {piece.name} WHERE stream = ANY(%s)",
+                            (list(keep),))
+                kept = cur.fetchone()[0]
+        if kept:
+            self._compact_slice(conn, piece, keep)
+        else:
+            with conn.cursor() as cur:
+                cur.execute("SET lock_timeout = '5s'")
+                cur.execute(f"ALTER TABLE events DETACH PARTITION {piece.name} CONCURRENTLY")
+                cur.execute(f"DROP TABLE {piece.name}")
+                cur.execute("RESET lock_timeout")
+        with conn.cursor() as cur:
+            cur.execute("UPDATE streams SET pruned_upto = GREATEST(pruned_upto, %s) "
+                        "WHERE name = ANY(%s)", (piece.hi - 1, streams))
+        return total - kept
+
+    def _compact_slice(self, conn: psycopg2.extensions.connection, piece: Slice,
+                       keep: Sequence[str]) -> None:
+        """Swap a slice for a copy holding only the `keep` streams' events."""
+        copy = f"events_c{piece.lo}_{int(time.time())}"
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE TABLE {copy} (LIKE events INCLUDING DEFAULTS)")
+            cur.execute(f"INSERT INTO {copy} SELECT * FROM {piece.name} WHERE stream = ANY(%s)",
+                        (list(keep),))
+            cur.execute(f"ALTER TABLE {copy} ADD CONSTRAINT {copy}_range "
+                        f"CHECK (id >= {piece.lo} AND id < {piece.hi})")
+        with _transaction(conn) as cur:
+            cur.execute("SET LOCAL lock_timeout = '5s'")
+            cur.execute(f"ALTER TABLE events DETACH PARTITION {piece.name}")
+            cur.execute(f"ALTER TABLE events ATTACH PARTITION {copy} "
+                        f"FOR VALUES FROM ({piece.lo}) TO ({piece.hi})")
+            cur.execute(f"ALTER TABLE {copy} DROP CONSTRAINT {copy}_range")
+            cur.execute(f"DROP TABLE {piece.name}")
+
+    def streams_to_trim(self, conn: psycopg2.extensions.connection, default_age_s: int,
+                        default_max_events: int) -> list[tuple[str, int, int]]:
+        """(stream, max age s or 0, max events or 0) for each stream whose own rules remove
+        events row by row: an age of its own (shorter than the default, or longer: its events
+        outlive their slices in compacted copies), or a count limit (only streams that
+        received events since they were last counted)."""
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT name, COALESCE(retention_max_age_s, 0), COALESCE(retention_max_events, %s)"
+                " FROM streams WHERE (retention_max_age_s > 0 AND (%s = 0 OR retention_max_age_s"
+                " <> %s)) OR (COALESCE(retention_max_events, %s) > 0 AND last_id > count_checked_id)",
+                (default_max_events, default_age_s, default_age_s, default_max_events))
+            return [(r[0], int(r[1]), int(r[2])) for r in cur.fetchall()]
+
+    def trim_stream(self, conn: psycopg2.extensions.connection, stream: str, max_age_s: int,
+                    max_events: int, step: int = 5000) -> int:
+        """Delete one bounded step of a stream's expired events (older than `max_age_s`, or
+        beyond its newest `max_events`; 0 = no such limit) with their keys, oldest first;
+        returns how many went (0: nothing more to do now)."""
+        with conn.cursor() as cur:
+            cutoff = -1  # with a count limit: every id up to this one is beyond it
+            if max_events:
+                cur.execute("SELECT id FROM events WHERE stream = %s ORDER BY id DESC "
+                            "OFFSET %s LIMIT 1", (stream, max_events))
+                row = cur.fetchone()
+                cutoff = row[0] if row else -1
+            cur.execute(
+                "WITH page AS (SELECT id FROM events WHERE stream = %s ORDER BY id LIMIT %s) "
+                "DELETE FROM events e USING page WHERE e.stream = %s AND e.id = page.id AND "
+                "(e.id <= %s OR (%s > 0 AND e.created_at < now() - make_interval(secs => %s))) "
+                "RETURNING e.id, e.client_id, e.key",
+                (stream, step, stream, cutoff, max_age_s, float(max_age_s)))
+            gone = cur.fetchall()
+            keyed = [(c, k) for _, c, k in gone if k is not None]
+            if keyed:
+                cur.execute("DELETE FROM event_keys WHERE (client_id, key) IN "
+                            "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+                            ([c for c, _ in keyed], [k for _, k in keyed]))
+            if gone:
+                cur.execute("UPDATE streams SET pruned_upto = GREATEST(pruned_upto, %s) "
+                            "WHERE name = %s", (max(r[0] for r in gone), stream))
+            elif max_events:
+                cur.execute("UPDATE streams SET count_checked_id = last_id WHERE name = %s",
+                            (stream,))
+        return len(gone)
 
     def identity(self, conn: psycopg2.extensions.connection) -> str:
         """Names this database uniquely (cluster system id + database), for Redis channels."""

@@ -14,6 +14,7 @@ from ingest.schema import (
     DEFAULT_TYPE,
     EVENT_FIELDS,
     KEY_MAX,
+    RETENTION_FIELDS,
     STREAM_PATTERN,
     TYPE_PATTERN,
     valid_key,
@@ -114,3 +115,38 @@ def _event(item: Any, index: int | None, max_data_bytes: int) -> NewEvent:
         raise bad_event(index, "key", f"`key` must be a string of 1 to {KEY_MAX} characters "
                         "without NUL")
     return NewEvent(stream, etype, data.decode(), key)
+
+
+def parse_retention(body: bytes) -> tuple[int | None, int | None] | None:
+    """The retention overrides in a stream's PUT body (None: the body sets none; an empty body
+    is fine), or a 400 problem naming the field; nothing is changed on a problem."""
+    if not body.strip():
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, "invalid-json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise Problem(400, "invalid-json", 'body must be {"retention": {...}}')
+    unknown = sorted(doc.keys() - {"retention"})
+    if unknown:
+        raise Problem(400, "invalid-retention", f"unknown field `{unknown[0]}`", field=unknown[0])
+    if "retention" not in doc:
+        return None
+    rules = doc["retention"]
+    if not isinstance(rules, dict):
+        raise Problem(400, "invalid-retention", "`retention` must be an object",
+                      field="retention")
+    unknown = sorted(rules.keys() - set(RETENTION_FIELDS))
+    if unknown:
+        raise Problem(400, "invalid-retention", f"unknown field `retention.{unknown[0]}`",
+                      field=f"retention.{unknown[0]}")
+    values: list[int | None] = []
+    for name in RETENTION_FIELDS:
+        value = rules.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value <= 2 ** 62):
+            raise Problem(400, "invalid-retention", f"`retention.{name}` must be a whole number "
+                          "from 0 up, or null for the default", field=f"retention.{name}")
+        values.append(value)
+    return values[0], values[1]

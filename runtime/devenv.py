@@ -47,6 +47,7 @@ class EmbeddedServices:
         self.children: list[Any] = []
 
     def complete(self, settings: Settings) -> Settings:
+        # Imported only when a URL is unset: production never loads the embedded supervisors.
         from embedded.servers import EmbeddedPostgres, EmbeddedRedis
 
         data_dir = Path(settings.data_dir)

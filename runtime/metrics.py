@@ -65,6 +65,8 @@ class AppMetrics:
                                "or MAX_RECONNECTS", ["limit"], registry=reg)
         self.webhook = Counter("sluice_webhook_notices", "Subscription notices for the origin by "
                                "outcome (sent, dropped)", ["outcome"], registry=reg)
+        self.pruned = Counter("sluice_retention_removed", "Expired history removed by retention "
+                              "(events, and whole storage slices)", ["what"], registry=reg)
         self._children: dict[tuple[str, int], Any] = {}
         self._delivered_seen = 0
         self._refresher: gevent.Greenlet | None = None

@@ -19,6 +19,7 @@ from auth.tokens import TokenVerifier
 from config.settings import Settings, SettingsError
 from ingest.batcher import Batcher
 from ingest.pool import Pool
+from ingest.retention import Pruner
 from ingest.store import EventStore
 from runtime.metrics import AppMetrics
 from runtime.stats import snapshot
@@ -44,6 +45,7 @@ class Services:
     backoff: Backoff
     limits: ConnectionLimits
     presence: Presence
+    pruner: Pruner | None = None
     authorizer: OriginAuthorizer | None = None
     notifier: WebhookNotifier | None = None
     draining: bool = False
@@ -61,6 +63,8 @@ class Services:
         self.hub.stop()  # every stream ends with a `retry:` hint and resumes elsewhere
         self.metrics.stop()
         self.presence.stop()
+        if self.pruner is not None:
+            self.pruner.stop()
         if self.notifier is not None:
             self.notifier.stop()
         flushed = self.batcher.stop(timeout)
@@ -84,9 +88,12 @@ def connect_redis(settings: Settings) -> Any:
 def migrate(settings: Settings) -> list[str]:
     """Apply the schema migrations (the Procfile's release phase); returns those applied."""
     pool = Pool(settings.database_url or "", 1, 30, settings.db_connect_timeout_s)
+    store = EventStore(settings.storage_slice_positions)
     try:
         with pool.connection() as conn:
-            return EventStore().migrate(conn)
+            applied = store.migrate(conn)
+            store.ensure_slices(conn, store.last_position(conn) + settings.storage_slice_positions)
+            return applied
     finally:
         pool.close()
 
@@ -98,10 +105,11 @@ def build_services(settings: Settings) -> Services:
         raise SettingsError("build_services needs DATABASE_URL, REDIS_URL and a key")
     pool = Pool(settings.database_url, settings.db_pool_size, settings.db_pool_timeout_s,
                 settings.db_connect_timeout_s)
-    store = EventStore()
+    store = EventStore(settings.storage_slice_positions)
     with pool.connection(timeout_s=30) as conn:
         applied = store.migrate(conn)
         identity = store.identity(conn)
+        store.ensure_slices(conn, store.last_position(conn) + settings.storage_slice_positions)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
     metrics = AppMetrics()
@@ -134,8 +142,11 @@ def build_services(settings: Settings) -> Services:
                                    metrics=metrics.webhook).start()
     presence = Presence(redis, hub, namespace=f"sluice:{identity}", notifier=notifier,
                         grace_s=settings.webhook_grace_s).start()
+    pruner = Pruner(store, pool, max_age_s=settings.retention_max_age_s,
+                    max_events=settings.retention_max_events, every_s=settings.retention_prune_s,
+                    slice_width=settings.storage_slice_positions, metrics=metrics.pruned).start()
     services = Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff,
-                        limits, presence, authorizer, notifier)
+                        limits, presence, pruner, authorizer, notifier)
     metrics.start(services)
     presence.stats = lambda: snapshot(services)
     return services

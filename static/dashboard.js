@@ -104,6 +104,14 @@
         list.insertBefore(li, list.firstChild);
         while (list.children.length > 200) list.removeChild(list.lastChild);
       },
+      onReset: function (notice) {  // retention pruned the start: say where history begins
+        var li = document.createElement("li");
+        li.className = "reset";
+        li.textContent = "history before " + (notice.oldest ? "#" + notice.oldest : "now") +
+          " is gone (" + notice.reason + ": " + notice.streams.join(", ") + ")";
+        var list = $("tail");
+        list.insertBefore(li, list.firstChild);
+      },
       onStatus: function (s) { if (s !== "closed") $("tail-status").textContent = s; },
       onError: function (p) {
         $("tail-status").textContent = (p.status || "") + " " + (p.detail || "refused");

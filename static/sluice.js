@@ -13,6 +13,9 @@
  *     onEvent: (e) => {},           // every event: {id, type, data, stream?}
  *     onStatus: (s) => {},          // "connecting" | "open" | "polling" | "ended" | "closed"
  *     onError: (problem) => {},     // refused for good (401/403/404...): the problem body
+ *     onReset: (notice) => {},      // history after the resume point is gone (retention, or
+ *                                   // the stream was re-created): {reason, streams, oldest};
+ *                                   // what is still held follows
  *   });
  *   sub.on("chat", (e) => {});      // events of one type (any type, in both transports)
  *   sub.lastEventId;                // where it would resume from
@@ -111,6 +114,10 @@
     for (var i = 0; i < list.length; i++) list[i](event);
   };
 
+  Subscription.prototype._reset = function (notice) {
+    if (this.options.onReset) this.options.onReset(notice);
+  };
+
   Subscription.prototype._refused = function (status, body) {
     var problem = body;
     try { problem = JSON.parse(body); } catch (e) { problem = {status: status, detail: body}; }
@@ -131,6 +138,7 @@
       self.backoffMs = BACKOFF_FIRST_MS;
       self.lastEventId = e.lastEventId || self.lastEventId;
       var wrapped = JSON.parse(e.data);
+      if (wrapped.reset) return self._reset(wrapped.reset);  // no id: the position stays
       var id = (e.lastEventId || "").split(".").pop();
       self._dispatch({id: id, type: wrapped.type, data: wrapped.data,
                       lastEventId: e.lastEventId});
@@ -241,6 +249,7 @@
       if (status === 200) {
         var page = JSON.parse(body);
         self.sid = page.sid;
+        if (page.reset) self._reset(page.reset);
         self.backoffMs = BACKOFF_FIRST_MS;
         for (var i = 0; i < page.events.length; i++) {
           var e = page.events[i];

@@ -18,11 +18,12 @@ import orjson
 
 from ingest.ids import format_position
 from ingest.pool import DatabaseUnavailable
+from ingest.reads import history_gone
 from streaming.catchup import catch_up
 from streaming.checks import Checked
 from streaming.deps import StreamingServices
 from streaming.direct import Unsent, direct_sink
-from streaming.sse import EventStreamFraming, envelope_body
+from streaming.sse import EventStreamFraming, envelope_body, envelope_reset
 from streaming.subscription import HEARTBEAT, LiveEvent, StreamEnded, Subscription
 
 framing = EventStreamFraming()
@@ -138,6 +139,10 @@ class SSEConnection:
                 preamble += framing.body("hello", orjson.dumps({"sid": self.sid}).decode())
             yield from self._write(preamble)
             try:
+                if self.checked.resume is not None:
+                    reset = self._reset()
+                    if reset is not None:  # history gone: say so before what is left
+                        yield from self._write(reset)
                 if (yield from self._catch_up()):
                     return  # the client left during catch-up
             except DatabaseUnavailable:
@@ -157,6 +162,16 @@ class SSEConnection:
             self.end()
             if self.watcher is not None:
                 self.watcher.stop()
+
+    def _reset(self) -> bytes | None:
+        """`event: reset` if history after the resume point is gone (no id: the resume
+        position stays); as a `message` envelope for `?envelope=1` clients."""
+        with self.svc.pool.connection() as conn:
+            notice = history_gone(self.svc.store, conn, self.checked.streams, self.start)
+        if notice is None:
+            return None
+        data = orjson.dumps(notice).decode()
+        return envelope_reset(data) if self.sub.envelope else framing.body("reset", data)
 
     def _catch_up(self) -> Generator[bytes, None, bool]:
         """History pages up to the seam; returns True if the subscription closed meanwhile."""

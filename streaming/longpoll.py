@@ -10,6 +10,7 @@ import gevent
 import orjson
 
 from ingest.ids import format_position
+from ingest.reads import history_gone
 from streaming.catchup import catch_up
 from streaming.checks import Checked, new_sid
 from streaming.deps import StreamingServices
@@ -21,9 +22,14 @@ class PollAnswer:
     events: list[dict[str, Any]]
     cursor: int
     sid: str
+    reset: dict[str, Any] | None = None  # history after the cursor is gone
 
     def to_json(self) -> dict[str, Any]:
-        return {"events": self.events, "cursor": format_position(self.cursor), "sid": self.sid}
+        body: dict[str, Any] = {"events": self.events, "cursor": format_position(self.cursor),
+                                "sid": self.sid}
+        if self.reset is not None:
+            body["reset"] = self.reset
+        return body
 
 
 def poll_event(position: int, stream: str, event_type: str, data: str) -> dict[str, Any]:
@@ -37,8 +43,12 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
     sid = checked.sid or new_sid()
     sub, seam = svc.hub.subscribe(checked.streams, svc.settings.subscriber_queue_max)
     svc.presence.join(sub, sid, checked.subject, takeover=False)
+    reset = None
     try:
         start = checked.resume
+        if start is not None:
+            with svc.pool.connection() as conn:
+                reset = history_gone(svc.store, conn, checked.streams, start)
         if start is None:
             # "Newer than now" means newer than the last commit, which the hub may not have
             # heard of yet (a client that just published must not get its own event back).
@@ -65,4 +75,4 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
     finally:
         svc.hub.unsubscribe(sub)
         svc.presence.leave(sub, sid, checked.subject, takeover=False)
-    return PollAnswer(events, cursor, sid)
+    return PollAnswer(events, cursor, sid, reset)

@@ -82,6 +82,12 @@ def envelope_body(event_type: str, data: str) -> bytes:
                                                                      data.encode())
 
 
+def envelope_reset(notice_json: str) -> bytes:
+    """The history-gone notice for `?envelope=1` subscribers: a `message` whose data is
+    `{"reset": {...}}` (no `type` key, so it cannot be mistaken for an event called reset)."""
+    return b'event: message\ndata: {"reset":%s}\n\n' % _single_line("data", notice_json).encode()
+
+
 def id_prefix(sid: str) -> bytes:
     """The start of every `id:` line of one connection (a sid is [a-z2-7]: safe as is)."""
     return b"id: " + sid.encode("ascii") + b"."

@@ -16,8 +16,9 @@ pytestmark = needs_chromium
 class Page(BrowserHelper):
     """tests/browser/client.py: a page using static/sluice.js."""
 
-    def __init__(self, page_url, sluice_url, stream, transport, tok=None):
-        super().__init__("client.py", page_url, sluice_url, tok or token(), stream, transport)
+    def __init__(self, page_url, sluice_url, stream, transport, tok=None, last_event_id=None):
+        super().__init__("client.py", page_url, sluice_url, tok or token(), stream, transport,
+                         *([last_event_id] if last_event_id else []))
 
     def report(self):
         return self.command("report")
@@ -150,3 +151,25 @@ def test_client_polls_where_eventsource_is_missing(make_server, database_url):
     page.finish()
     assert report["transport"] == "poll" and report["statuses"][0] == "polling"
     assert [g["id"] for g in report["got"]] == ids
+
+
+@pytest.mark.parametrize("transport", ["sse", "poll"])
+def test_client_surfaces_history_gone_then_gets_what_is_left(make_server, database_url,
+                                                            transport):
+    server = make_server(database_url, STORAGE_SLICE_POSITIONS="10", RETENTION_PRUNE_S="0.2")
+    server.put("/api/v1/streams/short/browser", json={"retention": {"maxEvents": 2}},
+               headers=auth())
+    ids = [publish(server, "short/browser", n) for n in range(5)]
+
+    def pruned():
+        r = server.get("/api/v1/events", params={"stream": "short/browser"}, headers=auth())
+        return [e["data"] for e in r.json()["events"]] == [3, 4]
+
+    wait_until(pruned, 30, message="the count limit to prune")
+    page = Page(server.url, server.url, "short/browser", transport, last_event_id="0")
+    assert page.read()["step"] == "subscribed"
+    report = page.wait_for_events(2)
+    page.finish()
+    assert report["resets"] == [{"reason": "history-gone", "streams": ["short/browser"],
+                                 "oldest": ids[3]}]
+    assert [(g["id"], g["data"]) for g in report["got"]] == [(ids[3], 3), (ids[4], 4)]

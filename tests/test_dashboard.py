@@ -79,3 +79,25 @@ def test_stats_streams_count_against_the_token_limit(make_server, database_url):
         second.close()
     finally:
         first.close()
+
+
+def test_explorer_shows_that_history_is_gone(make_server, database_url):
+    server = make_server(database_url, STORAGE_SLICE_POSITIONS="10", RETENTION_PRUNE_S="0.2")
+    server.put("/api/v1/streams/dash/short", json={"retention": {"maxEvents": 2}},
+               headers=auth())
+    ids = [server.post("/api/v1/events", json={"stream": "dash/short", "data": n},
+                       headers=auth()).json()["events"][0]["id"] for n in range(4)]
+
+    def pruned():
+        r = server.get("/api/v1/events", params={"stream": "dash/short"}, headers=auth())
+        return len(r.json()["events"]) == 2
+
+    wait_until(pruned, 30, message="the count limit to prune")
+    page = Dashboard(server, token("viewer", publish=(), subscribe=["dash/*"]))
+    assert page.read()["step"] == "live"
+    page.command("tail dash/short")
+    report = wait_until(lambda: (r := page.command("report")) and len(r["tail"]) >= 2 and r,
+                        15, 0.3, "the explorer to show what is left")
+    page.finish()
+    assert [row["id"] for row in report["tail"]] == [ids[3], ids[2]]
+    assert report["resets"] == [f"history before #{ids[2]} is gone (history-gone: dash/short)"]

@@ -120,6 +120,7 @@ def test_runtime_install_boots_the_procfile_as_deployed(pg_admin_url, redis_url,
         assert metrics.status_code == 200
         assert "sluice_events_in_total 1.0" in metrics.text
         assert "Traceback" not in log_path.read_text()
+        assert "MonkeyPatchWarning" not in log_path.read_text()
     finally:
         web.send_signal(signal.SIGTERM)
         try:

@@ -84,11 +84,20 @@ def test_connections_per_token_are_limited_and_freed_on_close(make_server, datab
     assert other.response.status_code == 200
     other.close()
     held.pop().close()
-    wait_until(lambda: srv.get(POLL, params={"stream": "room/1", "timeout": "0"},
-                               headers=mine).status_code == 200, 10)
+    refused = [429, 429]  # the third SSE connection and the first poll
+
+    def freed() -> bool:
+        status = srv.get(POLL, params={"stream": "room/1", "timeout": "0"},
+                         headers=mine).status_code
+        if status == 429:  # the server has not noticed the close yet (a loaded machine)
+            refused.append(status)
+        return status == 200
+
+    wait_until(freed, 10)
     for s in held:
         s.close()
-    assert 'sluice_connection_limit_refusals_total{limit="token"} 2.0' in srv.get("/metrics").text
+    assert f'sluice_connection_limit_refusals_total{{limit="token"}} {len(refused)}.0' \
+        in srv.get("/metrics").text
 
 
 def test_connections_per_ip_use_the_trusted_forwarded_address(make_server, database_url):

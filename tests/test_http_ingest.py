@@ -1,6 +1,7 @@
 """The ingest and read API against a real server (real Postgres, real Redis, real HTTP)."""
 import gevent
 import orjson
+import pytest
 
 from tests.helpers import auth, wait_until
 
@@ -46,9 +47,10 @@ def test_array_and_ndjson_bodies_keep_order(server):
 
 
 def test_repeated_key_returns_original_id_never_a_second_row(server):
-    first = post(server, {"stream": "k", "data": 1, "key": "abc"})
-    again = post(server, {"stream": "k", "data": 2, "key": "abc"})
-    by_header = post(server, {"stream": "k", "data": 3}, headers={"Idempotency-Key": "abc"})
+    first = post(server, {"stream": "k", "data": {"a": 1, "b": 2}, "key": "abc"})
+    again = post(server, {"stream": "k", "data": {"b": 2, "a": 1}, "key": "abc"})  # same JSON
+    by_header = post(server, {"stream": "k", "data": {"a": 1, "b": 2}},
+                     headers={"Idempotency-Key": "abc"})
     assert first.status_code == 201
     assert again.status_code == 200 and by_header.status_code == 200
     assert again.json()["events"][0]["id"] == first.json()["events"][0]["id"]
@@ -56,14 +58,29 @@ def test_repeated_key_returns_original_id_never_a_second_row(server):
     # Keys are per client: another client may use the same key.
     other = post(server, {"stream": "k", "data": 4, "key": "abc"}, sub="client-2")
     assert other.status_code == 201
-    assert [e["data"] for e in history(server, stream="k")["events"]] == [1, 4]
+    assert [e["data"] for e in history(server, stream="k")["events"]] == [{"a": 1, "b": 2}, 4]
 
 
-def test_same_key_twice_in_one_batch_is_one_row(server):
-    r = post(server, [{"stream": "k", "data": 1, "key": "x"}, {"stream": "k", "data": 2, "key": "x"}])
+@pytest.mark.parametrize("changed", [{"data": 2}, {"stream": "k2"}, {"type": "other"}])
+def test_key_reused_for_a_different_event_is_422_and_stores_nothing(server, changed):
+    post(server, {"stream": "k", "data": 1, "key": "abc"})
+    batch = [{"stream": "fresh", "data": 0}, {"stream": "k", "data": 1, "key": "abc", **changed}]
+    for body in (batch[1], batch):
+        r = post(server, body)
+        assert r.status_code == 422, r.text
+        assert r.headers["Content-Type"] == "application/problem+json"
+        assert r.json()["key"] == "abc" and "abc" in r.json()["detail"]
+    assert [e["data"] for e in history(server, clientId="client-1")["events"]] == [1]
+
+
+def test_same_key_twice_in_one_batch_is_one_row_or_422(server):
+    same = {"stream": "k", "data": 1, "key": "x"}
+    r = post(server, [same, dict(same)])
     assert r.status_code == 201
     a, b = r.json()["events"]
     assert a["id"] == b["id"] and b.get("duplicate") is True
+    r = post(server, [{"stream": "k", "data": 1, "key": "y"}, {"stream": "k", "data": 2, "key": "y"}])
+    assert r.status_code == 422
     assert len(history(server, stream="k")["events"]) == 1
 
 

@@ -28,7 +28,7 @@ def test_release_applies_migrations(pg_admin_url, redis_url, tmp_path):
     conn = psycopg2.connect(url)
     with conn.cursor() as cur:
         cur.execute("SELECT version FROM sluice_migrations")
-        assert [row[0] for row in cur.fetchall()] == ["0001_events"]
+        assert [row[0] for row in cur.fetchall()] == ["0001_events", "0002_slices"]
     conn.close()
 
 
@@ -66,6 +66,9 @@ def test_web_serves_with_several_workers_and_drains_on_sigterm(pg_admin_url, red
                                  headers=auth(), timeout=20)
                 assert r.status_code == 201, r.text
         assert "Traceback" not in (tmp_path / "web.log").read_text()
+        # The master loads config/gunicorn.py before the workers patch: it must not import the
+        # stack (gevent warns, and unpatched modules misbehave).
+        assert "MonkeyPatchWarning" not in (tmp_path / "web.log").read_text()
         page = requests.get(url + "/api/v1/events", params={"stream": "web", "limit": 1000},
                             headers=auth(), timeout=20).json()
         assert sorted(e["data"] for e in page["events"]) == list(range(230))

@@ -47,12 +47,12 @@ def test_existing_key_returns_original(pool):
         assert len(EventStore().read_events(conn, after=0, limit=10)) == 1
 
 
-def test_unique_index_backs_idempotency(pool):
+def test_unique_key_table_backs_idempotency(pool):
     write(pool, req(key="k"))
     with pool.connection() as conn, conn.cursor() as cur:
         with pytest.raises(psycopg2.IntegrityError):
-            cur.execute("INSERT INTO events (id, stream, type, data, client_id, key) "
-                        "VALUES (999, 's', 'message', '1', 'c', 'k')")
+            cur.execute("INSERT INTO event_keys (client_id, key, id, stream) "
+                        "VALUES ('c', 'k', 999, 's')")
 
 
 def test_commit_order_equals_id_order_under_concurrent_writers(database_url):

@@ -7,9 +7,13 @@ from flask import Flask, Response, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from common.problems import Problem
+from ingest.http import bp as ingest_bp
 from runtime.services import Services
+from streaming.http import bp as streaming_bp
 from web.cors import install_cors
+from web.dashboard import bp as dashboard_bp
 from web.http import install_error_handlers
+from web.ops import bp as ops_bp
 from web.requestlog import install_request_log
 
 ROOT = Path(__file__).resolve().parent.parent  # static/ (sluice.js, the dashboard) lives here
@@ -18,11 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent  # static/ (sluice.js, the dashboa
 def create_app(services: Services) -> Flask:
     """Blueprints over the services, with CORS, the request log, the query-parameter cap and
     the forwarded client address installed as the settings ask."""
-    from ingest.http import bp as ingest_bp
-    from streaming.http import bp as streaming_bp
-    from web.dashboard import bp as dashboard_bp
-    from web.ops import bp as ops_bp
-
     app = Flask("sluice", root_path=str(ROOT))  # serves /static/* from ROOT/static
     app.extensions["sluice"] = services
     app.register_blueprint(ingest_bp)

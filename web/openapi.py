@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ingest.schema import new_event_schema, stream_schema
+from ingest.schema import new_event_schema, retention_schema, stream_schema
 
 
 def _problem(description: str, retry_after: bool = False) -> dict[str, Any]:
@@ -123,11 +123,15 @@ def openapi_document() -> dict[str, Any]:
             },
             "/api/v1/streams/{stream}": {
                 "parameters": [STREAM_PARAM],
-                "put": {"summary": "Create a stream (idempotent; needs `publish`).",
+                "put": {"summary": "Create a stream (idempotent; needs `publish`); with a body, "
+                                   "set its retention overrides.",
+                        "requestBody": {"required": False, "content": {
+                            "application/json": {"schema": retention_schema()}}},
                         "responses": {"201": _json("Stream", "Created."),
-                                      "200": _json("Stream", "Already existed."),
-                                      "400": _problem("Bad stream name."), **AUTH_ERRORS,
-                                      **UNAVAILABLE}},
+                                      "200": _json("Stream", "Already existed (overrides set)."),
+                                      "400": _problem("Bad stream name or retention body."),
+                                      **AUTH_ERRORS, "408": _problem("Body too slow."),
+                                      "413": _problem("Body over 64 KiB."), **UNAVAILABLE}},
                 "get": {"summary": "Describe a stream (needs `subscribe`).",
                         "responses": {"200": _json("Stream", "The stream."),
                                       "400": _problem("Bad stream name."), **AUTH_ERRORS,
@@ -256,7 +260,8 @@ SCHEMAS: dict[str, Any] = {
     "Page": {
         "type": "object", "required": ["events", "next"],
         "properties": {"events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
-                       "next": {"type": "string", "description": "Pass as `after` to continue."}},
+                       "next": {"type": "string", "description": "Pass as `after` to continue."},
+                       "reset": {"$ref": "#/components/schemas/Reset"}},
     },
     "PollPage": {
         "type": "object", "required": ["events", "cursor", "sid"],
@@ -265,12 +270,32 @@ SCHEMAS: dict[str, Any] = {
             "properties": {"id": {"type": "string"}, "stream": {"type": "string"},
                            "type": {"type": "string"}, "data": {}}}},
             "cursor": {"type": "string"},
+            "reset": {"$ref": "#/components/schemas/Reset"},
             "sid": {"type": "string", "description": "Pass back as `sid` to be paced as one "
                                                      "client."}},
     },
+    "Reset": {
+        "type": "object", "required": ["reason", "streams", "oldest"],
+        "description": "History after the requested point is gone (pruned by retention, or the "
+                       "stream was deleted and re-created): what follows starts at `oldest`.",
+        "properties": {"reason": {"type": "string", "enum": ["history-gone"]},
+                       "streams": {"type": "array", "items": {"type": "string"}},
+                       "oldest": {"type": ["string", "null"]}},
+    },
     "Stream": {
-        "type": "object", "required": ["name", "lastId", "createdAt", "subscribers"],
+        "type": "object", "required": ["name", "lastId", "createdAt", "subscribers", "retention",
+                                       "retentionOverride", "oldest"],
         "properties": {"name": {"type": "string"}, "lastId": {"type": ["string", "null"]},
+                       "retention": {"type": "object", "description": "Effective rules.",
+                                     "properties": {"maxAgeS": {"type": "integer"},
+                                                    "maxEvents": {"type": "integer"}}},
+                       "retentionOverride": {"type": "object", "description": "The stream's "
+                                             "own rules (null: the default).",
+                                             "properties": {
+                                                 "maxAgeS": {"type": ["integer", "null"]},
+                                                 "maxEvents": {"type": ["integer", "null"]}}},
+                       "oldest": {"type": ["string", "null"],
+                                  "description": "Oldest position still held."},
                        "createdAt": {"type": "string", "format": "date-time"},
                        "subscribers": {"type": "integer", "description": "Live SSE and "
                                        "long-poll subscribers in every process (refreshed "

@@ -18,13 +18,15 @@ from __future__ import annotations
 import socket
 import weakref
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import gevent
+import gevent.event
 from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
 
-from runtime.services import Services
+if TYPE_CHECKING:  # gunicorn's master imports this module before its workers patch: no stack
+    from runtime.services import Services
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
@@ -244,8 +246,22 @@ def drain(services: Services) -> bool | None:
     return flushed
 
 
+_DRAINS: dict[int, gevent.event.Event] = {}  # id(services) -> set once its drain finished
+
+
 def drain_worker(worker: Any, services: Services) -> None:
-    """Drain a gunicorn worker's services once and log whether its batcher flushed."""
-    flushed = drain(services)
-    if flushed is not None:
-        worker.log.info("worker %s: batcher %s", worker.pid, "flushed" if flushed else "NOT flushed")
+    """Drain a gunicorn worker's services once and log whether its batcher flushed. Called on
+    SIGTERM and again at worker exit: the second call waits for the first to finish, so the
+    worker never exits halfway through its drain."""
+    running = _DRAINS.get(id(services))
+    if running is not None:
+        running.wait(services.settings.shutdown_timeout_s)
+        return
+    done = _DRAINS[id(services)] = gevent.event.Event()
+    try:
+        flushed = drain(services)
+        if flushed is not None:
+            worker.log.info("worker %s: batcher %s", worker.pid,
+                            "flushed" if flushed else "NOT flushed")
+    finally:
+        done.set()

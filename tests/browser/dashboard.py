@@ -17,9 +17,10 @@ REPORT = """() => ({
   series: window.sluiceDashboard.series,
   status: document.getElementById("status").textContent,
   values: Array.from(document.querySelectorAll(".card .value")).map((e) => e.textContent),
-  tail: Array.from(document.querySelectorAll("#tail li")).map((li) => ({
+  tail: Array.from(document.querySelectorAll("#tail li:not(.reset)")).map((li) => ({
     id: li.querySelector(".id").textContent, type: li.querySelector(".type").textContent,
     data: li.querySelector(".data").textContent})),
+  resets: Array.from(document.querySelectorAll("#tail li.reset")).map((li) => li.textContent),
   tailStatus: document.getElementById("tail-status").textContent,
 })"""
 
