@@ -60,14 +60,17 @@ def token_command(argv: list[str]) -> None:
     parser.add_argument("--publish", action="append", default=[], help="stream pattern (repeat)")
     parser.add_argument("--subscribe", action="append", default=[], help="stream pattern (repeat)")
     parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    parser.add_argument("--revoke", action="store_true",
+                        help="may revoke tokens (POST /api/v1/revocations)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     if settings.secrets:
         kid, key = next(iter(settings.secrets.items()))
     else:
         kid, key = "dev", dev_secret(Path(settings.data_dir))
+    extra = {"revoke": True} if args.revoke else {}
     print(mint(key, args.sub, publish=args.publish, subscribe=args.subscribe, ttl_s=args.ttl,
-               kid=kid if kid != "default" else None))
+               kid=kid if kid != "default" else None, **extra))
 
 
 def main(argv: list[str]) -> None:

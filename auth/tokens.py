@@ -19,6 +19,7 @@ from typing import Any
 import jwt
 
 from auth.grants import PATTERN_RE, Grants
+from auth.revocations import Revocations
 from common.cache import BoundedCache
 from common.problems import Unavailable, unauthorized
 from config.keys import load_public_key
@@ -41,7 +42,9 @@ class TokenVerifier:
     """Verifies tokens against the configured keys; single-use tokens are checked in Redis."""
 
     def __init__(self, keys: dict[str, str], *, public_keys: dict[str, str] | None = None,
-                 leeway_s: float = 5.0, redis: Any = None, cache_size: int = 10000) -> None:
+                 leeway_s: float = 5.0, redis: Any = None, cache_size: int = 10000,
+                 revocations: Revocations | None = None) -> None:
+        self.revocations = revocations
         public_keys = public_keys or {}
         if not keys and not public_keys:
             raise ValueError("at least one key is required")
@@ -63,15 +66,22 @@ class TokenVerifier:
         cached = self._cache.get(token)
         if cached is not None:
             if now <= cached.expires_at + self.leeway_s:
+                self._check_revoked(cached)
                 return cached
             self._cache.pop(token)
             raise unauthorized("token has expired")
         principal = self._decode(token)
+        self._check_revoked(principal)
         if principal.claims.get("once") is True:
             self._spend(principal)
         else:
             self._cache.put(token, principal)
         return principal
+
+    def _check_revoked(self, principal: Principal) -> None:
+        if self.revocations is not None and self.revocations.revoked(
+                principal.claims.get("jti"), principal.subject, principal.claims.get("iat")):
+            raise unauthorized("token has been revoked")
 
     def _decode(self, token: str) -> Principal:
         if len(token) > 8192:

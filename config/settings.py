@@ -24,13 +24,14 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SLUICE_PUBLIC_KEYS": ("(unset)", "Public keys for origins that sign with a private key, as JSON `{\"kid\": \"-----BEGIN PUBLIC KEY-----...\"}`: RSA (2048+ bits) verifies RS256, EC P-256 verifies ES256."),
     "SLUICE_PUBLIC_KEY": ("(unset)", "One such PEM public key (key id `public`)."),
     "TOKEN_LEEWAY_S": ("5", "Clock skew allowed on `exp` and `nbf`."),
+    "REVOCATION_KEEP_S": ("86400", "How long a revocation (`POST /api/v1/revocations`) is remembered; tokens should not live longer than this."),
     "SLUICE_AUTHORIZE_URL": ("(unset)", "Origin authorization: a subscribe request without a token is sent (as a `POST` with `{\"streams\": [...]}` and the headers below) to this URL; a 2xx JSON answer `{\"streams\": [patterns], \"ttl\": s, \"sub\": id}` grants, a 4xx is passed back to the client."),
     "AUTHORIZE_FORWARD_HEADERS": ("Cookie", "Request headers forwarded to `SLUICE_AUTHORIZE_URL`, comma-separated."),
     "AUTHORIZE_TIMEOUT_S": ("2", "How long the origin may take to answer; past it (or on a 5xx) SSE gets `retry:` and long-poll `503`."),
     "AUTHORIZE_MAX_TTL_S": ("300", "Longest an origin grant is cached (the origin's `ttl` is capped to this)."),
     "CORS_ORIGINS": ("(unset: no CORS)", "Origins allowed to call Sluice from a browser, comma-separated (`https://app.example.com`); they may send credentials (`withCredentials`). `*` allows any origin without credentials."),
-    "MAX_CONNECTIONS_PER_TOKEN": ("0", "Most SSE and long-poll connections one token (or one origin-authorized cookie set) may hold in one process; 0 = no limit. Past it: `429`."),
-    "MAX_CONNECTIONS_PER_IP": ("0", "Most SSE and long-poll connections one client address may hold in one process; 0 = no limit. Past it: `429`."),
+    "MAX_CONNECTIONS_PER_TOKEN": ("0", "Most SSE and long-poll connections one token (or one origin-authorized cookie set) may hold in the whole fleet (Redis leases; per process while Redis is unreachable); 0 = no limit. Past it: `429`."),
+    "MAX_CONNECTIONS_PER_IP": ("0", "Most SSE and long-poll connections one client address may hold in the whole fleet (as above); 0 = no limit. Past it: `429`."),
     "PROXY_HOPS": ("0", "Trusted proxies in front of Sluice: the client address is taken this many entries from the right of `X-Forwarded-For` (1 by default when `DYNO` is set: Heroku's router)."),
     "HEADER_TIMEOUT_S": ("10", "Time a client has to send its request line and headers (slow-header clients are cut off), and the longest an idle keep-alive connection is kept."),
     "MAX_HEADER_BYTES": ("32768", "Largest request header block (all header lines together; at most 100 headers); past it: `400` and the connection closed."),
@@ -241,6 +242,7 @@ class Settings:
     retention_max_events: int = 0
     retention_prune_s: float = 60.0
     storage_slice_positions: int = 1_000_000
+    revocation_keep_s: float = 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -312,6 +314,7 @@ class Settings:
             retention_max_events=_int(env, "RETENTION_MAX_EVENTS"),
             retention_prune_s=_float(env, "RETENTION_PRUNE_S", 0.05),
             storage_slice_positions=_int(env, "STORAGE_SLICE_POSITIONS", 1),
+            revocation_keep_s=_float(env, "REVOCATION_KEEP_S", 1.0),
         )
         if settings.webhook_url and not settings.webhook_secret and production:
             raise SettingsError("SLUICE_WEBHOOK_URL needs SLUICE_WEBHOOK_SECRET (or a "

@@ -59,6 +59,9 @@ class Batcher:
         self._stopping = False
         self._listeners: list[CommitListener] = []
         self._greenlet: gevent.Greenlet | None = None
+        # Called whenever the pending set changes (a request accepted, committed, failed or
+        # taken back): the fleet's pending mirror (ingest/pending.py) listens. Must not block.
+        self.on_change: Callable[[], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Batcher:
@@ -96,6 +99,8 @@ class Batcher:
         self._queue.append(req)
         if self.metrics:
             self.metrics.backlog.set(self.backlog)
+        if self.on_change is not None:
+            self.on_change()
         # Wake the batcher only when it has something new to decide: the first request of a
         # batch (it sleeps until one comes) or a full batch (it stops waiting for the deadline).
         if len(self._queue) == 1 or self._queued_events >= self.max_events:
@@ -119,6 +124,8 @@ class Batcher:
             self._queue.remove(req)
             self._queued_events -= len(req.events)
             self.backlog -= len(req.events)
+            if self.on_change is not None:
+                self.on_change()
 
     def pending(self) -> Iterable[IngestRequest]:
         """Requests accepted but not yet committed (in flight first, then queued)."""
@@ -166,6 +173,8 @@ class Batcher:
             self.backlog -= sum(len(r.events) for r in batch)
             if self.metrics:
                 self.metrics.backlog.set(self.backlog)
+            if self.on_change is not None:
+                self.on_change()
         elapsed = time.monotonic() - started
         self.flushes += 1
         self.flush_seconds_total += elapsed

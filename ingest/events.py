@@ -1,6 +1,7 @@
 """The shapes events take inside Sluice, from accepted request to stored row."""
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +32,16 @@ class Written:
     duplicate: bool = False
 
 
+_sequence = itertools.count(1)
+
+
 @dataclass(eq=False)
 class IngestRequest:
     """One ingest request's events, handed to the batcher and committed all together."""
 
     client_id: str
     events: list[NewEvent]
+    seq: int = field(default_factory=lambda: next(_sequence))  # unique in this process
     accepted_at: float = field(default_factory=time.monotonic)
     results: list[Written] | None = None
     cancelled: bool = False

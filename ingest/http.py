@@ -79,13 +79,13 @@ def get_events() -> Response:
             raise not_granted("subscribe", stream)
     limit, after = _limit(svc.settings), _after()
     page = read_history(svc.store, svc.pool, svc.batcher, principal.subscribe, client_id=client_id,
-                        stream=stream, after=after, limit=limit)
+                        stream=stream, after=after, limit=limit, mirror=svc.pending)
     if stream is not None and not page.events and after == 0:
         with svc.pool.connection() as conn:
             if svc.store.describe_stream(conn, stream) is None:
                 raise unknown_stream(stream)
     body: dict[str, Any] = {"events": [e.to_json() for e in page.events],
-                            "next": format_position(page.next)}
+                            "next": format_position(page.next), "pendingScope": page.pending_scope}
     if page.reset is not None:
         body["reset"] = page.reset
     return json_response(body)

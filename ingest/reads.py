@@ -7,6 +7,7 @@ stays the last committed id, so the next page shows it as committed, once).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,11 @@ from auth.grants import Grants
 from ingest.batcher import Batcher, pending_events
 from ingest.events import StoredEvent
 from ingest.ids import format_position
+from ingest.pending import PendingMirror, RemotePending
 from ingest.pool import Pool
 from ingest.store import EventStore
+
+log = logging.getLogger("sluice.reads")
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Page:
     events: list[StoredEvent]
     next: int
     reset: dict[str, Any] | None = None
+    pending_scope: str = "fleet"  # "process": other processes' pending events are not included
 
 
 def history_gone(store: EventStore, conn: psycopg2.extensions.connection,
@@ -45,8 +50,17 @@ def history_gone(store: EventStore, conn: psycopg2.extensions.connection,
 
 
 def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants, *,
-                 client_id: str | None, stream: str | None, after: int, limit: int) -> Page:
+                 client_id: str | None, stream: str | None, after: int, limit: int,
+                 mirror: PendingMirror | None = None) -> Page:
     snapshot = pending_events(batcher, client_id=client_id, stream=stream)
+    remote: list[RemotePending] = []
+    scope = "process"
+    if mirror is not None:
+        try:
+            remote = mirror.others(client_id, stream)  # before the query, like the local part
+            scope = "fleet"
+        except Exception as exc:  # noqa: BLE001 - Redis down: this process's pending only
+            log.warning("pending events of other processes unavailable: %s", exc)
     with pool.connection() as conn:
         rows = store.read_events(conn, after=after, limit=limit, client_id=client_id,
                                  streams=None if stream is None else [stream],
@@ -70,4 +84,17 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
                 continue
             rows.append(StoredEvent(None, ev.stream, ev.type, ev.data, req.client_id, ev.key,
                                     None, pending=True))
-    return Page(rows, next_position, reset)
+        if remote:
+            # Another process's event that committed between the snapshot and the query is in
+            # the rows: the same (client, key) — or, unkeyed, the same content — is skipped.
+            seen = {(r.client_id, r.stream, r.type, r.data, r.key) for r in rows if not r.pending}
+            keys = {(r.client_id, r.key) for r in rows if r.key is not None and not r.pending}
+            for e in remote:
+                if len(rows) >= limit:
+                    break
+                if not grants.allows(e.stream) or (e.client_id, e.key) in keys \
+                        or (e.client_id, e.stream, e.type, e.data, e.key) in seen:
+                    continue
+                rows.append(StoredEvent(None, e.stream, e.type, e.data, e.client_id, e.key, None,
+                                        pending=True))
+    return Page(rows, next_position, reset, scope)

@@ -15,9 +15,11 @@ import redis as redis_lib
 from auth.authorize import OriginAuthorizer
 from auth.backoff import Backoff
 from auth.limits import ConnectionLimits
+from auth.revocations import Revocations
 from auth.tokens import TokenVerifier
 from config.settings import Settings, SettingsError
 from ingest.batcher import Batcher
+from ingest.pending import PendingMirror
 from ingest.pool import Pool
 from ingest.retention import Pruner
 from ingest.store import EventStore
@@ -46,6 +48,8 @@ class Services:
     limits: ConnectionLimits
     presence: Presence
     pruner: Pruner | None = None
+    pending: PendingMirror | None = None
+    revocations: Revocations | None = None
     authorizer: OriginAuthorizer | None = None
     notifier: WebhookNotifier | None = None
     draining: bool = False
@@ -68,6 +72,11 @@ class Services:
         if self.notifier is not None:
             self.notifier.stop()
         flushed = self.batcher.stop(timeout)
+        if self.pending is not None:
+            self.pending.stop()  # after the flush: nothing of ours is pending any more
+        self.limits.stop()
+        if self.revocations is not None:
+            self.revocations.stop()
         self.pool.close()
         try:
             self.redis.close()
@@ -117,17 +126,21 @@ def build_services(settings: Settings) -> Services:
                       max_wait_ms=settings.batch_max_wait_ms,
                       max_backlog=settings.ingest_max_backlog, metrics=metrics.batcher).start()
     redis = connect_redis(settings)
+    revocations = Revocations(redis, namespace=f"sluice:{identity}",
+                              keep_s=settings.revocation_keep_s).start()
     tokens = TokenVerifier(settings.secrets, public_keys=settings.public_keys,
-                           leeway_s=settings.token_leeway_s, redis=redis)
+                           leeway_s=settings.token_leeway_s, redis=redis, revocations=revocations)
     hub = Hub(store, pool, redis, channel=f"sluice:{identity}:commits",
               overflow_counter=metrics.slow_consumers, heartbeat_s=settings.heartbeat_s,
               write_timeout_s=settings.sse_write_timeout_s,
               stream_cache_s=settings.stream_cache_s).start()
     batcher.add_listener(hub.on_commit)
+    revocations.listeners.append(hub.revoke)
     backoff = Backoff(redis, base_ms=settings.retry_base_ms, max_ms=settings.retry_max_ms,
                       window_s=settings.retry_window_s)
     limits = ConnectionLimits(settings.max_connections_per_token, settings.max_connections_per_ip,
-                              refused=metrics.limited)
+                              refused=metrics.limited, redis=redis,
+                              namespace=f"sluice:{identity}").start()
     authorizer = None
     if settings.authorize_url:
         authorizer = OriginAuthorizer(settings.authorize_url,
@@ -145,8 +158,10 @@ def build_services(settings: Settings) -> Services:
     pruner = Pruner(store, pool, max_age_s=settings.retention_max_age_s,
                     max_events=settings.retention_max_events, every_s=settings.retention_prune_s,
                     slice_width=settings.storage_slice_positions, metrics=metrics.pruned).start()
+    pending = PendingMirror(redis, batcher, namespace=f"sluice:{identity}",
+                            process_id=presence.process_id).start()
     services = Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff,
-                        limits, presence, pruner, authorizer, notifier)
+                        limits, presence, pruner, pending, revocations, authorizer, notifier)
     metrics.start(services)
     presence.stats = lambda: snapshot(services)
     return services

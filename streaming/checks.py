@@ -40,6 +40,9 @@ class Checked:
     sid: str | None         # connection id carried in from Last-Event-ID or ?sid=
     subject: str = ""       # the token's subject
     token_key: str = ""     # identifies the credential, for MAX_CONNECTIONS_PER_TOKEN
+    expires_at: float = 0.0           # when the credential stops admitting (unix time; 0: never)
+    jti: str | None = None            # the token's id, for revocation by jti
+    issued_at: float | None = None    # the token's iat, for revocation by subject
 
 
 def new_sid() -> str:
@@ -107,4 +110,9 @@ def check_subscribe(svc: StreamingServices, req: SubscribeRequest) -> Checked:
     missing = svc.hub.missing_streams(streams)
     if missing:
         raise unknown_stream(sorted(missing)[0])
-    return Checked(streams, resume, sid, principal.subject, key)
+    leeway = svc.tokens.leeway_s if req.token is not None else 0.0
+    jti, iat = principal.claims.get("jti"), principal.claims.get("iat")
+    return Checked(streams, resume, sid, principal.subject, key,
+                   expires_at=principal.expires_at + leeway if principal.expires_at else 0.0,
+                   jti=jti if isinstance(jti, str) else None,
+                   issued_at=float(iat) if isinstance(iat, (int, float)) else None)

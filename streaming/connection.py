@@ -83,7 +83,9 @@ class SSEConnection:
         self.hello = hello
         self.opened_at = time.monotonic()
         self.takeover = checked.sid is not None  # a reconnect: an older connection loses
-        self.sub, self.seam = svc.hub.subscribe(checked.streams, svc.settings.subscriber_queue_max)
+        self.sub, self.seam = svc.hub.subscribe(
+            checked.streams, svc.settings.subscriber_queue_max, expires_at=checked.expires_at,
+            jti=checked.jti, subject=checked.subject, issued_at=checked.issued_at)
         self.sub.envelope = envelope
         self.start = self.seam if checked.resume is None else checked.resume
         svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)

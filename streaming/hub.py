@@ -19,6 +19,8 @@ then ends with a `retry:` hint and the client resumes from its last id.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -69,6 +71,8 @@ class Hub:
         self._subs: set[Subscription] = set()
         self._known: BoundedCache[str, bool] = BoundedCache(100_000)  # trusted to exist
         self._wake_filler = Event()
+        self._expiry: list[tuple[float, int, Subscription]] = []  # (expires_at, order, sub)
+        self._order = itertools.count()
         self._greenlets: list[gevent.Greenlet] = []
 
     @property
@@ -91,16 +95,22 @@ class Hub:
             sub.close()
 
     # -- subscribers --------------------------------------------------------------------------
-    def subscribe(self, streams: Iterable[str], maxsize: int) -> tuple[Subscription, int]:
+    def subscribe(self, streams: Iterable[str], maxsize: int, *, expires_at: float = 0.0,
+                  jti: str | None = None, subject: str = "",
+                  issued_at: float | None = None) -> tuple[Subscription, int]:
         """Register a subscriber; returns it and the position live delivery starts after.
 
         Everything with id <= that position must come from the store (catch-up); everything
-        after it arrives in the queue, in order. No yield happens between the two.
+        after it arrives in the queue, in order. No yield happens between the two. The
+        subscription ends when its credential expires (`expires_at`, unix time) or is revoked.
         """
-        sub = Subscription(frozenset(streams), Queue(maxsize))
+        sub = Subscription(frozenset(streams), Queue(maxsize), expires_at=expires_at, jti=jti,
+                           subject=subject, issued_at=issued_at)
         for stream in sub.streams:
             self._by_stream.setdefault(stream, set()).add(sub)
         self._subs.add(sub)
+        if expires_at:
+            heapq.heappush(self._expiry, (expires_at, next(self._order), sub))
         return sub, self.position
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -133,12 +143,42 @@ class Hub:
             self._known.put(stream, True, until)
         return set(ask) - found
 
+    def revoke(self, kind: str, value: str, at: float) -> int:
+        """End the subscriptions a revoked token admitted: by `jti`, or every token of subject
+        `value` issued at or before `at`. Returns how many ended (each gets a final `retry:`)."""
+        ended = 0
+        for sub in list(self._subs):
+            if (kind == "jti" and sub.jti == value) or (
+                    kind == "sub" and sub.subject == value
+                    and (sub.issued_at is None or sub.issued_at <= at)):
+                self.unsubscribe(sub)
+                ended += 1
+        return ended
+
+    def _expire(self) -> None:
+        """End subscriptions whose credential expired (a heap: the soonest first)."""
+        now = time.time()
+        while self._expiry and self._expiry[0][0] <= now:
+            _, _, sub = heapq.heappop(self._expiry)
+            if sub in self._subs:
+                self.unsubscribe(sub)
+        if len(self._expiry) > 2 * len(self._subs) + 1024:  # bounded: drop ended subscriptions
+            self._expiry = [e for e in self._expiry if e[2] in self._subs]
+            heapq.heapify(self._expiry)
+
     def _tick(self) -> None:
-        """Heartbeats for quiet subscribers; ends writes stuck past `write_timeout_s`."""
+        """Every second: credentials that expired. Every half heartbeat: heartbeats for quiet
+        subscribers, and writes stuck past `write_timeout_s` ended. One timer per process."""
         interval = min(self.heartbeat_s, self.write_timeout_s) / 2
+        step = min(1.0, interval)
+        scanned = time.monotonic()
         while True:
-            gevent.sleep(interval)
+            gevent.sleep(step)
+            self._expire()
             now = time.monotonic()
+            if now - scanned < interval:
+                continue
+            scanned = now
             for sub in list(self._subs):
                 if sub.writing_since and now - sub.writing_since > self.write_timeout_s:
                     if sub.on_stuck is not None:

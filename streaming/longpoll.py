@@ -41,7 +41,9 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
     """Wait up to `hold_s` for events of the checked streams after its resume point."""
     page = svc.settings.catchup_page
     sid = checked.sid or new_sid()
-    sub, seam = svc.hub.subscribe(checked.streams, svc.settings.subscriber_queue_max)
+    sub, seam = svc.hub.subscribe(checked.streams, svc.settings.subscriber_queue_max,
+                                  expires_at=checked.expires_at, jti=checked.jti,
+                                  subject=checked.subject, issued_at=checked.issued_at)
     svc.presence.join(sub, sid, checked.subject, takeover=False)
     reset = None
     try:

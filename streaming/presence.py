@@ -27,8 +27,8 @@ from typing import Any
 import gevent
 import orjson
 
+from common.pubsub import subscribe_forever
 from streaming.hub import Hub
-from streaming.relay import subscribe_forever
 from streaming.subscription import Subscription
 
 FLUSH_S = 1.0

@@ -7,7 +7,8 @@ announced on the same channel as `{"end": stream}`. Without Redis a message is h
 to this process's hub, and the hub reads what other processes committed from Postgres
 (`read_range`, `last_position`), so delivery continues.
 
-`subscribe_forever` is the one pub/sub reconnect loop (the hub's relay and presence both use it).
+The pub/sub reconnect loop is `common.pubsub.subscribe_forever` (presence and revocations use it
+too).
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import gevent
 import orjson
 from gevent.event import Event
 
+from common.pubsub import subscribe_forever
 from ingest.events import Commit
 from ingest.pool import Pool
 from ingest.store import EventStore
@@ -30,36 +31,6 @@ FILL_PAGE = 2000                 # rows per Postgres read when filling a hole
 
 # A batch as it travels: [[position, stream, type, data], ...]
 Events = list[list[Any]]
-
-
-def subscribe_forever(redis: Any, channel: str, on_message: Callable[[bytes], None], *,
-                      on_up: Callable[[], None] | None = None,
-                      on_down: Callable[[Exception], None] | None = None,
-                      retry_s: float = 1.0) -> None:
-    """Hold one subscription to `channel`, calling `on_message(data)` for each message;
-    after a failure, `on_down(exc)`, wait `retry_s` and subscribe again. Runs until killed."""
-    while True:
-        pubsub = None
-        try:
-            pubsub = redis.pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(channel)
-            if on_up is not None:
-                on_up()
-            for message in pubsub.listen():
-                if message.get("type") == "message":
-                    on_message(message["data"])
-        except gevent.GreenletExit:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Redis down: the callers fall back
-            if on_down is not None:
-                on_down(exc)
-        finally:
-            if pubsub is not None:
-                try:
-                    pubsub.close()
-                except Exception:  # noqa: BLE001 - it is being thrown away
-                    pass
-        gevent.sleep(retry_s)
 
 
 class Relay:

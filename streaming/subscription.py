@@ -58,6 +58,11 @@ class Subscription:
     on_stuck: Callable[[], None] | None = None
     last: int = 0                       # the last position this subscriber was sent
     envelope: bool = False              # `?envelope=1`: every event as a typed message
+    # Who admitted it: ended when the credential expires or is revoked (the hub's ticker).
+    expires_at: float = 0.0             # unix time; 0: never
+    jti: str | None = None
+    subject: str = ""
+    issued_at: float | None = None
     # Set by the writer only while it waits on an empty queue: the hub then hands deliveries to
     # it directly (it must not wait; it queues what it could not write, and unsets itself).
     sink: Callable[[list[LiveEvent]], None] | None = None

@@ -98,3 +98,11 @@ def module_server(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str,
                           tmp / "server.log").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis server for this test alone, which the test may stop and restart."""
+    rd = EmbeddedRedis(tmp_path / "redis").start()
+    yield rd
+    rd.stop()

@@ -1,9 +1,6 @@
 """Streaming under faults, against real server processes: shutdown, Postgres down, Redis down."""
 import signal
 
-import pytest
-
-from embedded.servers import EmbeddedRedis
 from tests.helpers import auth, wait_until
 from tests.sse import Stream
 
@@ -42,13 +39,6 @@ def test_postgres_down_answers_200_with_only_a_retry(make_server, own_postgres):
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
     assert r.text.startswith("retry: ") and "data:" not in r.text
     own_postgres.start()
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    rd = EmbeddedRedis(tmp_path / "redis").start()
-    yield rd
-    rd.stop()
 
 
 def test_redis_stopped_and_restarted_delivery_continues(make_server, database_url, own_redis):

@@ -6,6 +6,7 @@ from pathlib import Path
 from flask import Flask, Response, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from auth.http import bp as auth_bp
 from common.problems import Problem
 from ingest.http import bp as ingest_bp
 from runtime.services import Services
@@ -25,6 +26,7 @@ def create_app(services: Services) -> Flask:
     app = Flask("sluice", root_path=str(ROOT))  # serves /static/* from ROOT/static
     app.extensions["sluice"] = services
     app.register_blueprint(ingest_bp)
+    app.register_blueprint(auth_bp)
     app.register_blueprint(streaming_bp)
     app.register_blueprint(ops_bp)
     app.register_blueprint(dashboard_bp)

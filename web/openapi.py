@@ -73,6 +73,32 @@ def openapi_document() -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
         "paths": {
+            "/api/v1/revocations": {"post": {
+                "summary": "Revoke a token (by `jti`) or every token of a subject issued up to "
+                           "now (by `sub`); needs a token with `\"revoke\": true`.",
+                "description": "Every live connection the revoked token(s) admitted, in every "
+                               "process, ends with a final `retry:` within a second; later "
+                               "requests with them get 401. Revocations live in Redis "
+                               "(REVOCATION_KEEP_S); without Redis: 503.",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "oneOf": [
+                        {"type": "object", "required": ["jti"], "additionalProperties": False,
+                         "properties": {"jti": {"type": "string", "minLength": 1,
+                                                "maxLength": 200}}},
+                        {"type": "object", "required": ["sub"], "additionalProperties": False,
+                         "properties": {"sub": {"type": "string", "minLength": 1,
+                                                "maxLength": 200}}}]}}}},
+                "responses": {
+                    "202": {"description": "Revoked.", "content": {"application/json": {
+                        "schema": {"type": "object", "required": ["revoked", "at"],
+                                   "properties": {"revoked": {"type": "object"},
+                                                  "at": {"type": "string"}}}}}},
+                    "400": _problem("Not {\"jti\": ...} or {\"sub\": ...}."),
+                    "401": _problem("Missing or invalid token."),
+                    "403": _problem("The token lacks the `revoke` claim."),
+                    "408": _problem("The body did not arrive within BODY_TIMEOUT_S."),
+                    "413": _problem("Body over 4 KiB."),
+                    **UNAVAILABLE}}},
             "/api/v1/events": {
                 "post": {
                     "summary": "Publish events (one, an array of up to 1,000, or NDJSON).",
