@@ -92,13 +92,62 @@ def run_load(url: str, token: str, pid: int, **kw: object) -> dict:
     return result
 
 
+def pending_ab(seconds: float, rounds: int = 3) -> None:
+    """The fleet pending mirror's cost on the hot path: server CPU per single-event request
+    with PENDING_FLEET=on against off, in alternating rounds on one database."""
+    work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    pg = EmbeddedPostgres(work / "pg").start()
+    rd = EmbeddedRedis(work / "redis").start()
+    token = mint(SECRET, "bench", publish=["**"], subscribe=["**"])
+    results: dict[str, list[dict]] = {"on": [], "off": []}
+    try:
+        for _ in range(rounds):
+            for mode in ("on", "off"):
+                port = free_port()
+                env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1",
+                       "DATABASE_URL": pg.url, "REDIS_URL": rd.url, "SLUICE_SECRET": SECRET,
+                       "DB_POOL_SIZE": "4", "SLUICE_DATA_DIR": str(work / "data"),
+                       "REQUEST_LOG": "off", "PENDING_FLEET": mode}
+                url = f"http://127.0.0.1:{port}"
+                server = Proc([sys.executable, str(ROOT / "app.py")], env, work / f"{mode}.log",
+                              url + "/healthz")
+                try:
+                    res = run_load(url, token, server.p.pid, seconds=seconds,
+                                   events_per_request=1, connections=64)
+                finally:
+                    server.stop()
+                res["cpu_us"] = res["server_cpu_s"] / (res["events_per_s"] * res["elapsed_s"]) * 1e6
+                results[mode].append(res)
+                print(json.dumps({"mode": mode, **res}), file=sys.stderr, flush=True)
+    finally:
+        rd.stop()
+        pg.stop()
+    print(f"\nPENDING_FLEET cost, single-event ingest, 64 connections closed loop, {seconds:g} s "
+          f"x {rounds} rounds each, alternated\n")
+    print("| PENDING_FLEET | events/s (median) | p99 ms (median) | server CPU µs/event (median) |")
+    print("|---|---:|---:|---:|")
+    med = {}
+    for mode in ("off", "on"):
+        rows = results[mode]
+        pick = sorted(rows, key=lambda r: r["cpu_us"])[len(rows) // 2]
+        med[mode] = pick["cpu_us"]
+        print(f"| {mode} | {sorted(r['events_per_s'] for r in rows)[len(rows) // 2]:,.0f} | "
+              f"{sorted(r['p99_ms'] for r in rows)[len(rows) // 2]:.1f} | {pick['cpu_us']:.0f} |")
+    print(f"\nmirror cost: {(med['on'] / med['off'] - 1) * 100:+.1f}% server CPU per event")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--rate", type=float, default=2000, help="single-event requests/s offered")
     ap.add_argument("--delay-ms", type=float, default=2.0, help="database delay, each direction")
     ap.add_argument("--skip-delay", action="store_true")
+    ap.add_argument("--pending-ab", action="store_true",
+                    help="only: single-event ingest with PENDING_FLEET on and off, alternated")
     args = ap.parse_args()
+    if args.pending_ab:
+        pending_ab(args.seconds, rounds=5)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     pg = EmbeddedPostgres(work / "pg").start()

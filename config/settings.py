@@ -55,6 +55,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "MAX_BODY_BYTES": ("1048576", "Largest ingest body (413 past it)."),
     "MAX_BATCH_EVENTS": ("1000", "Most events in one ingest request (413 past it)."),
     "MAX_DATA_BYTES": ("65536", "Largest encoded `data` of one event (400 past it)."),
+    "PENDING_FLEET": ("on", "`on`: this process mirrors its pending events (accepted, not yet committed) into Redis, once per burst, so history reads on every process include them; `off`: reads include only the answering process's pending events."),
     "RETENTION_MAX_AGE_S": ("86400", "How long an event is kept, by default (a stream may override it with `PUT /api/v1/streams/{stream}` `{\"retention\": {\"maxAgeS\": ...}}`); `0` keeps forever."),
     "RETENTION_MAX_EVENTS": ("0", "Most events kept per stream, by default (a stream may override it: `maxEvents`); `0` = no count limit."),
     "RETENTION_PRUNE_S": ("60", "How often one process (an advisory lock picks it) removes expired history: whole storage slices past the age, bounded row steps for per-stream limits."),
@@ -133,6 +134,13 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     if raw not in ("true", "false", "1", "0", "yes", "no"):
         raise SettingsError(f"{name} must be true or false, got {raw!r}")
     return raw in ("true", "1", "yes")
+
+
+def _on_off(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, SETTINGS_DOC[name][0]).strip().lower()
+    if raw not in ("on", "off"):
+        raise SettingsError(f"{name} must be on or off, got {raw!r}")
+    return raw == "on"
 
 
 def _request_log(env: Mapping[str, str]) -> bool:
@@ -243,6 +251,7 @@ class Settings:
     retention_prune_s: float = 60.0
     storage_slice_positions: int = 1_000_000
     revocation_keep_s: float = 86400.0
+    pending_fleet: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -315,6 +324,7 @@ class Settings:
             retention_prune_s=_float(env, "RETENTION_PRUNE_S", 0.05),
             storage_slice_positions=_int(env, "STORAGE_SLICE_POSITIONS", 1),
             revocation_keep_s=_float(env, "REVOCATION_KEEP_S", 1.0),
+            pending_fleet=_on_off(env, "PENDING_FLEET"),
         )
         if settings.webhook_url and not settings.webhook_secret and production:
             raise SettingsError("SLUICE_WEBHOOK_URL needs SLUICE_WEBHOOK_SECRET (or a "

@@ -5,8 +5,9 @@ Each process owns one Redis hash, `<ns>:pending:<process id>`, field = the reque
 number, value = `{"c": client, "e": [[stream, type, data, key], ...]}`, and a score in the
 sorted set `<ns>:pending-procs` saying until when it is alive. One greenlet per process keeps
 the hash in step with the batcher: it wakes when the batcher's pending set changes, waits
-`coalesce_s` so a burst of requests costs one write, and sends the additions and removals in
-one pipeline (HSET, HDEL, PEXPIRE, ZADD). The hash lives for `ttl_s` past the last write, and
+`coalesce_s` (5 ms) so a burst costs one write (and a request that commits meanwhile costs
+none), and sends the additions and removals in one pipeline (HSET, HDEL, and the lease: PEXPIRE
+and ZADD). The hash lives for `ttl_s` past the last write, and
 the greenlet touches it every `refresh_s`, so the entries of a process that dies disappear
 within `ttl_s` (its unacknowledged events die with it; acknowledged ones are committed).
 
@@ -48,7 +49,7 @@ class PendingMirror:
 
     def __init__(self, redis: Any, batcher: Batcher, *, namespace: str,
                  process_id: str | None = None, ttl_s: float = 5.0, refresh_s: float = 1.0,
-                 coalesce_s: float = 0.001) -> None:
+                 coalesce_s: float = 0.005) -> None:
         self.redis = redis
         self.batcher = batcher
         self.process_id = process_id or secrets.token_hex(6)
@@ -61,6 +62,7 @@ class PendingMirror:
         self.up = False                  # the last write reached Redis
         self.writes = 0                  # pipelines sent (for the benchmark and tests)
         self._written: dict[int, IngestRequest] = {}
+        self._renewed = 0.0              # when the hash's lease was last extended
         self._changed = Event()
         self._greenlet: gevent.Greenlet | None = None
         batcher.on_change = self._changed.set
@@ -103,6 +105,10 @@ class PendingMirror:
         current = {req.seq: req for req in self.batcher.pending() if not req.cancelled}
         added = [req for seq, req in current.items() if seq not in self._written]
         removed = [seq for seq in self._written if seq not in current]
+        now = time.monotonic()
+        renew = not self.up or now - self._renewed >= self.refresh_s
+        if not (added or removed or renew):
+            return
         with self.redis.pipeline(transaction=False) as pipe:
             if not self.up:
                 pipe.delete(self.key)
@@ -112,9 +118,12 @@ class PendingMirror:
                                                for e in req.events]}) for req in added})
             if removed:
                 pipe.hdel(self.key, *[str(seq) for seq in removed])
-            pipe.pexpire(self.key, int(self.ttl_s * 1000))
-            pipe.zadd(self.procs_key, {self.process_id: time.time() + self.ttl_s})
+            if renew or added:  # the lease: extended once a second, and whenever the hash is made
+                pipe.pexpire(self.key, int(self.ttl_s * 1000))
+                pipe.zadd(self.procs_key, {self.process_id: time.time() + self.ttl_s})
             pipe.execute()
+        if renew or added:
+            self._renewed = now
         self.writes += 1
         self.up = True
         self._written = current

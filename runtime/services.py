@@ -159,7 +159,8 @@ def build_services(settings: Settings) -> Services:
                     max_events=settings.retention_max_events, every_s=settings.retention_prune_s,
                     slice_width=settings.storage_slice_positions, metrics=metrics.pruned).start()
     pending = PendingMirror(redis, batcher, namespace=f"sluice:{identity}",
-                            process_id=presence.process_id).start()
+                            process_id=presence.process_id).start() \
+        if settings.pending_fleet else None
     services = Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff,
                         limits, presence, pruner, pending, revocations, authorizer, notifier)
     metrics.start(services)
