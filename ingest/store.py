@@ -501,13 +501,20 @@ class EventStore:
                         (list(keep),))
             cur.execute(f"ALTER TABLE {copy} ADD CONSTRAINT {copy}_range "
                         f"CHECK (id >= {piece.lo} AND id < {piece.hi})")
-        with _transaction(conn) as cur:
-            cur.execute("SET LOCAL lock_timeout = '5s'")
-            cur.execute(f"ALTER TABLE events DETACH PARTITION {piece.name}")
-            cur.execute(f"ALTER TABLE events ATTACH PARTITION {copy} "
-                        f"FOR VALUES FROM ({piece.lo}) TO ({piece.hi})")
-            cur.execute(f"ALTER TABLE {copy} DROP CONSTRAINT {copy}_range")
-            cur.execute(f"DROP TABLE {piece.name}")
+        try:
+            with _transaction(conn) as cur:
+                # The swap needs an exclusive lock on `events` for a moment; waiting for it in
+                # the lock queue would hold up ingest behind it: give up fast, retry next round.
+                cur.execute("SET LOCAL lock_timeout = '250ms'")
+                cur.execute(f"ALTER TABLE events DETACH PARTITION {piece.name}")
+                cur.execute(f"ALTER TABLE events ATTACH PARTITION {copy} "
+                            f"FOR VALUES FROM ({piece.lo}) TO ({piece.hi})")
+                cur.execute(f"ALTER TABLE {copy} DROP CONSTRAINT {copy}_range")
+                cur.execute(f"DROP TABLE {piece.name}")
+        except psycopg2.Error:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP TABLE IF EXISTS {copy}")
+            raise
 
     def streams_to_trim(self, conn: psycopg2.extensions.connection, default_age_s: int,
                         default_max_events: int) -> list[tuple[str, int, int]]:
