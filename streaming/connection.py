@@ -134,6 +134,14 @@ class SSEConnection:
     # -- the response body --------------------------------------------------------------------
     def stream(self) -> Iterator[bytes]:
         sub = self.sub
+        if self.checked.resume is None:
+            # "From now" means after the last commit, which the hub may not have heard of yet
+            # (a client that just published must not get that event as live).
+            try:
+                with self.svc.pool.connection() as conn:
+                    self.start = max(self.seam, self.svc.store.last_position(conn))
+            except DatabaseUnavailable:
+                pass  # the hub's position, then
         sub.last = self.start
         try:
             preamble = framing.preamble(self.retry_ms, f"{self.sid}.{format_position(self.start)}")
