@@ -48,6 +48,93 @@ class Grants:
             self._memo.put(stream, answer)
         return answer
 
+    def covers(self, pattern: str) -> bool:
+        """Does the grant allow every stream `pattern` may match (decided once, at subscribe)?"""
+        return self.everything or any(pattern_covers(g, pattern) for g in self.patterns)
+
     def sql_filter(self) -> list[str] | None:
         """Regexes for the store to filter reads by, or None when everything is granted."""
         return None if self.everything else list(self.regexes)
+
+
+def is_pattern(name: str) -> bool:
+    """A subscription target with a wildcard (`room/*`, `user/42/**`, `**`)."""
+    return "*" in name
+
+
+def valid_pattern(pattern: str) -> bool:
+    if not PATTERN_RE.match(pattern):
+        return False
+    try:
+        pattern_to_regex(pattern)
+    except ValueError:
+        return False
+    return True
+
+
+def _split(pattern: str) -> tuple[list[str], bool]:
+    """Segments, and whether the pattern ends in `/**` (or is `**`: any depth)."""
+    if pattern == "**":
+        return [], True
+    if pattern.endswith("/**"):
+        return pattern[:-3].split("/"), True
+    return pattern.split("/"), False
+
+
+def _segment_covers(grant: str, seg: str) -> bool:
+    if grant == "*" or grant == seg:
+        return True
+    return "*" not in seg and re.fullmatch(pattern_to_regex(grant)[1:-1], seg) is not None
+
+
+def pattern_covers(grant: str, pattern: str) -> bool:
+    """Does every stream `pattern` can match also match `grant`? Decided segment by segment;
+    when in doubt (a partial wildcard against another), no."""
+    g_segs, g_deep = _split(grant)
+    p_segs, p_deep = _split(pattern)
+    if grant == "**":
+        return True
+    if g_deep:
+        if len(p_segs) <= len(g_segs) and not (p_deep and len(p_segs) == len(g_segs)):
+            return False
+        return all(_segment_covers(g, p) for g, p in zip(g_segs, p_segs, strict=False))
+    if p_deep or len(p_segs) != len(g_segs):
+        return False
+    return all(_segment_covers(g, p) for g, p in zip(g_segs, p_segs, strict=True))
+
+
+class PatternIndex:
+    """Live patterns, and for each stream name the patterns it matches, decided once per
+    (pattern set, stream) and cached, so fan-out never tests every pattern per event."""
+
+    def __init__(self, cache_size: int = 100_000) -> None:
+        self._compiled: dict[str, re.Pattern[str]] = {}
+        self._counts: dict[str, int] = {}
+        self._cache: BoundedCache[str, tuple[int, tuple[str, ...]]] = BoundedCache(cache_size)
+        self.generation = 0
+
+    def add(self, pattern: str) -> None:
+        self._counts[pattern] = self._counts.get(pattern, 0) + 1
+        if pattern not in self._compiled:
+            self._compiled[pattern] = re.compile(pattern_to_regex(pattern))
+            self.generation += 1
+
+    def remove(self, pattern: str) -> None:
+        left = self._counts.get(pattern, 0) - 1
+        if left > 0:
+            self._counts[pattern] = left
+            return
+        self._counts.pop(pattern, None)
+        if self._compiled.pop(pattern, None) is not None:
+            self.generation += 1
+
+    def __bool__(self) -> bool:
+        return bool(self._compiled)
+
+    def matching(self, stream: str) -> tuple[str, ...]:
+        cached = self._cache.get(stream)
+        if cached is not None and cached[0] == self.generation:
+            return cached[1]
+        found = tuple(p for p, r in self._compiled.items() if r.match(stream))
+        self._cache.put(stream, (self.generation, found))
+        return found

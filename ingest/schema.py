@@ -42,6 +42,11 @@ def stream_schema() -> dict[str, Any]:
     return {"type": "string", "pattern": STREAM_PATTERN}
 
 
+def stream_pattern_schema() -> dict[str, Any]:
+    """JSON Schema of a subscription pattern (the token pattern syntax, with a `*`)."""
+    return {"type": "string", "pattern": r"^(?=.*\*)[A-Za-z0-9._:/*-]{1,200}$"}
+
+
 def new_event_schema(max_data_bytes: int = 65536) -> dict[str, Any]:
     """JSON Schema of one event in an ingest body, exactly as `ingest.validation` accepts it
     (a `key` of null is the same as no key)."""

@@ -366,6 +366,14 @@ class EventStore:
             cur.execute("SELECT name FROM streams WHERE name = ANY(%s)", (list(names),))
             return {row[0] for row in cur.fetchall()}
 
+    def streams_matching(self, conn: psycopg2.extensions.connection,
+                         regexes: Sequence[str]) -> list[str]:
+        """The streams whose names match any of the regexes (pattern subscriptions' catch-up):
+        a pass over the streams table, never over events."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT name FROM streams WHERE name ~ ANY(%s)", (list(regexes),))
+            return [row[0] for row in cur.fetchall()]
+
     def history_gone(self, conn: psycopg2.extensions.connection, names: Sequence[str],
                      after: int) -> tuple[list[str], int | None] | None:
         """If some of `names` lost history after position `after` (pruned, or deleted and

@@ -5,9 +5,21 @@ from collections.abc import Iterator, Sequence
 
 import gevent
 
+from auth.grants import pattern_to_regex
 from ingest.events import StoredEvent
 from ingest.pool import Pool
 from ingest.store import EventStore
+
+
+def streams_for(pool: Pool, store: EventStore, streams: Sequence[str],
+                patterns: Sequence[str]) -> list[str]:
+    """The exact streams of a subscription, and those its patterns match now (streams created
+    later reach it live, through the hub)."""
+    if not patterns:
+        return list(streams)
+    with pool.connection() as conn:
+        matched = store.streams_matching(conn, [pattern_to_regex(p) for p in patterns])
+    return list(dict.fromkeys([*streams, *matched]))
 
 
 def catch_up(pool: Pool, store: EventStore, streams: Sequence[str], after: int, upto: int,

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from auth.grants import is_pattern, valid_pattern
 from auth.limits import token_key
 from common.problems import Problem, invalid_parameter, not_granted, unauthorized, unknown_stream
 from ingest.ids import parse_position
@@ -35,7 +36,7 @@ class SubscribeRequest:
 class Checked:
     """A subscribe request that passed every check: what to send and from where."""
 
-    streams: list[str]
+    streams: list[str]      # exact stream names
     resume: int | None      # resume after this position; None means "from now"
     sid: str | None         # connection id carried in from Last-Event-ID or ?sid=
     subject: str = ""       # the token's subject
@@ -43,6 +44,7 @@ class Checked:
     expires_at: float = 0.0           # when the credential stops admitting (unix time; 0: never)
     jti: str | None = None            # the token's id, for revocation by jti
     issued_at: float | None = None    # the token's iat, for revocation by subject
+    patterns: list[str] = field(default_factory=list)  # `room/*`: matching streams, even later
 
 
 def new_sid() -> str:
@@ -82,20 +84,28 @@ def check_subscribe(svc: StreamingServices, req: SubscribeRequest) -> Checked:
     if len(streams) > settings.subscribe_max_streams:
         raise Problem(400, "too-many-streams", f"at most {settings.subscribe_max_streams} streams "
                       "per subscription", field="stream", limit=settings.subscribe_max_streams)
+    streams = list(dict.fromkeys(streams))
+    patterns = [s for s in streams if is_pattern(s)]
+    streams = [s for s in streams if not is_pattern(s)]
     if not all(valid_stream(stream) for stream in streams):
         raise invalid_stream()
-    streams = list(dict.fromkeys(streams))
+    if not all(valid_pattern(p) for p in patterns):
+        raise Problem(400, "invalid-stream", "a pattern is a stream name with `*` for one "
+                      "segment or a trailing `/**` (or `**` alone)", field="stream")
     if req.token is not None:
         principal = svc.tokens.verify(req.token)
         key = token_key(req.token)
     elif svc.authorizer is not None:  # no token: ask the origin (raises OriginUnavailable)
-        principal, key = svc.authorizer.authorize(req.headers, streams, req.address)
+        principal, key = svc.authorizer.authorize(req.headers, streams + patterns, req.address)
     else:
         raise unauthorized("a token is required (Authorization: Bearer <token>, ?token= or "
                            "the sluice_token cookie)")
     for stream in streams:
         if not principal.subscribe.allows(stream):
             raise not_granted("subscribe", stream)
+    for pattern in patterns:  # decided once: every stream it may ever match is granted
+        if not principal.subscribe.covers(pattern):
+            raise not_granted("subscribe", pattern)
     sid, resume = None, None
     if req.last_event_id:
         try:
@@ -107,7 +117,7 @@ def check_subscribe(svc: StreamingServices, req: SubscribeRequest) -> Checked:
         if not valid_sid(req.sid):
             raise invalid_parameter("sid", "bad `sid`")
         sid = req.sid
-    missing = svc.hub.missing_streams(streams)
+    missing = svc.hub.missing_streams(streams) if streams else set()
     if missing:
         raise unknown_stream(sorted(missing)[0])
     leeway = svc.tokens.leeway_s if req.token is not None else 0.0
@@ -115,4 +125,5 @@ def check_subscribe(svc: StreamingServices, req: SubscribeRequest) -> Checked:
     return Checked(streams, resume, sid, principal.subject, key,
                    expires_at=principal.expires_at + leeway if principal.expires_at else 0.0,
                    jti=jti if isinstance(jti, str) else None,
-                   issued_at=float(iat) if isinstance(iat, (int, float)) else None)
+                   issued_at=float(iat) if isinstance(iat, (int, float)) else None,
+                   patterns=patterns)

@@ -19,7 +19,7 @@ import orjson
 from ingest.ids import format_position
 from ingest.pool import DatabaseUnavailable
 from ingest.reads import history_gone
-from streaming.catchup import catch_up
+from streaming.catchup import catch_up, streams_for
 from streaming.checks import Checked
 from streaming.deps import StreamingServices
 from streaming.direct import Unsent, direct_sink
@@ -85,7 +85,8 @@ class SSEConnection:
         self.takeover = checked.sid is not None  # a reconnect: an older connection loses
         self.sub, self.seam = svc.hub.subscribe(
             checked.streams, svc.settings.subscriber_queue_max, expires_at=checked.expires_at,
-            jti=checked.jti, subject=checked.subject, issued_at=checked.issued_at)
+            jti=checked.jti, subject=checked.subject, issued_at=checked.issued_at,
+            patterns=checked.patterns)
         self.sub.envelope = envelope
         self.start = self.seam if checked.resume is None else checked.resume
         svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)
@@ -186,7 +187,9 @@ class SSEConnection:
     def _catch_up(self) -> Generator[bytes, None, bool]:
         """History pages up to the seam; returns True if the subscription closed meanwhile."""
         sub = self.sub
-        for rows in catch_up(self.svc.pool, self.svc.store, self.checked.streams, self.start,
+        streams = streams_for(self.svc.pool, self.svc.store, self.checked.streams,
+                              self.checked.patterns) if self.start < self.seam else []
+        for rows in catch_up(self.svc.pool, self.svc.store, streams, self.start,
                              self.seam, self.svc.settings.catchup_page):
             if sub.closed and not sub.overflowed:
                 return True

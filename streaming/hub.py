@@ -30,6 +30,7 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Full, Queue
 
+from auth.grants import PatternIndex
 from common.cache import BoundedCache
 from ingest.events import Commit
 from ingest.pool import Pool
@@ -68,6 +69,8 @@ class Hub:
         self.stream_cache_s = stream_cache_s
         self._held: dict[int, tuple[int, Events]] = {}  # after -> (upto, events) past a hole
         self._by_stream: dict[str, set[Subscription]] = {}
+        self._by_pattern: dict[str, set[Subscription]] = {}
+        self._patterns = PatternIndex()  # stream -> matching live patterns, cached
         self._subs: set[Subscription] = set()
         self._known: BoundedCache[str, bool] = BoundedCache(100_000)  # trusted to exist
         self._wake_filler = Event()
@@ -96,24 +99,35 @@ class Hub:
 
     # -- subscribers --------------------------------------------------------------------------
     def subscribe(self, streams: Iterable[str], maxsize: int, *, expires_at: float = 0.0,
-                  jti: str | None = None, subject: str = "",
-                  issued_at: float | None = None) -> tuple[Subscription, int]:
+                  jti: str | None = None, subject: str = "", issued_at: float | None = None,
+                  patterns: Iterable[str] = ()) -> tuple[Subscription, int]:
         """Register a subscriber; returns it and the position live delivery starts after.
 
         Everything with id <= that position must come from the store (catch-up); everything
         after it arrives in the queue, in order. No yield happens between the two. The
         subscription ends when its credential expires (`expires_at`, unix time) or is revoked.
         """
-        sub = Subscription(frozenset(streams), Queue(maxsize), expires_at=expires_at, jti=jti,
-                           subject=subject, issued_at=issued_at)
+        sub = Subscription(frozenset(streams), Queue(maxsize), frozenset(patterns),
+                           expires_at=expires_at, jti=jti, subject=subject, issued_at=issued_at)
         for stream in sub.streams:
             self._by_stream.setdefault(stream, set()).add(sub)
+        for pattern in sub.patterns:
+            self._by_pattern.setdefault(pattern, set()).add(sub)
+            self._patterns.add(pattern)
         self._subs.add(sub)
         if expires_at:
             heapq.heappush(self._expiry, (expires_at, next(self._order), sub))
         return sub, self.position
 
     def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            for pattern in sub.patterns:
+                self._patterns.remove(pattern)
+                subs = self._by_pattern.get(pattern)
+                if subs is not None:
+                    subs.discard(sub)
+                    if not subs:
+                        del self._by_pattern[pattern]
         self._subs.discard(sub)
         for stream in sub.streams:
             subs = self._by_stream.get(stream)
@@ -270,15 +284,20 @@ class Hub:
         """One queue item per subscriber per delivery. Events are grouped by stream once; a
         subscriber of a single stream gets that shared list as is (one put per subscriber)."""
         by_stream: dict[str, list[LiveEvent]] = {}
+        patterns = self._patterns
         for position, stream, event_type, data in events:
-            if stream in self._by_stream:
+            if stream in self._by_stream or (patterns and patterns.matching(stream)):
                 by_stream.setdefault(stream, []).append(
                     LiveEvent(position, stream, event_type, data,
                               self.framing.body(event_type, data)))
         merged: dict[Subscription, list[LiveEvent]] = {}
         for stream, lives in by_stream.items():
-            for sub in list(self._by_stream.get(stream, ())):
-                if len(sub.streams) == 1:
+            targets = set(self._by_stream.get(stream, ()))
+            if patterns:
+                for pattern in patterns.matching(stream):  # cached per stream name
+                    targets.update(self._by_pattern.get(pattern, ()))
+            for sub in targets:  # a set: a stream matched twice by one subscriber counts once
+                if len(sub.streams) == 1 and not sub.patterns:
                     self._offer(sub, lives)
                 else:
                     merged.setdefault(sub, []).extend(lives)

@@ -11,7 +11,7 @@ import orjson
 
 from ingest.ids import format_position
 from ingest.reads import history_gone
-from streaming.catchup import catch_up
+from streaming.catchup import catch_up, streams_for
 from streaming.checks import Checked, new_sid
 from streaming.deps import StreamingServices
 from streaming.subscription import HEARTBEAT, StreamEnded
@@ -43,7 +43,8 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
     sid = checked.sid or new_sid()
     sub, seam = svc.hub.subscribe(checked.streams, svc.settings.subscriber_queue_max,
                                   expires_at=checked.expires_at, jti=checked.jti,
-                                  subject=checked.subject, issued_at=checked.issued_at)
+                                  subject=checked.subject, issued_at=checked.issued_at,
+                                  patterns=checked.patterns)
     svc.presence.join(sub, sid, checked.subject, takeover=False)
     reset = None
     try:
@@ -58,7 +59,9 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
                 start = max(seam, svc.store.last_position(conn))
         cursor = max(start, seam)
         events: list[dict[str, Any]] = []
-        for rows in catch_up(svc.pool, svc.store, checked.streams, start, seam, page):
+        streams = streams_for(svc.pool, svc.store, checked.streams, checked.patterns) \
+            if start < seam else []
+        for rows in catch_up(svc.pool, svc.store, streams, start, seam, page):
             events = [poll_event(r.position, r.stream, r.type, r.data) for r in rows]
             if len(rows) == page:
                 cursor = rows[-1].position  # more history to come: continue from here

@@ -51,6 +51,7 @@ class Subscription:
 
     streams: frozenset[str]
     queue: Queue
+    patterns: frozenset[str] = frozenset()  # `room/*`-style: every matching stream, even later
     overflowed: bool = False
     closed: bool = False
     active_at: float = field(default_factory=time.monotonic)

@@ -52,9 +52,10 @@ def headers_for(path: str) -> dict[str, str]:
     if path == "/api/v1/stats":
         # A stream that never ends: fuzz its refusal path (a token that does not verify).
         return {"Authorization": "Bearer not-a-token"}
-    if path == "/api/v1/sse":
-        # May publish but subscribe to nothing: every SSE request is answered (400/401/403/404)
-        # before the first byte instead of holding a stream open for the fuzzer.
+    if path in ("/api/v1/sse", "/api/v1/poll"):
+        # May publish but subscribe to nothing: every SSE or poll request is answered
+        # (400/401/403/404) at once instead of holding a stream or a poll open for the fuzzer
+        # (a pattern matching nothing yet is a valid subscription that waits).
         return auth(publish=("**",), subscribe=())
     return auth()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ingest.schema import new_event_schema, retention_schema, stream_schema
+from ingest.schema import new_event_schema, retention_schema, stream_pattern_schema, stream_schema
 
 
 def _problem(description: str, retry_after: bool = False) -> dict[str, Any]:
@@ -34,7 +34,10 @@ UNAVAILABLE = {"503": _problem("Database unreachable, pool exhausted, backlog fu
 SUBSCRIBE_PARAMS: list[dict[str, Any]] = [
     {"name": "stream", "in": "query", "required": True, "style": "form", "explode": True,
      "schema": {"type": "array", "minItems": 1, "maxItems": 50,
-                "items": stream_schema()}},
+                "items": {"anyOf": [stream_schema(), stream_pattern_schema()]}},
+     "description": "A stream, or a pattern in the token syntax (`room/*`, `user/42/**`): "
+                    "every stream it matches, streams created later included. The grant must "
+                    "cover the pattern."},
     {"name": "token", "in": "query", "schema": {"type": "string"},
      "description": "Token, for clients that cannot set headers (EventSource); or the "
                     "`sluice_token` cookie. Without any token and with SLUICE_AUTHORIZE_URL "
@@ -118,6 +121,9 @@ def openapi_document() -> dict[str, Any]:
                         "201": _json("Written", "Committed; at least one event is new."),
                         "200": _json("Written", "Every event repeated an earlier key."),
                         "400": _problem("Bad JSON or field; `index` and `field` name it."),
+                        "422": _problem("An idempotency key was used before for a different "
+                                        "event (stream, type or data); `key` names it. Nothing "
+                                        "of the request is stored."),
                         **AUTH_ERRORS,
                         "413": _problem("Body over 1 MiB, more than 1,000 events, or data over 64 KiB."),
                         "408": _problem("The body did not arrive within BODY_TIMEOUT_S."),
@@ -156,6 +162,8 @@ def openapi_document() -> dict[str, Any]:
                         "responses": {"201": _json("Stream", "Created."),
                                       "200": _json("Stream", "Already existed (overrides set)."),
                                       "400": _problem("Bad stream name or retention body."),
+                                      "404": _problem("Not a stream path (a name with control "
+                                                      "characters never routes)."),
                                       **AUTH_ERRORS, "408": _problem("Body too slow."),
                                       "413": _problem("Body over 64 KiB."), **UNAVAILABLE}},
                 "get": {"summary": "Describe a stream (needs `subscribe`).",
