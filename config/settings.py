@@ -136,18 +136,12 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     return raw in ("true", "1", "yes")
 
 
-def _on_off(env: Mapping[str, str], name: str) -> bool:
+def _switch(env: Mapping[str, str], name: str, on: str, off: str = "off") -> bool:
+    """A two-word setting (`on`/`off`, `json`/`off`): True for `on`."""
     raw = env.get(name, SETTINGS_DOC[name][0]).strip().lower()
-    if raw not in ("on", "off"):
-        raise SettingsError(f"{name} must be on or off, got {raw!r}")
-    return raw == "on"
-
-
-def _request_log(env: Mapping[str, str]) -> bool:
-    raw = env.get("REQUEST_LOG", "json").strip().lower()
-    if raw not in ("json", "off"):
-        raise SettingsError(f"REQUEST_LOG must be json or off, got {raw!r}")
-    return raw == "json"
+    if raw not in (on, off):
+        raise SettingsError(f"{name} must be {on} or {off}, got {raw!r}")
+    return raw == on
 
 
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -312,7 +306,7 @@ class Settings:
             max_header_bytes=_int(env, "MAX_HEADER_BYTES", 1024),
             max_request_line=min(_int(env, "MAX_REQUEST_LINE_BYTES", 256), 8192),
             redis_verify_tls=_bool(env, "REDIS_VERIFY_TLS"),
-            request_log=_request_log(env),
+            request_log=_switch(env, "REQUEST_LOG", "json"),
             webhook_url=_url(env, "SLUICE_WEBHOOK_URL"),
             webhook_secret=env.get("SLUICE_WEBHOOK_SECRET") or (
                 secrets.get("default") or next(iter(secrets.values()), None)),
@@ -324,7 +318,7 @@ class Settings:
             retention_prune_s=_float(env, "RETENTION_PRUNE_S", 0.05),
             storage_slice_positions=_int(env, "STORAGE_SLICE_POSITIONS", 1),
             revocation_keep_s=_float(env, "REVOCATION_KEEP_S", 1.0),
-            pending_fleet=_on_off(env, "PENDING_FLEET"),
+            pending_fleet=_switch(env, "PENDING_FLEET", "on"),
         )
         if settings.webhook_url and not settings.webhook_secret and production:
             raise SettingsError("SLUICE_WEBHOOK_URL needs SLUICE_WEBHOOK_SECRET (or a "
