@@ -190,6 +190,14 @@ def open_stream(server: SluiceServer, streams: Any, headers: dict[str, str] | No
                   params={"stream": streams, **params})
 
 
+def open_sse(server: SluiceServer, streams: Any, tok: str | None = None, **params: Any) -> Any:
+    """An SSE connection to `streams` with the given token (default: one for everything)."""
+    from tests.sse import Stream
+
+    return Stream(server.url + SSE, headers={"Authorization": f"Bearer {tok or token()}"},
+                  params={"stream": streams, **params})
+
+
 def procfile() -> dict[str, str]:
     """The Procfile's process types and their commands, as written."""
     entries = {}

@@ -7,8 +7,7 @@ import gevent
 import psycopg2
 import pytest
 
-from tests.helpers import EVENTS, SSE, auth, token, wait_until
-from tests.sse import Stream
+from tests.helpers import EVENTS, auth, open_sse, token, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -91,11 +90,6 @@ def test_without_redis_reads_say_their_pending_part_is_this_process(make_server,
                message="the fleet view back with Redis")
 
 
-def sse(server, tok, stream="lim/1"):
-    return Stream(server.url + SSE, headers={"Authorization": f"Bearer {tok}"},
-                  params={"stream": stream})
-
-
 def test_connection_limits_count_across_processes_and_a_killed_one_stops(make_server,
                                                                          database_url):
     env = {"MAX_CONNECTIONS_PER_TOKEN": "2", "MAX_CONNECTIONS_PER_IP": "3"}
@@ -103,21 +97,21 @@ def test_connection_limits_count_across_processes_and_a_killed_one_stops(make_se
     b = make_server(database_url, **env)
     a.put("/api/v1/streams/lim/1", headers=auth())
     mine = token("limited")
-    held = [sse(a, mine), sse(b, mine)]
+    held = [open_sse(a, "lim/1", mine), open_sse(b, "lim/1", mine)]
     assert [s.response.status_code for s in held] == [200, 200]
     for server in (a, b):  # the token holds two in the fleet: a third anywhere is refused
-        refused = sse(server, mine)
+        refused = open_sse(server, "lim/1", mine)
         assert refused.response.status_code == 429
         refused.close()
-    other = sse(b, token("other-user"))  # the address now holds three in the fleet
+    other = open_sse(b, "lim/1", token("other-user"))  # the address now holds three in the fleet
     assert other.response.status_code == 200
-    refused = sse(a, token("third-user"))
+    refused = open_sse(a, "lim/1", token("third-user"))
     assert refused.response.status_code == 429  # by address, across processes
     refused.close()
     a.kill()  # its connections stop counting once its lease runs out
 
     def admitted():
-        s = sse(b, mine)
+        s = open_sse(b, "lim/1", mine)
         ok = s.response.status_code == 200
         if ok:
             held.append(s)
@@ -135,9 +129,9 @@ def test_without_redis_limits_count_in_each_process(make_server, database_url, o
     server.put("/api/v1/streams/lim/1", headers=auth())
     own_redis.stop()
     mine = token("alone")
-    first = sse(server, mine)
+    first = open_sse(server, "lim/1", mine)
     assert first.response.status_code == 200
-    second = sse(server, mine)
+    second = open_sse(server, "lim/1", mine)
     assert second.response.status_code == 429
     for s in (first, second):
         s.close()

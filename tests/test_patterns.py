@@ -7,19 +7,13 @@ import json
 
 import pytest
 
-from tests.helpers import POLL, SSE, auth, publish, token
-from tests.sse import Stream
-
-
-def sse(server, streams, tok=None, **params):
-    return Stream(server.url + SSE, headers={"Authorization": f"Bearer {tok or token()}"},
-                  params={"stream": streams, **params})
+from tests.helpers import POLL, SSE, auth, open_sse, publish, token
 
 
 def test_a_pattern_delivers_matching_streams_including_new_ones(server):
     for name in ("room/1", "other/1", "room/1/deep"):
         server.put(f"/api/v1/streams/{name}", headers=auth())
-    s = sse(server, "room/*", token(subscribe=["room/*"]))
+    s = open_sse(server, "room/*", token(subscribe=["room/*"]))
     assert s.response.status_code == 200
     s.next(("retry",))
     publish(server, "other/1", "not mine")
@@ -37,11 +31,11 @@ def test_catch_up_and_resume_run_across_matching_streams_in_order(server):
     for i in range(6):
         ids.append(publish(server, f"feed/{'ab'[i % 2]}", i))
     publish(server, "feeds-other", "x")
-    s = sse(server, "feed/*", lastEventId="0")
+    s = open_sse(server, "feed/*", lastEventId="0")
     got = s.events(6)
     assert [e[0].rpartition(".")[2] for e in got] == ids
     s.close()
-    resumed = sse(server, "feed/*", lastEventId=got[2][0])  # Last-Event-ID as the browser sends
+    resumed = open_sse(server, "feed/*", lastEventId=got[2][0])  # Last-Event-ID as the browser sends
     assert [json.loads(e[2]) for e in resumed.events(3)] == [3, 4, 5]
     resumed.close()
 
@@ -65,7 +59,7 @@ def test_a_pattern_is_admitted_only_when_the_grant_covers_it(server, grant, patt
     r = server.get(POLL, params={"stream": pattern, "timeout": "0"},
                    headers={"Authorization": f"Bearer {tok}"})
     assert r.status_code == status, r.text
-    s = sse(server, pattern, tok)
+    s = open_sse(server, pattern, tok)
     assert s.response.status_code == status
     s.close()
 

@@ -8,16 +8,10 @@ import time
 import gevent
 import pytest
 
-from tests.helpers import POLL, SSE, auth, token, wait_until
-from tests.sse import Stream
+from tests.helpers import POLL, auth, open_sse, token, wait_until
 
 pytestmark = pytest.mark.slow
 REVOKER = {"Authorization": f"Bearer {token('origin', revoke=True)}"}
-
-
-def sse(server, tok, stream="rv/1"):
-    return Stream(server.url + SSE, headers={"Authorization": f"Bearer {tok}"},
-                  params={"stream": stream})
 
 
 def ends_with_retry(stream, timeout=15):
@@ -42,7 +36,7 @@ def pair(make_server, database_url):
 def test_an_expiring_token_ends_its_stream_and_its_held_poll(pair):
     a, _ = pair
     short = token("brief", ttl_s=2)
-    s = sse(a, short)
+    s = open_sse(a, "rv/1", short)
     assert s.response.status_code == 200
     s.next(("retry",))  # the preamble
     poll = gevent.spawn(a.get, POLL, params={"stream": "rv/1", "timeout": "20"},
@@ -54,7 +48,7 @@ def test_an_expiring_token_ends_its_stream_and_its_held_poll(pair):
     answer = poll.get()
     assert answer.status_code == 200 and answer.json()["events"] == []
     s.close()
-    again = sse(a, short)
+    again = open_sse(a, "rv/1", short)
     assert again.response.status_code == 401  # and the reconnect must bring a new token
     again.close()
 
@@ -63,7 +57,8 @@ def test_revoking_a_jti_ends_its_connections_in_every_process(pair):
     a, b = pair
     victim = token("user-7", jti="tok-1")
     bystander = token("user-7", jti="tok-2")
-    on_a, on_b, other = sse(a, victim), sse(b, victim), sse(b, bystander)
+    on_a, on_b = open_sse(a, "rv/1", victim), open_sse(b, "rv/1", victim)
+    other = open_sse(b, "rv/1", bystander)
     for s in (on_a, on_b, other):
         s.next(("retry",))
     r = a.post("/api/v1/revocations", json={"jti": "tok-1"}, headers=REVOKER)
@@ -71,13 +66,13 @@ def test_revoking_a_jti_ends_its_connections_in_every_process(pair):
     for s in (on_a, on_b):
         assert ends_with_retry(s)[-1][0] == "retry"
     for server in (a, b):
-        wait_until(lambda server=server: sse(server, victim).response.status_code == 401,
+        wait_until(lambda server=server: open_sse(server, "rv/1", victim).response.status_code == 401,
                    timeout=10, message="the revoked token refused")
     r = a.get(POLL, params={"stream": "rv/1", "timeout": "0"},
               headers={"Authorization": f"Bearer {victim}"})
     assert r.status_code == 401 and "revoked" in r.json()["detail"]
     assert other.queue.empty()  # another token of the same user is untouched
-    assert sse(b, bystander).response.status_code == 200
+    assert open_sse(b, "rv/1", bystander).response.status_code == 200
     for s in (on_a, on_b, other):
         s.close()
 
@@ -85,15 +80,15 @@ def test_revoking_a_jti_ends_its_connections_in_every_process(pair):
 def test_revoking_a_subject_ends_its_tokens_but_later_ones_work(pair):
     a, b = pair
     old = token("user-9", iat=int(time.time()) - 10)
-    s = sse(b, old)
+    s = open_sse(b, "rv/1", old)
     s.next(("retry",))
     r = a.post("/api/v1/revocations", json={"sub": "user-9"}, headers=REVOKER)
     assert r.status_code == 202 and r.json()["revoked"]["sub"] == "user-9"
     assert ends_with_retry(s)[-1][0] == "retry"
-    wait_until(lambda: sse(b, old).response.status_code == 401, timeout=10,
+    wait_until(lambda: open_sse(b, "rv/1", old).response.status_code == 401, timeout=10,
                message="the subject's old token refused")
     later = token("user-9", iat=int(time.time()) + 2)  # issued after the revocation
-    fresh = sse(a, later)
+    fresh = open_sse(a, "rv/1", later)
     assert fresh.response.status_code == 200
     fresh.close()
     s.close()
