@@ -12,22 +12,25 @@ from collections.abc import Sequence
 from common.cache import BoundedCache
 
 PATTERN_RE = re.compile(r"^[A-Za-z0-9._:/*-]{1,200}$")
+# Patterns match native stream names only (they start with a letter or digit): a stream that
+# another door keeps to itself (`.mercure`) is never matched by `*` or `**`.
+NATIVE = "^(?=[A-Za-z0-9])"
 
 
 def pattern_to_regex(pattern: str) -> str:
     """Compile a stream pattern to a regex valid in both Python and PostgreSQL (`~`).
 
     `*` matches within one `/`-separated segment, a trailing `/**` matches any depth below,
-    and `**` alone matches every stream.
+    and `**` alone matches every (native) stream.
     """
     if pattern == "**":
-        return "^.*$"
+        return NATIVE + ".*$"
     deep = pattern.endswith("/**")
     body = pattern[:-3] if deep else pattern
     if "**" in body:
         raise ValueError(f"`**` may only stand alone or end a pattern: {pattern!r}")
     parts = [re.escape(p) if p != "*" else "[^/]*" for p in re.split(r"(\*)", body) if p]
-    regex = "^" + "".join(parts).replace("\\/", "/").replace("\\-", "-").replace("\\:", ":")
+    regex = NATIVE + "".join(parts).replace("\\/", "/").replace("\\-", "-").replace("\\:", ":")
     return regex + ("/.+$" if deep else "$")
 
 
@@ -84,7 +87,7 @@ def _split(pattern: str) -> tuple[list[str], bool]:
 def _segment_covers(grant: str, seg: str) -> bool:
     if grant == "*" or grant == seg:
         return True
-    return "*" not in seg and re.fullmatch(pattern_to_regex(grant)[1:-1], seg) is not None
+    return "*" not in seg and re.fullmatch(pattern_to_regex(grant)[len(NATIVE):-1], seg) is not None
 
 
 def pattern_covers(grant: str, pattern: str) -> bool:

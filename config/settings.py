@@ -76,6 +76,11 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SSE_WRITE_TIMEOUT_S": ("30", "A stream write that cannot complete this long ends the connection."),
     "LONGPOLL_MAX_S": ("25", "Longest long-poll hold."),
     "SHUTDOWN_TIMEOUT_S": ("20", "How long SIGTERM waits for in-flight requests before exiting."),
+    "MERCURE_PUBLISHER_JWT_KEY": ("(unset: Mercure door off)", "Turns on the Mercure front door (`/.well-known/mercure`): the key publisher tokens are verified with (an HS256 secret, or a PEM public key for `RS256`/`ES256`). Unset while the subscriber key is set: the subscriber key."),
+    "MERCURE_PUBLISHER_JWT_ALG": ("HS256", "`HS256`, `RS256` or `ES256`: what `MERCURE_PUBLISHER_JWT_KEY` is."),
+    "MERCURE_SUBSCRIBER_JWT_KEY": ("(unset: the publisher key)", "The key subscriber tokens are verified with (as above); also turns the Mercure door on."),
+    "MERCURE_SUBSCRIBER_JWT_ALG": ("HS256", "`HS256`, `RS256` or `ES256`: what `MERCURE_SUBSCRIBER_JWT_KEY` is."),
+    "MERCURE_ANONYMOUS": ("false", "Admit Mercure subscribers without a token (they receive public updates only)."),
     "WEB_CONCURRENCY": ("2", "gunicorn worker processes (Procfile `web`); each has its own pool."),
     "WORKER_CONNECTIONS": ("10000", "Most concurrent connections per gunicorn worker."),
 }
@@ -182,6 +187,25 @@ def _secrets(env: Mapping[str, str]) -> dict[str, str]:
     return keys
 
 
+def _mercure_key(env: Mapping[str, str], kind: str) -> tuple[str, str] | None:
+    """MERCURE_{kind}_JWT_KEY with its algorithm, checked now (a PEM key must load)."""
+    key = env.get(f"MERCURE_{kind}_JWT_KEY", "")
+    if not key:
+        return None
+    alg = env.get(f"MERCURE_{kind}_JWT_ALG", "HS256").strip().upper() or "HS256"
+    if alg not in ("HS256", "RS256", "ES256"):
+        raise SettingsError(f"MERCURE_{kind}_JWT_ALG must be HS256, RS256 or ES256, got {alg!r}")
+    if alg != "HS256":
+        from config.keys import load_public_key
+        try:
+            _, key_alg = load_public_key(key.replace("\\n", "\n"))
+        except ValueError as exc:
+            raise SettingsError(f"MERCURE_{kind}_JWT_KEY: {exc}") from None
+        if key_alg != alg:
+            raise SettingsError(f"MERCURE_{kind}_JWT_KEY is a key for {key_alg}, not {alg}")
+    return key, alg
+
+
 @dataclass(frozen=True)
 class Settings:
     """The process's configuration; built once by `from_env` and passed down, never global."""
@@ -246,6 +270,14 @@ class Settings:
     storage_slice_positions: int = 1_000_000
     revocation_keep_s: float = 86400.0
     pending_fleet: bool = True
+    # The Mercure door: (key, algorithm) per kind of token; None: that key is not set.
+    mercure_publisher_key: tuple[str, str] | None = None
+    mercure_subscriber_key: tuple[str, str] | None = None
+    mercure_anonymous: bool = False
+
+    @property
+    def mercure(self) -> bool:
+        return self.mercure_publisher_key is not None or self.mercure_subscriber_key is not None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -319,6 +351,9 @@ class Settings:
             storage_slice_positions=_int(env, "STORAGE_SLICE_POSITIONS", 1),
             revocation_keep_s=_float(env, "REVOCATION_KEEP_S", 1.0),
             pending_fleet=_switch(env, "PENDING_FLEET", "on"),
+            mercure_publisher_key=_mercure_key(env, "PUBLISHER") or _mercure_key(env, "SUBSCRIBER"),
+            mercure_subscriber_key=_mercure_key(env, "SUBSCRIBER") or _mercure_key(env, "PUBLISHER"),
+            mercure_anonymous=_bool(env, "MERCURE_ANONYMOUS"),
         )
         if settings.webhook_url and not settings.webhook_secret and production:
             raise SettingsError("SLUICE_WEBHOOK_URL needs SLUICE_WEBHOOK_SECRET (or a "

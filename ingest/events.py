@@ -46,6 +46,9 @@ class IngestRequest:
     results: list[Written] | None = None
     cancelled: bool = False
     error: Problem | None = None   # refused while writing (a reused idempotency key)
+    # A key already naming a different event moves to this request's event instead of refusing
+    # it (Mercure update ids: the newest update with an id is the one a resume finds).
+    rekey: bool = False
     done: AsyncResult = field(default_factory=AsyncResult)
 
 

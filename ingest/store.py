@@ -59,7 +59,8 @@ SQL_FINISH = (
     "SELECT i, s, t, d, c, k FROM json_to_recordset(%s::json) "
     "AS r(i bigint, s text, t text, d text, c text, k text); "
     "INSERT INTO event_keys (client_id, key, id, stream) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[]); "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[]) "
+    "ON CONFLICT (client_id, key) DO UPDATE SET id = EXCLUDED.id, stream = EXCLUDED.stream; "
     "INSERT INTO streams (name, last_id, pruned_upto) "
     "SELECT u.n, u.l, COALESCE(t.deleted_upto, 0) FROM unnest(%s::text[], %s::bigint[]) AS u(n, l) "
     "LEFT JOIN stream_tombstones t ON t.name = u.n "
@@ -204,10 +205,10 @@ class EventStore:
         existing = self._existing_keys(cur, requests)
         next_id = first
         rows: list[dict[str, Any]] = []
-        keys: tuple[list[str], list[str], list[int], list[str]] = ([], [], [], [])
+        keys: dict[tuple[str, str], tuple[int, str]] = {}  # written now: (client, key) -> event
         stream_last: dict[str, int] = {}
         for req in requests:
-            conflict = self._key_conflict(req, existing)
+            conflict = None if req.rekey else self._key_conflict(req, existing)
             if conflict is not None:
                 req.error = conflict
                 req.results = None
@@ -217,7 +218,8 @@ class EventStore:
             for ev in req.events:
                 if ev.key is not None:
                     seen = existing.get((client, ev.key))
-                    if seen is not None:
+                    if seen is not None and (not req.rekey
+                                             or seen.same_event(ev.stream, ev.type, ev.data)):
                         results.append(Written(seen.id, seen.stream, ev.key, duplicate=True))
                         continue
                 next_id += 1
@@ -225,16 +227,15 @@ class EventStore:
                 if ev.key is not None:
                     # A later event in this same batch with the same key repeats this one.
                     existing[(client, ev.key)] = KeyedEvent(next_id, ev.stream, ev.type, ev.data)
-                    keys[0].append(client)
-                    keys[1].append(ev.key)
-                    keys[2].append(next_id)
-                    keys[3].append(ev.stream)
+                    keys[(client, ev.key)] = (next_id, ev.stream)
                 results.append(written)
                 stream_last[ev.stream] = next_id
                 rows.append({"i": next_id, "s": ev.stream, "t": ev.type, "d": ev.data, "c": client,
                              "k": ev.key})
             req.results = results
-        cur.execute(SQL_FINISH, (orjson.dumps(rows).decode(), *keys, list(stream_last),
+        cur.execute(SQL_FINISH, (orjson.dumps(rows).decode(), [c for c, _ in keys],
+                                 [k for _, k in keys], [i for i, _ in keys.values()],
+                                 [s for _, s in keys.values()], list(stream_last),
                                  list(stream_last.values())))
 
     @staticmethod
@@ -320,6 +321,15 @@ class EventStore:
             sql = ("SELECT {cols} FROM events WHERE " + " AND ".join(where)
                    + " ORDER BY id LIMIT %s")
         return sql.format(cols=_EVENT_COLUMNS), params
+
+    def key_position(self, conn: psycopg2.extensions.connection, client_id: str,
+                     key: str) -> int | None:
+        """The position of the event stored under an idempotency key, if it is still kept."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT id FROM event_keys WHERE client_id = %s AND key = %s",
+                        (client_id, key))
+            row = cur.fetchone()
+        return None if row is None else int(row[0])
 
     def last_position(self, conn: psycopg2.extensions.connection) -> int:
         with conn.cursor() as cur:

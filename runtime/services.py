@@ -23,6 +23,7 @@ from ingest.pending import PendingMirror
 from ingest.pool import Pool
 from ingest.retention import Pruner
 from ingest.store import EventStore
+from mercure.door import MercureDoor, build_door
 from runtime.metrics import AppMetrics
 from runtime.stats import snapshot
 from streaming.hub import Hub
@@ -52,6 +53,7 @@ class Services:
     revocations: Revocations | None = None
     authorizer: OriginAuthorizer | None = None
     notifier: WebhookNotifier | None = None
+    mercure: MercureDoor | None = None
     draining: bool = False
 
     def subscriber_count(self, stream: str) -> int:
@@ -162,7 +164,8 @@ def build_services(settings: Settings) -> Services:
                             process_id=presence.process_id).start() \
         if settings.pending_fleet else None
     services = Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff,
-                        limits, presence, pruner, pending, revocations, authorizer, notifier)
+                        limits, presence, pruner, pending, revocations, authorizer, notifier,
+                        build_door(settings, hub, revocations))
     metrics.start(services)
     presence.stats = lambda: snapshot(services)
     return services

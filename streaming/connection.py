@@ -68,45 +68,30 @@ class DisconnectWatch:
             self.io = None
 
 
-class SSEConnection:
-    """A subscription admitted by the checks, and everything it writes."""
+class StreamWriter:
+    """What every event-stream connection shares once its subscription exists: stamped writes
+    (so the hub's ticker sees a stuck one), the disconnect watch, and the live loop over the
+    queue or the hub's direct sink. Subclasses say how a delivery is framed (`_frame_lives`)."""
 
-    def __init__(self, svc: StreamingServices, checked: Checked, sid: str, retry_ms: int,
-                 environ: dict[str, Any], release: Callable[[], None], *, hello: bool = False,
-                 envelope: bool = False) -> None:
-        self.svc = svc
-        self.checked = checked
-        self.sid = sid
-        self.retry_ms = retry_ms
-        self.environ = environ
-        self.release = release
-        self.hello = hello
-        self.opened_at = time.monotonic()
-        self.takeover = checked.sid is not None  # a reconnect: an older connection loses
-        self.sub, self.seam = svc.hub.subscribe(
-            checked.streams, svc.settings.subscriber_queue_max, expires_at=checked.expires_at,
-            jti=checked.jti, subject=checked.subject, issued_at=checked.issued_at,
-            patterns=checked.patterns)
-        self.sub.envelope = envelope
-        self.start = self.seam if checked.resume is None else checked.resume
-        svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)
-        self.ended = False
-        self.sock = environ.get("sluice.socket") or environ.get("gunicorn.sock")
+    sub: Subscription
+    environ: dict[str, Any]
+    sink_sid: str | None = None  # the `id:` prefix of direct writes; None: bodies carry their id
+
+    def _watch(self) -> None:
+        self.sock = self.environ.get("sluice.socket") or self.environ.get("gunicorn.sock")
         self.watcher: DisconnectWatch | None = None
         if self.sock is not None:
             sock = self.sock
             self.sub.on_stuck = lambda: shutdown(sock)  # the hub's ticker ends a stuck write
             self.watcher = DisconnectWatch(sock, self.sub)
 
-    def end(self) -> None:
-        """Leave presence, the hub and the limits, once (from the stream, or at close)."""
-        if self.ended:
-            return
-        self.ended = True
-        self.svc.presence.leave(self.sub, self.sid, self.checked.subject,
-                                takeover=self.takeover)  # recorded first
-        self.svc.hub.unsubscribe(self.sub)
-        self.release()
+    def _unwatch(self) -> None:
+        self.sub.sink = None
+        if self.watcher is not None:
+            self.watcher.stop()
+
+    def _frame_lives(self, lives: list[LiveEvent], out: list[bytes]) -> None:
+        raise NotImplementedError
 
     # -- writing ------------------------------------------------------------------------------
     def _write(self, data: bytes) -> Iterator[bytes]:
@@ -131,6 +116,85 @@ class SSEConnection:
             sub.writing_since = 0.0
         sub.active_at = time.monotonic()
         return True
+
+    def _live(self) -> Generator[bytes, None, bool]:
+        """Deliveries until the subscription closes; returns True if the stream was deleted
+        (it said `event: end` and must not add a `retry:`)."""
+        sub = self.sub
+        sink = direct_sink(sub, self.environ, self.sink_sid)  # headers are out: the hub writes
+        while True:
+            if sink is not None and sub.queue.empty() and not sub.closed:
+                sub.sink = sink   # idle: the hub writes the next delivery itself
+            item = sub.queue.get()  # the hub's ticker queues heartbeats: no timer here
+            sub.sink = None
+            if isinstance(item, Unsent):
+                if not self._write_unsent(item.data) or (sub.closed and sub.queue.empty()):
+                    return False
+                continue
+            items = [item]
+            while not sub.queue.empty() and len(items) < COALESCE_MAX:
+                items.append(sub.queue.get_nowait())  # coalesce what is waiting: one write
+            out, ended = self._frame(items)
+            if isinstance(ended, StreamEnded):
+                # Deleted: say so and end; the reconnect gets 404 and EventSource stops.
+                out.append(framing.end(orjson.dumps({"stream": ended.stream}).decode()))
+                yield from self._write(b"".join(out))
+                return True
+            if out:
+                yield from self._write(b"".join(out))
+            if ended or (sub.closed and sub.queue.empty()):
+                return False
+
+    def _frame(self, items: list[Any]) -> tuple[list[bytes], StreamEnded | bool]:
+        """The bytes for queued items, and whether (or how) the subscription ended among them."""
+        out: list[bytes] = []
+        for item in items:
+            if item is None:
+                return out, True
+            if item is HEARTBEAT:
+                out.append(framing.heartbeat())
+                continue
+            if isinstance(item, StreamEnded):
+                return out, item
+            self._frame_lives(item, out)
+        return out, False
+
+
+class SSEConnection(StreamWriter):
+    """A subscription admitted by the checks, and everything it writes (native door)."""
+
+    def __init__(self, svc: StreamingServices, checked: Checked, sid: str, retry_ms: int,
+                 environ: dict[str, Any], release: Callable[[], None], *, hello: bool = False,
+                 envelope: bool = False) -> None:
+        self.svc = svc
+        self.checked = checked
+        self.sid = sid
+        self.retry_ms = retry_ms
+        self.environ = environ
+        self.release = release
+        self.hello = hello
+        self.opened_at = time.monotonic()
+        self.takeover = checked.sid is not None  # a reconnect: an older connection loses
+        self.sub, self.seam = svc.hub.subscribe(
+            checked.streams, svc.settings.subscriber_queue_max, expires_at=checked.expires_at,
+            jti=checked.jti, subject=checked.subject, issued_at=checked.issued_at,
+            patterns=checked.patterns)
+        self.sub.envelope = envelope
+        self.start = self.seam if checked.resume is None else checked.resume
+        svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)
+        self.ended = False
+        self.sink_sid = sid
+        self._watch()
+
+    def end(self) -> None:
+        """Leave presence, the hub and the limits, once (from the stream, or at close)."""
+        if self.ended:
+            return
+        self.ended = True
+        self.svc.presence.leave(self.sub, self.sid, self.checked.subject,
+                                takeover=self.takeover)  # recorded first
+        self.svc.hub.unsubscribe(self.sub)
+        self.release()
 
     # -- the response body --------------------------------------------------------------------
     def stream(self) -> Iterator[bytes]:
@@ -171,8 +235,7 @@ class SSEConnection:
                     and not sub.overflowed:
                 self.svc.backoff.healthy(self.sid)  # it stayed up: next reconnect starts short
             self.end()
-            if self.watcher is not None:
-                self.watcher.stop()
+            self._unwatch()
 
     def _reset(self) -> bytes | None:
         """`event: reset` if history after the resume point is gone (no id: the resume
@@ -203,50 +266,10 @@ class SSEConnection:
             sub.last = rows[-1].position
         return False
 
-    def _live(self) -> Generator[bytes, None, bool]:
-        """Deliveries until the subscription closes; returns True if the stream was deleted
-        (it said `event: end` and must not add a `retry:`)."""
+    def _frame_lives(self, lives: list[LiveEvent], out: list[bytes]) -> None:
         sub = self.sub
-        sink = direct_sink(sub, self.environ, self.sid)  # headers are out: the hub may write
-        while True:
-            if sink is not None and sub.queue.empty() and not sub.closed:
-                sub.sink = sink   # idle: the hub writes the next delivery itself
-            item = sub.queue.get()  # the hub's ticker queues heartbeats: no timer here
-            sub.sink = None
-            if isinstance(item, Unsent):
-                if not self._write_unsent(item.data) or (sub.closed and sub.queue.empty()):
-                    return False
-                continue
-            items = [item]
-            while not sub.queue.empty() and len(items) < COALESCE_MAX:
-                items.append(sub.queue.get_nowait())  # coalesce what is waiting: one write
-            out, ended = self._frame(items)
-            if isinstance(ended, StreamEnded):
-                # Deleted: say so and end; the reconnect gets 404 and EventSource stops.
-                out.append(framing.end(orjson.dumps({"stream": ended.stream}).decode()))
-                yield from self._write(b"".join(out))
-                return True
-            if out:
-                yield from self._write(b"".join(out))
-            if ended or (sub.closed and sub.queue.empty()):
-                return False
-
-    def _frame(self, items: list[Any]) -> tuple[list[bytes], StreamEnded | bool]:
-        """The bytes for queued items, and whether (or how) the subscription ended among them."""
-        sub = self.sub
-        out: list[bytes] = []
-        for item in items:
-            if item is None:
-                return out, True
-            if item is HEARTBEAT:
-                out.append(framing.heartbeat())
-                continue
-            if isinstance(item, StreamEnded):
-                return out, item
-            lives: list[LiveEvent] = item
-            for e in lives:
-                if e.position > sub.last:
-                    out.append(framing.with_id(f"{self.sid}.{e.position}",
-                                               e.envelope() if sub.envelope else e.body))
-                    sub.last = e.position
-        return out, False
+        for e in lives:
+            if e.position > sub.last:
+                out.append(framing.with_id(f"{self.sid}.{e.position}",
+                                           e.envelope() if sub.envelope else e.body))
+                sub.last = e.position

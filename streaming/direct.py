@@ -41,17 +41,20 @@ class DirectSink:
 
     __slots__ = ("sub", "send", "id_prefix", "chunked")
 
-    def __init__(self, sub: Subscription, raw_socket: Any, sid: str, chunked: bool) -> None:
+    def __init__(self, sub: Subscription, raw_socket: Any, sid: str | None,
+                 chunked: bool) -> None:
         self.sub = sub
         self.send = raw_socket.send        # the non-blocking OS socket under gevent's wrapper
-        self.id_prefix = id_prefix(sid)
+        self.id_prefix = None if sid is None else id_prefix(sid)  # None: bodies carry their id
         self.chunked = chunked
 
     def __call__(self, lives: list[LiveEvent]) -> None:
         sub = self.sub
         last = sub.last
         prefix = self.id_prefix
-        if sub.envelope:
+        if prefix is None:
+            parts = [e.body for e in lives if e.position > last]
+        elif sub.envelope:
             parts = [with_position(prefix, e.position, e.envelope()) for e in lives
                      if e.position > last]
         else:
@@ -77,9 +80,10 @@ class DirectSink:
             sub.queue.put_nowait(Unsent(payload[sent:]))  # the queue was empty: this fits
 
 
-def direct_sink(sub: Subscription, environ: dict[str, Any], sid: str) -> DirectSink | None:
+def direct_sink(sub: Subscription, environ: dict[str, Any], sid: str | None) -> DirectSink | None:
     """A sink for this connection if it runs under Sluice's pywsgi handler with a plain TCP
-    socket whose response headers are out; else None (the queue path serves it)."""
+    socket whose response headers are out; else None (the queue path serves it). With no
+    `sid`, each event's body is written as it is (it carries its own `id:`)."""
     handler = environ.get("sluice.handler")
     sock = getattr(handler, "socket", None)
     raw = getattr(sock, "_sock", None)

@@ -23,7 +23,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
@@ -72,6 +72,7 @@ class Hub:
         self._by_pattern: dict[str, set[Subscription]] = {}
         self._patterns = PatternIndex()  # stream -> matching live patterns, cached
         self._subs: set[Subscription] = set()
+        self._taps: dict[str, Callable[[list[LiveEvent]], None]] = {}
         self._known: BoundedCache[str, bool] = BoundedCache(100_000)  # trusted to exist
         self._wake_filler = Event()
         self._expiry: list[tuple[float, int, Subscription]] = []  # (expires_at, order, sub)
@@ -109,15 +110,26 @@ class Hub:
         """
         sub = Subscription(frozenset(streams), Queue(maxsize), frozenset(patterns),
                            expires_at=expires_at, jti=jti, subject=subject, issued_at=issued_at)
+        return sub, self.add(sub)
+
+    def add(self, sub: Subscription) -> int:
+        """Register a subscription built elsewhere (another door's kind); returns the position
+        live delivery starts after, as `subscribe` does."""
         for stream in sub.streams:
             self._by_stream.setdefault(stream, set()).add(sub)
         for pattern in sub.patterns:
             self._by_pattern.setdefault(pattern, set()).add(sub)
             self._patterns.add(pattern)
         self._subs.add(sub)
-        if expires_at:
-            heapq.heappush(self._expiry, (expires_at, next(self._order), sub))
-        return sub, self.position
+        if sub.expires_at:
+            heapq.heappush(self._expiry, (sub.expires_at, next(self._order), sub))
+        return self.position
+
+    def tap(self, stream: str, deliver: Callable[[list[LiveEvent]], None]) -> None:
+        """Hand every event of `stream` to `deliver` (in position order, as a list per commit)
+        instead of to subscribers of the stream: a door with its own fan-out rules (Mercure's
+        topic selectors) on a stream only it writes. Its LiveEvents carry no body."""
+        self._taps[stream] = deliver
 
     def unsubscribe(self, sub: Subscription) -> None:
         if sub in self._subs:
@@ -285,8 +297,12 @@ class Hub:
         subscriber of a single stream gets that shared list as is (one put per subscriber)."""
         by_stream: dict[str, list[LiveEvent]] = {}
         patterns = self._patterns
+        tapped: dict[str, list[LiveEvent]] = {}
         for position, stream, event_type, data in events:
-            if stream in self._by_stream or (patterns and patterns.matching(stream)):
+            if stream in self._taps:
+                tapped.setdefault(stream, []).append(
+                    LiveEvent(position, stream, event_type, data, b""))
+            elif stream in self._by_stream or (patterns and patterns.matching(stream)):
                 by_stream.setdefault(stream, []).append(
                     LiveEvent(position, stream, event_type, data,
                               self.framing.body(event_type, data)))
@@ -298,14 +314,18 @@ class Hub:
                     targets.update(self._by_pattern.get(pattern, ()))
             for sub in targets:  # a set: a stream matched twice by one subscriber counts once
                 if len(sub.streams) == 1 and not sub.patterns:
-                    self._offer(sub, lives)
+                    self.offer(sub, lives)
                 else:
                     merged.setdefault(sub, []).extend(lives)
         for sub, lives in merged.items():
             lives.sort(key=lambda e: e.position)
-            self._offer(sub, lives)
+            self.offer(sub, lives)
+        for stream, lives in tapped.items():
+            self._taps[stream](lives)
 
-    def _offer(self, sub: Subscription, lives: list[LiveEvent]) -> None:
+    def offer(self, sub: Subscription, lives: list[LiveEvent]) -> None:
+        """One delivery to one subscriber: written by its idle writer's sink, else queued; a
+        full queue cuts it loose."""
         self.delivered += len(lives)
         sink = sub.sink
         if sink is not None:

@@ -13,7 +13,8 @@ import pytest
 
 from tests.helpers import ROOT
 
-PACKAGES = ("common", "config", "auth", "ingest", "streaming", "runtime", "web", "embedded")
+PACKAGES = ("common", "config", "auth", "ingest", "streaming", "mercure", "runtime", "web",
+            "embedded")
 # Each layer may import only itself and the layers before it (embedded: the dev servers, used by
 # the development environment only).
 LAYERS = [
@@ -22,6 +23,7 @@ LAYERS = [
     ("auth",),
     ("ingest",),
     ("streaming",),
+    ("mercure",),  # the Mercure door: a second front over the same hub and store
     ("embedded", "runtime"),
     ("http",),   # every */http.py and all of web/
     ("app",),

@@ -78,3 +78,19 @@ def test_every_numeric_setting_is_read_from_the_environment():
                                      "MAX_BATCH_EVENTS": "7"} if name != "INGEST_MAX_BACKLOG"
                                     else {name: str(value), "MAX_BATCH_EVENTS": "7"})
         assert getattr(changed, field) == value != getattr(defaults, field), name
+
+
+def test_mercure_keys():
+    assert not Settings.from_env({}).mercure
+    one = Settings.from_env({"MERCURE_PUBLISHER_JWT_KEY": "k"})
+    assert one.mercure and one.mercure_subscriber_key == ("k", "HS256")  # one key serves both
+    both = Settings.from_env({"MERCURE_PUBLISHER_JWT_KEY": "p", "MERCURE_SUBSCRIBER_JWT_KEY": "s",
+                              "MERCURE_ANONYMOUS": "1"})
+    assert (both.mercure_publisher_key, both.mercure_subscriber_key) == (("p", "HS256"),
+                                                                         ("s", "HS256"))
+    assert both.mercure_anonymous
+    with pytest.raises(SettingsError, match="HS256, RS256 or ES256"):
+        Settings.from_env({"MERCURE_PUBLISHER_JWT_KEY": "k", "MERCURE_PUBLISHER_JWT_ALG": "none"})
+    with pytest.raises(SettingsError, match="MERCURE_SUBSCRIBER_JWT_KEY"):
+        Settings.from_env({"MERCURE_SUBSCRIBER_JWT_KEY": "not a pem",
+                           "MERCURE_SUBSCRIBER_JWT_ALG": "RS256"})

@@ -9,6 +9,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from auth.http import bp as auth_bp
 from common.problems import Problem
 from ingest.http import bp as ingest_bp
+from mercure.http import bp as mercure_bp
 from runtime.services import Services
 from streaming.http import bp as streaming_bp
 from web.cors import install_cors
@@ -28,6 +29,7 @@ def create_app(services: Services) -> Flask:
     app.register_blueprint(ingest_bp)
     app.register_blueprint(auth_bp)
     app.register_blueprint(streaming_bp)
+    app.register_blueprint(mercure_bp)
     app.register_blueprint(ops_bp)
     app.register_blueprint(dashboard_bp)
     install_error_handlers(app)

@@ -17,7 +17,7 @@ from common.problems import Problem
 ALLOWED_METHODS = "GET, POST, PUT, DELETE"
 ALLOWED_HEADERS = ("authorization", "content-type", "last-event-id", "idempotency-key",
                    "cache-control", "x-requested-with")
-EXPOSED_HEADERS = "Retry-After, WWW-Authenticate"
+EXPOSED_HEADERS = "Retry-After, WWW-Authenticate, Last-Event-ID"
 PREFLIGHT_MAX_AGE_S = "600"
 
 

@@ -1,0 +1,103 @@
+"""One Mercure subscriber's event stream: a `retry:` preamble, the updates it missed (read from
+durable history, so any process can resume any id, also after a restart), then live updates.
+
+It shares the native stream's writer (`streaming.connection.StreamWriter`): the queue bound,
+heartbeats from the hub's ticker, the hub's direct writes while idle, stuck-write and disconnect
+handling. Only the bytes differ: each update is written as built once for all subscribers, its
+`id:` the update's own.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+from ingest.pool import DatabaseUnavailable
+from mercure.fanout import MercureFanout, MercureSubscription
+from mercure.updates import MERCURE_STREAM, Update
+from streaming.catchup import catch_up
+from streaming.connection import StreamWriter, framing
+from streaming.deps import StreamingServices
+from streaming.subscription import LiveEvent
+
+
+class MercureConnection(StreamWriter):
+    """A Mercure subscription admitted by the door's checks, and everything it writes."""
+
+    sub: MercureSubscription
+
+    def __init__(self, svc: StreamingServices, fanout: MercureFanout, sub: MercureSubscription,
+                 start: int | None, retry_ms: int, pace_key: str, environ: dict[str, Any],
+                 release: Callable[[], None]) -> None:
+        self.svc = svc
+        self.fanout = fanout
+        self.sub = sub
+        self.environ = environ
+        self.release = release
+        self.retry_ms = retry_ms
+        self.pace_key = pace_key
+        self.opened_at = time.monotonic()
+        self.resume = start
+        self.seam = fanout.add(sub)
+        self.start = self.seam if start is None else start
+        self.ended = False
+        self._watch()
+
+    def end(self) -> None:
+        """Leave the fan-out, the hub and the limits, once (from the stream, or at close)."""
+        if self.ended:
+            return
+        self.ended = True
+        self.fanout.remove(self.sub)
+        self.release()
+
+    def stream(self) -> Iterator[bytes]:
+        sub = self.sub
+        if self.resume is None:  # from now: after the last commit (see SSEConnection.stream)
+            try:
+                with self.svc.pool.connection() as conn:
+                    self.start = max(self.seam, self.svc.store.last_position(conn))
+            except DatabaseUnavailable:
+                pass
+        sub.last = self.start
+        try:
+            yield from self._write(framing.retry_only(self.retry_ms))
+            try:
+                if (yield from self._catch_up()):
+                    return
+            except DatabaseUnavailable:
+                yield framing.retry_only(self.svc.backoff.retry_ms(2))
+                return
+            sub.last = max(sub.last, self.seam)
+            yield from self._live()
+            yield framing.retry_only(self.retry_ms)
+        finally:
+            if time.monotonic() - self.opened_at >= self.svc.settings.retry_reset_after_s \
+                    and not sub.overflowed:
+                self.svc.backoff.healthy(self.pace_key)
+            self.end()
+            self._unwatch()
+
+    def _catch_up(self) -> Generator[bytes, None, bool]:
+        """The retained updates in (start, seam] this subscriber may see, page by page; True if
+        the subscription closed meanwhile. Pages hold every Mercure update, filtered here."""
+        sub, matcher = self.sub, self.fanout.matcher
+        if self.start >= self.seam:
+            return False
+        for rows in catch_up(self.svc.pool, self.svc.store, [MERCURE_STREAM], self.start,
+                             self.seam, self.svc.settings.catchup_page):
+            if sub.closed and not sub.overflowed:
+                return True
+            updates = (Update.from_data(row.data) for row in rows)
+            out = b"".join(u.sse() for u in updates if sub.wants(u, matcher))
+            if out:
+                yield from self._write(out)
+            sub.last = rows[-1].position
+        return False
+
+    def _frame_lives(self, lives: list[LiveEvent], out: list[bytes]) -> None:
+        sub = self.sub
+        for e in lives:
+            if e.position > sub.last:
+                out.append(e.body)
+                sub.last = e.position
