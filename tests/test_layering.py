@@ -7,6 +7,7 @@ Every import counts, including those inside functions (a lazy import is still a 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,17 @@ def test_common_imports_nothing_of_sluice():
     for module, path in MODULES.items():
         if module.split(".")[0] == "common":
             assert not [n for n in imports_of(path) if sluice_target(n)], module
+
+
+def test_the_sdk_imports_nothing_of_sluice():
+    """clients/python installs on its own: only the standard library, PyJWT and itself."""
+    paths = sorted((ROOT / "clients" / "python" / "sluice_client").rglob("*.py"))
+    assert paths
+    for path in paths:
+        names = imports_of(path)
+        assert not [n for n in names if sluice_target(n)], path
+        assert {n.split(".")[0] for n in names} <= set(sys.stdlib_module_names) | {
+            "jwt", "sluice_client"}, path
 
 
 def test_settings_import_no_feature_code():
