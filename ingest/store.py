@@ -370,6 +370,14 @@ class EventStore:
                 "retention": {"maxAgeS": row[3], "maxEvents": row[4]},
                 "oldest": None if row[5] is None else str(row[5])}
 
+    def retention_overrides(self, conn: psycopg2.extensions.connection,
+                            names: Sequence[str]) -> dict[str, tuple[int | None, int | None]]:
+        """The streams' own retention settings (None: the default), for those that exist."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT name, retention_max_age_s, retention_max_events FROM streams "
+                        "WHERE name = ANY(%s)", (list(names),))
+            return {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+
     def existing_streams(self, conn: psycopg2.extensions.connection,
                          names: Sequence[str]) -> set[str]:
         with conn.cursor() as cur:

@@ -35,6 +35,7 @@ from common.cache import BoundedCache
 from ingest.events import Commit
 from ingest.pool import Pool
 from ingest.store import EventStore
+from streaming.activity import StreamActivity
 from streaming.relay import CHANNEL, Events, Relay
 from streaming.sse import EventStreamFraming, Framing
 from streaming.subscription import HEARTBEAT, LiveEvent, StreamEnded, Subscription
@@ -73,6 +74,7 @@ class Hub:
         self._patterns = PatternIndex()  # stream -> matching live patterns, cached
         self._subs: set[Subscription] = set()
         self._taps: dict[str, Callable[[list[LiveEvent]], None]] = {}
+        self.activity = StreamActivity()  # every stream's events in the fleet (dashboard)
         self._known: BoundedCache[str, bool] = BoundedCache(100_000)  # trusted to exist
         self._wake_filler = Event()
         self._expiry: list[tuple[float, int, Subscription]] = []  # (expires_at, order, sub)
@@ -148,6 +150,11 @@ class Hub:
                 if not subs:
                     del self._by_stream[stream]
         sub.close()
+
+    def busiest_streams(self, n: int) -> dict[str, int]:
+        """This process's exact-stream subscriber counts, the `n` largest."""
+        top = sorted(self._by_stream.items(), key=lambda kv: len(kv[1]), reverse=True)[:n]
+        return {stream: len(subs) for stream, subs in top}
 
     def subscriber_count(self, stream: str | None = None) -> int:
         if stream is not None:
@@ -254,7 +261,9 @@ class Hub:
     def _advance(self, events: Events, upto: int) -> None:
         """Deliver what lies beyond the position, then move it. Filtering by position makes a
         fill from Postgres and a late Redis message safe to overlap: nothing goes out twice."""
-        self._deliver([e for e in events if e[0] > self.position])
+        fresh = [e for e in events if e[0] > self.position]
+        self.activity.record(fresh)
+        self._deliver(fresh)
         self.position = max(self.position, upto)
 
     def _release_held(self) -> None:

@@ -2,6 +2,7 @@
 `/api/v1/stats` over SSE, the stream explorer limited to what the token grants, and a
 screenshot written to test-artifacts/dashboard.png."""
 import json
+import socket
 
 import gevent
 
@@ -53,6 +54,71 @@ def test_dashboard_shows_live_numbers_and_tails_granted_streams(make_server, dat
     report = wait_until(lambda: (r := page.command("report")) and "403" in r["tailStatus"] and r,
                         15, 0.3, "the refusal")
     assert report["tail"] == []
+    page.finish()
+    for s in listeners:
+        s.close()
+
+
+def test_dashboard_tables_axes_and_publish_form(make_server, database_url):
+    """Streams (subscribers across processes, events/s, last event, retention) and processes
+    (host and pid, connections, uptime, heartbeat), axes with units, and the publish form."""
+    a = make_server(database_url)
+    b = make_server(database_url)
+    a.put("/api/v1/streams/dash/2", json={"retention": {"maxEvents": 500}}, headers=auth())
+    listeners = [Stream(b.url + "/api/v1/sse", headers=auth(), params={"stream": "dash/2"})
+                 for _ in range(3)]  # on the other process
+    page = Dashboard(a, token("viewer", publish=["dash/*"], subscribe=["dash/*"]))
+    assert page.read()["step"] == "live"
+    sent_ids: list[str] = []
+
+    def traffic():
+        while True:
+            sent_ids.append(a.post("/api/v1/events", json={"stream": "dash/2", "data": 1},
+                                   headers=auth()).json()["events"][0]["id"])
+            gevent.sleep(0.1)
+
+    def row_of(report, name):
+        return next((r for r in report["streams"] if r[0] == name), None)
+
+    sender = gevent.spawn(traffic)
+    wait_until(lambda: (r := page.command("report")) and (row := row_of(r, "dash/2"))
+               and row[1] == "3" and float(row[2]) > 0, 15, 0.3,
+               "dash/2 with 3 subscribers and a rate")
+    sender.kill()
+    last = sent_ids[-1]
+    busy = wait_until(lambda: (r := page.command("report")) and (row := row_of(r, "dash/2"))
+                      and row[3].startswith(f"#{last} · ") and r, 15, 0.3,
+                      "the last event in the table")
+    name, subscribers, rate, last_event, kept = row_of(busy, "dash/2")
+    assert kept == "1 d, at most 500 events"  # the override's count, the default's age
+    pids = sorted(str(s.proc.pid) for s in (a, b))
+    assert sorted(p[0].split(" · ")[1] for p in busy["processes"]) == pids
+    assert all(p[0].split(" · ")[0] == socket.gethostname() for p in busy["processes"])
+    on_b = next(p for p in busy["processes"] if p[0].endswith(str(b.proc.pid)))
+    assert int(on_b[1]) >= 3 and on_b[3].endswith(" s ago")
+    for key, unit in (("ingest", "events/s"), ("deliveries", "deliveries/s"), ("flush", "ms"),
+                      ("backlog", "events"), ("connections", "connections")):
+        axis = busy["axes"][key]
+        assert axis["title"].endswith(f"({unit})")
+        assert {"60 s ago", "30 s", "now", "0"} <= set(axis["labels"])
+    ingest_top = float(busy["axes"]["ingest"]["labels"][0].replace(",", ""))
+    assert ingest_top >= max(busy["series"]["ingest"])  # the axis covers what is drawn
+    assert "dash/*" in busy["grants"]
+
+    page.command("publish dash/form")
+    report = page.command("report")
+    assert report["published"].startswith("published #")
+    sent = report["published"].removeprefix("published #")
+    stored = a.get("/api/v1/events", params={"stream": "dash/form"}, headers=auth()).json()
+    assert [(e["id"], e["type"], e["data"]) for e in stored["events"]] == [
+        (sent, "test", {"from": "the dashboard"})]
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "dashboard-tables.png"
+    page.command(f"screenshot {shot}")
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page.command("publish secret/1")  # not granted to this token
+    assert page.command("report")["published"].startswith("403 ")
+    assert a.get("/api/v1/streams/secret/1", headers=auth()).status_code == 404  # not created
     page.finish()
     for s in listeners:
         s.close()
