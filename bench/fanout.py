@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import jwt
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,8 @@ def run_client(url: str, token: str, pid: int, **kw: object) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--mercure", action="store_true",
+                    help="also run each SSE scenario through the Mercure door (/.well-known/mercure)")
     ap.add_argument("--only", type=int, action="append",
                     help="run only scenario N (1-based; 0 = the idle run; repeatable)")
     args = ap.parse_args()
@@ -67,9 +70,12 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg.url,
-           "REDIS_URL": rd.url, "SLUICE_SECRET": SECRET, "SLUICE_DATA_DIR": str(work / "data")}
+           "REDIS_URL": rd.url, "SLUICE_SECRET": SECRET, "SLUICE_DATA_DIR": str(work / "data"),
+           "MERCURE_PUBLISHER_JWT_KEY": SECRET, "REQUEST_LOG": "off"}
     server = Proc([sys.executable, str(ROOT / "app.py")], env, work / "server.log", url + "/healthz")
     token = mint(SECRET, "bench", publish=["**"], subscribe=["**"], ttl_s=7200)
+    mercure_token = jwt.encode({"mercure": {"publish": ["*"], "subscribe": ["*"]}}, SECRET,
+                               algorithm="HS256")
     requests.put(f"{url}/api/v1/streams/fanout", headers={"Authorization": f"Bearer {token}"})
     rows = []
     try:
@@ -87,10 +93,17 @@ def main() -> None:
         ]
         if args.only:
             scenarios = [scenarios[i - 1] for i in args.only if i]
-        for mode, n, rate, batch in scenarios:
+        runs = [(mode, n, rate, batch, "native") for mode, n, rate, batch in scenarios]
+        if args.mercure:  # each SSE scenario with one event per publish, beside the native one
+            runs = [r for mode, n, rate, batch, door in runs for r in (
+                [(mode, n, rate, batch, door), (mode, n, rate, batch, "mercure")]
+                if mode == "SSE" and batch == 1 else [(mode, n, rate, batch, door)])]
+        for mode, n, rate, batch, door in runs:
             res = run_client(url, token, server.p.pid, mode="sse" if mode == "SSE" else "poll",
-                             subscribers=n, rate=rate, batch=batch, seconds=args.seconds)
-            res.update(mode=mode, n=n, rate=rate, batch=batch)
+                             subscribers=n, rate=rate, batch=batch, seconds=args.seconds,
+                             door=door, mercure_token=mercure_token)
+            res.update(mode=mode if door == "native" else "SSE (Mercure door)", n=n, rate=rate,
+                       batch=batch)
             metrics = requests.get(f"{url}/metrics", timeout=10).text
             res["server"] = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
                              if line.startswith(("sluice_slow_consumer", "sluice_subscribers"))}

@@ -16,6 +16,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.error  # noqa: E402
+import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
 
 import gevent  # noqa: E402
@@ -25,7 +26,8 @@ state = {"events": 0, "latencies": [], "connected": 0, "errors": 0, "per": {}, "
 
 def sse_subscriber(host: str, port: int, path: str, token: str, sample: bool, ready) -> None:
     """One EventSource-like connection: counts events; comes back after a `retry:`-only answer
-    (the server shedding load) like a browser would, counting it as a reconnect."""
+    (the server shedding load) like a browser would, counting it as a reconnect. A stream is
+    held when its answer is chunked (a shed answer has a Content-Length)."""
     mine = [0]
     while True:
         try:
@@ -41,7 +43,7 @@ def sse_subscriber(host: str, port: int, path: str, token: str, sample: bool, re
             if not buf.startswith(b"HTTP/1.1 200"):
                 state["errors"] += 1
                 return
-            if b"\nid: " not in buf:  # `retry:` only: come back later, as EventSource does
+            if b"chunked" not in buf.partition(b"\r\n\r\n")[0].lower():  # `retry:` only
                 sock.close()
                 state["reconnects"] += 1
                 gevent.sleep(1)
@@ -106,16 +108,30 @@ def poll_subscriber(url: str, stream: str, token: str, sample: bool, ready) -> N
             gevent.sleep(float(r.headers["Retry-After"]))
 
 
-def publisher(url: str, stream: str, token: str, rate: float, seconds: float, batch: int) -> int:
+def publish_request(url: str, stream: str, token: str, batch: int, door: str):
+    """One publish: `batch` native events in one request, or one Mercure update (a form)."""
     pad = "x" * 150
+    now = time.time()
+    if door == "mercure":
+        form = urllib.parse.urlencode({"topic": stream, "type": "message",
+                                       "data": json.dumps({"t": now, "p": pad})})
+        return urllib.request.Request(f"{url}/.well-known/mercure", data=form.encode(), headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/x-www-form-urlencoded"})
+    body = [{"stream": stream, "data": {"t": now, "p": pad}} for _ in range(batch)]
+    return urllib.request.Request(f"{url}/api/v1/events", data=json.dumps(body).encode(),
+                                  headers={"Authorization": f"Bearer {token}",
+                                           "Content-Type": "application/json"})
+
+
+def publisher(url: str, stream: str, token: str, rate: float, seconds: float, batch: int,
+              door: str = "native") -> int:
     sent = 0
     start = time.monotonic()
+    if door == "mercure":
+        batch = 1
     while time.monotonic() - start < seconds:
-        now = time.time()
-        body = [{"stream": stream, "data": {"t": now, "p": pad}} for _ in range(batch)]
-        req = urllib.request.Request(f"{url}/api/v1/events", data=json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {token}",
-                                              "Content-Type": "application/json"})
+        req = publish_request(url, stream, token, batch, door)
         with urllib.request.urlopen(req, timeout=30) as r:
             r.read()
         sent += batch
@@ -139,11 +155,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--sample", type=int, default=50, help="connections that measure latency")
     ap.add_argument("--connect-only", action="store_true")
+    ap.add_argument("--door", choices=["native", "mercure"], default="native",
+                    help="subscribe and publish through /api/v1 or /.well-known/mercure (SSE)")
+    ap.add_argument("--mercure-token", default="",
+                    help="with --door mercure: the token for both (its key is the hub's)")
     ap.add_argument("--publish-only", action="store_true",
                     help="(internal) be the publisher process and print how many were sent")
     args = ap.parse_args()
     if args.publish_only:
-        print(publisher(args.url, args.stream, args.token, args.rate, args.seconds, args.batch))
+        print(publisher(args.url, args.stream, args.token, args.rate, args.seconds, args.batch,
+                        args.door))
         return
     host, port = args.url.split("//")[1].rsplit(":", 1)
     if host not in ("127.0.0.1", "localhost"):
@@ -159,7 +180,11 @@ def main() -> None:
 
     every = max(1, args.subscribers // max(1, args.sample))
     for i in range(args.subscribers):
-        if args.mode == "sse":
+        if args.door == "mercure":
+            gevent.spawn(sse_subscriber, host, int(port),
+                         f"/.well-known/mercure?topic={args.stream}", args.mercure_token,
+                         i % every == 0, ready)
+        elif args.mode == "sse":
             gevent.spawn(sse_subscriber, host, int(port),
                          f"/api/v1/sse?stream={args.stream}", args.token, i % every == 0, ready)
         else:
@@ -179,9 +204,11 @@ def main() -> None:
         mine[0] = 0
     started = time.monotonic()
     # The publisher is its own process, so a busy reader loop here cannot slow its pace.
+    pub_token = args.mercure_token if args.door == "mercure" else args.token
     pub = subprocess.run([sys.executable, __file__, "--publish-only", "--url", args.url,
-                          "--token", args.token, "--stream", args.stream, "--rate", str(args.rate),
-                          "--seconds", str(args.seconds), "--batch", str(args.batch)],
+                          "--token", pub_token, "--stream", args.stream, "--rate", str(args.rate),
+                          "--seconds", str(args.seconds), "--batch", str(args.batch),
+                          "--door", args.door],
                          capture_output=True, text=True, timeout=args.seconds + 60)
     sent = int(pub.stdout.strip() or 0)
     gevent.sleep(2)  # let deliveries in flight arrive

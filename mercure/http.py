@@ -144,18 +144,17 @@ def subscribe() -> Response:
         start, answer_id = _resume(svc)
     except DatabaseUnavailable:
         return retry_only(svc.backoff.retry_ms(4))
-    # The update id cannot carry a connection id, so reconnects are paced by credential and
-    # address together.
+    # An update id cannot carry a connection id, so reconnects (requests that resume) are paced
+    # by credential and address together: the `retry:` handed to them grows. Never a 429 here:
+    # many browsers behind one address may share one subscriber token, and EventSource gives
+    # up for good on an error status; MAX_CONNECTIONS_PER_TOKEN / _PER_IP bound what they hold.
     credential = token_key(token) if token is not None else f"anonymous:{request.remote_addr}"
     pace_key = "m" + hashlib.sha256(
         f"{credential}|{request.remote_addr}".encode()).hexdigest()[:24]
-    connects, retry = svc.backoff.connect(pace_key)
-    if connects > settings.max_reconnects:
-        svc.metrics.limited.labels("reconnects").inc()
-        raise Problem(429, "reconnecting-too-fast", f"this client reconnected {connects} times "
-                      f"within {settings.retry_window_s} s, ignoring `retry:`",
-                      headers={"Retry-After": str(settings.retry_window_s)},
-                      limit=settings.max_reconnects)
+    if start is not None or answer_id is not None:
+        _, retry = svc.backoff.connect(pace_key)
+    else:
+        retry = svc.backoff.jittered_ms(1)
     release = svc.limits.acquire(credential, request.remote_addr, "sse")
     svc.metrics.retry_ms.observe(retry)
     leeway = door.subscribers.leeway_s

@@ -327,3 +327,23 @@ def test_public_key_tokens_verify_with_the_configured_algorithm_only():
     assert refused.value.status == 401
     with pytest.raises(ValueError):
         MercureKey(pem.decode(), "RS256")  # an EC key is not an RSA key
+
+
+def test_browsers_sharing_a_token_and_address_are_paced_never_refused(make_server, database_url):
+    hub = make_server(database_url, MAX_RECONNECTS="2", RETRY_BASE_MS="100", RETRY_MAX_MS="5000",
+                      MERCURE_ANONYMOUS="1", **MERCURE)
+    first = publish(hub, "p", "x")
+    fresh = []
+    for _ in range(5):  # new subscribers: admitted, with the base retry
+        s = Stream(hub.url + HUB, params={"topic": "p"})
+        assert s.response.status_code == 200
+        fresh.append(s.next(("retry",))[1])
+        s.close()
+    assert fresh == [100] * 5
+    resumed = []
+    for _ in range(8):  # reconnects (they resume): far past MAX_RECONNECTS, still admitted
+        s = Stream(hub.url + HUB, headers={"Last-Event-ID": first}, params={"topic": "p"})
+        assert s.response.status_code == 200
+        resumed.append(s.next(("retry",))[1])
+        s.close()
+    assert max(resumed[-3:]) > 200 and max(resumed) <= 5000  # the retry grows, within bounds
