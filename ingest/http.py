@@ -17,6 +17,7 @@ from ingest.ids import format_position, parse_position
 from ingest.reads import read_history
 from ingest.schema import invalid_stream, valid_stream
 from ingest.validation import parse_body, parse_retention
+from runtime.services import Services
 from web.http import authenticate, json_response, read_body, services
 
 bp = Blueprint("ingest", __name__)
@@ -24,13 +25,23 @@ bp = Blueprint("ingest", __name__)
 
 @bp.post("/api/v1/events")
 def post_events() -> Response:
+    """The Flask route; `web.fast` serves the common case of this endpoint without Flask, both
+    through `accept_events`."""
     svc = services()
-    settings = svc.settings
     principal = authenticate()
-    body = read_body(settings.max_body_bytes, settings.body_timeout_s)
-    events = parse_body(body, request.content_type or "", max_events=settings.max_batch_events,
-                        max_data_bytes=settings.max_data_bytes,
-                        header_key=request.headers.get("Idempotency-Key"))
+    body = read_body(svc.settings.max_body_bytes, svc.settings.body_timeout_s)
+    payload, status = accept_events(svc, principal, body, request.content_type or "",
+                                    request.headers.get("Idempotency-Key"))
+    return json_response(payload, status)
+
+
+def accept_events(svc: Services, principal: Principal, body: bytes, content_type: str,
+                  idempotency_key: str | None) -> tuple[dict[str, Any], int]:
+    """Validate, authorize and commit one ingest request; the answer's body and status (201
+    if anything new was stored, else 200), or a Problem."""
+    settings = svc.settings
+    events = parse_body(body, content_type, max_events=settings.max_batch_events,
+                        max_data_bytes=settings.max_data_bytes, header_key=idempotency_key)
     for i, ev in enumerate(events):
         if not principal.publish.allows(ev.stream):
             raise not_granted("publish", ev.stream, i if len(events) > 1 else None)
@@ -42,7 +53,7 @@ def post_events() -> Response:
     payload = {"events": [
         {"id": format_position(w.id), "stream": w.stream, "key": w.key,
          **({"duplicate": True} if w.duplicate else {})} for w in results]}
-    return json_response(payload, 201 if created else 200)
+    return payload, 201 if created else 200
 
 
 def _limit(settings: Settings) -> int:

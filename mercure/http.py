@@ -26,7 +26,7 @@ from mercure.updates import MERCURE_CLIENT, TOPIC_MAX, parse_update
 from runtime.services import Services
 from streaming.connection import framing
 from streaming.http import SSE_HEADERS, retry_only
-from web.http import read_body, services
+from web.http import parse_bearer, read_body, services
 
 bp = Blueprint("mercure", __name__)
 PATH = "/.well-known/mercure"
@@ -47,10 +47,7 @@ def _token(allow_query: bool) -> str | None:
     protocol's order, the first present wins and the others are ignored."""
     header = request.headers.get("Authorization")
     if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise unauthorized("Authorization must be `Bearer <token>`")
-        return value.strip()
+        return parse_bearer(header)
     if allow_query and request.args.get("authorization"):
         return request.args["authorization"]
     return request.cookies.get(COOKIE) or None

@@ -14,6 +14,7 @@ from runtime.services import Services
 from streaming.http import bp as streaming_bp
 from web.cors import install_cors
 from web.dashboard import bp as dashboard_bp
+from web.fast import FastRoutes
 from web.http import install_error_handlers
 from web.ops import bp as ops_bp
 from web.requestlog import install_request_log
@@ -45,6 +46,7 @@ def create_app(services: Services) -> Flask:
             raise Problem(400, "too-many-parameters",
                           f"at most {max_params} query parameters are allowed", limit=max_params)
 
+    app.wsgi_app = FastRoutes(app.wsgi_app, services)  # type: ignore[method-assign]
     if services.settings.proxy_hops:  # behind Heroku's router: the client is in X-Forwarded-For
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=services.settings.proxy_hops)  # type: ignore[method-assign]
 

@@ -19,6 +19,21 @@ START_KEY = "sluice.started"
 SID_KEY = "sluice.sid"  # streams put their connection id here for the log line
 
 
+def write_line(fields: dict[str, Any], started: float, environ: dict[str, Any],
+               out: TextIO | None = None) -> None:
+    """Write one request's line: `fields` with the time, the duration and a stream's sid."""
+    line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            **fields, "ms": round((time.monotonic() - started) * 1000, 2)}
+    if environ.get(SID_KEY):
+        line["sid"] = environ[SID_KEY]
+    stream = out or sys.stdout
+    try:
+        stream.write(orjson.dumps(line).decode() + "\n")
+        stream.flush()
+    except (OSError, ValueError):  # stdout closed: nothing to do
+        pass
+
+
 def install_request_log(app: Flask, out: TextIO | None = None) -> None:
     pid = os.getpid()
 
@@ -36,18 +51,5 @@ def install_request_log(app: Flask, out: TextIO | None = None) -> None:
             "ip": request.remote_addr, "pid": pid,
         }
         started = environ.get(START_KEY, time.monotonic())
-
-        def write() -> None:
-            line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-                    **fields, "ms": round((time.monotonic() - started) * 1000, 2)}
-            if environ.get(SID_KEY):
-                line["sid"] = environ[SID_KEY]
-            stream = out or sys.stdout
-            try:
-                stream.write(orjson.dumps(line).decode() + "\n")
-                stream.flush()
-            except (OSError, ValueError):  # stdout closed: nothing to do
-                pass
-
-        response.call_on_close(write)
+        response.call_on_close(lambda: write_line(fields, started, environ, out))
         return response

@@ -1,0 +1,91 @@
+"""The precompiled route for `POST /api/v1/events` (web/fast.py) answers exactly as the Flask
+route does: the same statuses, bodies and headers for success and every refusal, the same
+metrics and request-log line. A request with an `Origin` header takes the Flask route, so each
+case is sent both ways against one real server and compared."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from tests.helpers import EVENTS, auth, token
+from web.fast import FastRoutes
+
+FLASK = {"Origin": "http://other.example"}  # no CORS configured: only the route differs
+
+
+def cases(tag: str):
+    ok = {"stream": f"fast/{tag}", "data": {"n": 1}, "key": f"k-{tag}"}
+    return [
+        ("created", dict(json=ok, headers=auth())),
+        ("duplicate", dict(json=ok, headers=auth())),
+        ("bad json", dict(data=b"{nope", headers={**auth(), "Content-Type": "application/json"})),
+        ("bad stream", dict(json={"stream": "no spaces allowed", "data": 1}, headers=auth())),
+        ("no token", dict(json=ok)),
+        ("bad token", dict(json=ok, headers={"Authorization": "Bearer nope"})),
+        ("not bearer", dict(json=ok, headers={"Authorization": "Basic abc"})),
+        ("not granted", dict(json={"stream": "other/1", "data": 1},
+                             headers={"Authorization": f"Bearer {token(publish=['fast/*'])}"})),
+        ("too large", dict(data=b"[" + b"1," * 600_000 + b"1]",
+                           headers={**auth(), "Content-Type": "application/json"})),
+        ("media type", dict(data=b"x", headers={**auth(), "Content-Type": "text/plain"})),
+        ("key reused", dict(json={**ok, "data": {"n": 2}}, headers=auth())),
+    ]
+
+
+def answer(r):
+    body = r.json()
+    for e in body.get("events", []):
+        e.pop("id")
+        e["stream"] = e["stream"].rsplit("/", 1)[0]
+        e["key"] = e["key"] and e["key"].rsplit("-", 1)[0]
+    if "detail" in body:
+        body["detail"] = body["detail"].replace("fast/a", "fast/X").replace("fast/b", "fast/X") \
+            .replace("k-a", "k-X").replace("k-b", "k-X")
+    for k in ("key", "stream"):
+        if isinstance(body.get(k), str):
+            body[k] = body[k].replace("k-a", "k-X").replace("k-b", "k-X")
+    headers = {k: r.headers.get(k) for k in ("Content-Type", "WWW-Authenticate", "Retry-After")}
+    return r.status_code, body, headers
+
+
+def test_the_fast_route_answers_as_the_flask_route_does(module_server):
+    fast = [(name, answer(module_server.post(EVENTS, **kw))) for name, kw in cases("a")]
+    for (name, kw), (_, got) in zip(cases("b"), fast, strict=True):
+        kw["headers"] = {**kw.get("headers", {}), **FLASK}
+        assert answer(module_server.post(EVENTS, **kw)) == got, name
+    statuses = [got[0] for _, got in fast]
+    assert statuses == [201, 200, 400, 400, 401, 401, 401, 403, 413, 415, 422]
+
+
+def test_the_fast_route_counts_and_logs_like_the_others(module_server):
+    before = module_server.get("/metrics").text
+    r = module_server.post(EVENTS, json={"stream": "fast/log", "data": 1}, headers=auth())
+    assert r.status_code == 201
+    after = module_server.get("/metrics").text
+
+    def count(text):
+        line = next((x for x in text.splitlines() if x.startswith("sluice_http_responses_total{")
+                     and 'route="/api/v1/events"' in x and 'status="201"' in x), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    assert count(after) == count(before) + 1
+    lines = [json.loads(x) for x in module_server.log().splitlines() if x.startswith("{")]
+    mine = [x for x in lines if x.get("route") == "/api/v1/events" and x["status"] == 201]
+    assert mine and {"time", "method", "path", "ip", "pid", "ms"} <= set(mine[-1])
+    assert mine[-1]["path"] == "/api/v1/events" and mine[-1]["method"] == "POST"
+
+
+@pytest.mark.parametrize("environ", [
+    {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/v1/events"},
+    {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/events", "QUERY_STRING": "a=1"},
+    {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/events", "HTTP_ORIGIN": "http://x"},
+    {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/events/"},
+    {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/sse"},
+])
+def test_everything_else_goes_to_flask(environ):
+    seen = []
+    routes = FastRoutes(lambda env, start: seen.append(env) or [b"flask"],
+                        SimpleNamespace(settings=SimpleNamespace(request_log=False)))
+    assert routes(environ, lambda *a: None) == [b"flask"] and seen == [environ]
