@@ -184,8 +184,17 @@ def main() -> None:
                 scenarios = [(f"1 event/request @ {args.rate:g} req/s",
                               dict(events_per_request=1, rate=args.rate, connections=64))]
                 if label == "direct":
-                    scenarios.append(("1,000 events/request, 8 concurrent",
-                                      dict(events_per_request=1000, connections=8)))
+                    scenarios += [
+                        # wrk-style: 64 keep-alive connections, each sends its next request
+                        # as soon as the last is answered
+                        ("1 event/request, closed loop, 64 connections",
+                         dict(events_per_request=1, connections=64)),
+                        ("1,000 events/request, 8 concurrent",
+                         dict(events_per_request=1000, connections=8)),
+                        # NDJSON, every event keyed, 1,000 streams per request, ~120-byte data
+                        ("realistic 1,000-event NDJSON, 8 concurrent",
+                         dict(events_per_request=1000, connections=8, realistic=True)),
+                    ]
                 for scenario, kw in scenarios:
                     res = run_load(url, token, server.p.pid, seconds=args.seconds, **kw)
                     events = res["events_per_s"] * res["elapsed_s"]
