@@ -347,3 +347,14 @@ def test_browsers_sharing_a_token_and_address_are_paced_never_refused(make_serve
         resumed.append(s.next(("retry",))[1])
         s.close()
     assert max(resumed[-3:]) > 200 and max(resumed) <= 5000  # the retry grows, within bounds
+
+
+def test_heartbeats_and_the_fleet_connection_limit_apply(make_server, database_url):
+    hub = make_server(database_url, HEARTBEAT_S="0.3", MAX_CONNECTIONS_PER_TOKEN="1", **MERCURE)
+    tok = mtoken(SUB_KEY, subscribe=["*"])
+    s = subscribe(hub, "quiet", tok=tok)
+    assert s.next(("comment",), timeout=10) == ("comment",)  # `:` after HEARTBEAT_S of silence
+    second = hub.get(HUB, params={"topic": "quiet"}, headers={"Authorization": f"Bearer {tok}"})
+    assert second.status_code == 429  # refused before the first byte
+    assert second.headers["Content-Type"] == "application/problem+json"
+    s.close()
