@@ -37,6 +37,12 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def sys_seconds(pid: int) -> float:
+    """Kernel CPU time of the server (its share of `cpu_seconds`: sending on sockets)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def run_client(url: str, token: str, pid: int, **kw: object) -> dict:
     args = [sys.executable, str(ROOT / "bench" / "fanout_client.py"), "--url", url,
             "--token", token]
@@ -48,12 +54,13 @@ def run_client(url: str, token: str, pid: int, **kw: object) -> dict:
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     connected = json.loads(proc.stdout.readline())
     rss = rss_kb(pid)
-    cpu0 = cpu_seconds(pid)
+    cpu0, sys0 = cpu_seconds(pid), sys_seconds(pid)
     line = proc.stdout.readline()
-    cpu1 = cpu_seconds(pid)
+    cpu1, sys1 = cpu_seconds(pid), sys_seconds(pid)
     proc.wait(120)
     result = json.loads(line) if line else {}
-    return {**result, "connected": connected["connected"], "rss_kb": rss, "server_cpu_s": cpu1 - cpu0}
+    return {**result, "connected": connected["connected"], "rss_kb": rss, "server_cpu_s": cpu1 - cpu0,
+            "server_sys_s": sys1 - sys0}
 
 
 def main() -> None:
@@ -122,18 +129,20 @@ def main() -> None:
               f"{base_rss / 1024:.0f} MB → {idle['rss_kb'] / 1024:.0f} MB, "
               f"**{per_conn / 1024:.1f} KB per idle connection**.\n")
     print("| transport | subscribers | publisher | events per publish | events published | "
-          "deliveries/s | delivered | p50 ms | p99 ms | server CPU µs/delivery | client CPU s |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "deliveries/s | delivered | p50 ms | p99 ms | server CPU µs/delivery | of it in the kernel | "
+          "client CPU s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if not r.get("step"):
-            print(f"| {r['mode']} | {r['n']:,} | failed | | | | | | | | |")
+            print(f"| {r['mode']} | {r['n']:,} | failed | | | | | | | | | |")
             continue
         pub = f"{r['rate']:g} events/s" if r["rate"] else "flat out"
         frac = r["deliveries"] / r["expected"] if r["expected"] else 0
         cpu = r["server_cpu_s"] / r["deliveries"] * 1e6 if r["deliveries"] else float("nan")
         print(f"| {r['mode']} | {r['subscribers']:,} | {pub} | {r['batch']} | {r['published']:,} | "
               f"{r['deliveries_per_s']:,.0f} | {frac:.1%} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{cpu:.1f} | {r['client_cpu_s']:.1f} |")
+              f"{cpu:.1f} | {r['server_sys_s'] / max(1e-9, r['server_cpu_s']):.0%} | "
+              f"{r['client_cpu_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -40,25 +40,15 @@ class MercureConnection(StreamWriter):
         self.resume = start
         self.seam = fanout.add(sub)
         self.start = self.seam if start is None else start
-        self.ended = False
         self._watch()
 
-    def end(self) -> None:
-        """Leave the fan-out, the hub and the limits, once (from the stream, or at close)."""
-        if self.ended:
-            return
-        self.ended = True
-        self.fanout.remove(self.sub)
-        self.release()
+    def _leave(self) -> None:
+        self.fanout.remove(self.sub)  # and the hub
 
     def stream(self) -> Iterator[bytes]:
         sub = self.sub
-        if self.resume is None:  # from now: after the last commit (see SSEConnection.stream)
-            try:
-                with self.svc.pool.connection() as conn:
-                    self.start = max(self.seam, self.svc.store.last_position(conn))
-            except DatabaseUnavailable:
-                pass
+        if self.resume is None:
+            self._from_now()
         sub.last = self.start
         try:
             yield from self._write(framing.retry_only(self.retry_ms))
@@ -72,11 +62,7 @@ class MercureConnection(StreamWriter):
             yield from self._live()
             yield framing.retry_only(self.retry_ms)
         finally:
-            if time.monotonic() - self.opened_at >= self.svc.settings.retry_reset_after_s \
-                    and not sub.overflowed:
-                self.svc.backoff.healthy(self.pace_key)
-            self.end()
-            self._unwatch()
+            self._finish(self.pace_key)
 
     def _catch_up(self) -> Generator[bytes, None, bool]:
         """The retained updates in (start, seam] this subscriber may see, page by page; True if

@@ -73,9 +73,48 @@ class StreamWriter:
     (so the hub's ticker sees a stuck one), the disconnect watch, and the live loop over the
     queue or the hub's direct sink. Subclasses say how a delivery is framed (`_frame_lives`)."""
 
+    svc: StreamingServices
     sub: Subscription
     environ: dict[str, Any]
+    seam: int            # live delivery starts after this position (the hub's, at subscribe)
+    start: int           # the position this connection resumes after
+    opened_at: float
     sink_sid: str | None = None  # the `id:` prefix of direct writes; None: bodies carry their id
+
+    release: Callable[[], None]   # gives back the connection-limit slots
+    ended: bool = False
+
+    def end(self) -> None:
+        """Leave everything the connection joined and give back its limit slots, once (from
+        the stream's end, or when the response is closed)."""
+        if self.ended:
+            return
+        self.ended = True
+        self._leave()
+        self.release()
+
+    def _leave(self) -> None:
+        raise NotImplementedError
+
+    def _from_now(self) -> None:
+        """Start after the last commit, which the hub may not have heard of yet (a client that
+        just published must not get that event as live); the hub's position if the database
+        cannot say."""
+        try:
+            with self.svc.pool.connection() as conn:
+                self.start = max(self.seam, self.svc.store.last_position(conn))
+        except DatabaseUnavailable:
+            pass
+
+    def _finish(self, pace_key: str) -> None:
+        """After the last byte: a connection that stayed up resets its reconnect pacing (its
+        next reconnect starts short), then it leaves everything it joined."""
+        self.sub.sink = None
+        if time.monotonic() - self.opened_at >= self.svc.settings.retry_reset_after_s \
+                and not self.sub.overflowed:
+            self.svc.backoff.healthy(pace_key)
+        self.end()
+        self._unwatch()
 
     def _watch(self) -> None:
         self.sock = self.environ.get("sluice.socket") or self.environ.get("gunicorn.sock")
@@ -182,31 +221,20 @@ class SSEConnection(StreamWriter):
         self.sub.envelope = envelope
         self.start = self.seam if checked.resume is None else checked.resume
         svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)
-        self.ended = False
         self.sink_sid = sid
         self._watch()
 
-    def end(self) -> None:
-        """Leave presence, the hub and the limits, once (from the stream, or at close)."""
-        if self.ended:
-            return
-        self.ended = True
+    def _leave(self) -> None:
+        """Presence first (the leave is recorded), then the hub."""
         self.svc.presence.leave(self.sub, self.sid, self.checked.subject,
-                                takeover=self.takeover)  # recorded first
+                                takeover=self.takeover)
         self.svc.hub.unsubscribe(self.sub)
-        self.release()
 
     # -- the response body --------------------------------------------------------------------
     def stream(self) -> Iterator[bytes]:
         sub = self.sub
         if self.checked.resume is None:
-            # "From now" means after the last commit, which the hub may not have heard of yet
-            # (a client that just published must not get that event as live).
-            try:
-                with self.svc.pool.connection() as conn:
-                    self.start = max(self.seam, self.svc.store.last_position(conn))
-            except DatabaseUnavailable:
-                pass  # the hub's position, then
+            self._from_now()
         sub.last = self.start
         try:
             preamble = framing.preamble(self.retry_ms, f"{self.sid}.{format_position(self.start)}")
@@ -230,12 +258,7 @@ class SSEConnection(StreamWriter):
             # to come back; Last-Event-ID resumes it from `last` with nothing missed.
             yield framing.retry_only(self.retry_ms)
         finally:
-            sub.sink = None
-            if time.monotonic() - self.opened_at >= self.svc.settings.retry_reset_after_s \
-                    and not sub.overflowed:
-                self.svc.backoff.healthy(self.sid)  # it stayed up: next reconnect starts short
-            self.end()
-            self._unwatch()
+            self._finish(self.sid)
 
     def _reset(self) -> bytes | None:
         """`event: reset` if history after the resume point is gone (no id: the resume
