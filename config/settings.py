@@ -65,7 +65,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SUBSCRIBE_MAX_STREAMS": ("50", "Most streams one subscription may name."),
     "STREAM_CACHE_S": ("10", "How long a process trusts that a stream exists before asking Postgres again (deleting it clears this at once)."),
     "MAX_STREAM_CONNECTIONS": ("10000", "Most SSE and long-poll connections one process holds; past it SSE gets `200` with only `retry:` and long-poll `503` + `Retry-After`."),
-    "LONGPOLL_MAX_RATE": ("5", "Polls per second one long-poll client (by the `sid` every answer hands out and the client passes back) may make, over 10 s, before answers carry `Retry-After`; past 4× it gets `429`."),
+    "LONGPOLL_MAX_RATE": ("5", "Polls per second one long-poll client (by the `sid` every answer hands out and the client passes back) may make, over 10 s, before answers carry `Retry-After`; past 4× it gets `429`. Counted in the process up to half the budget, then across the fleet in Redis."),
     "CATCHUP_PAGE": ("500", "Events per catch-up page read from Postgres."),
     "HEARTBEAT_S": ("15", "SSE heartbeat comment after this much silence."),
     "RETRY_BASE_MS": ("1000", "Smallest SSE `retry:` handed out."),

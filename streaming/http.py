@@ -7,7 +7,10 @@ event stream (streaming/connection.py) or one JSON page (streaming/longpoll.py).
 """
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, request
+from werkzeug.wrappers import Request
 
 from auth.authorize import OriginUnavailable
 from common.problems import Problem, invalid_parameter
@@ -22,20 +25,20 @@ bp = Blueprint("streaming", __name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _last_event_id() -> str | None:
-    return request.headers.get("Last-Event-ID") or request.args.get("lastEventId") \
-        or request.args.get("cursor")
+def _last_event_id(req: Request) -> str | None:
+    return req.headers.get("Last-Event-ID") or req.args.get("lastEventId") \
+        or req.args.get("cursor")
 
 
-def subscribe_request() -> SubscribeRequest:
-    token = bearer_token(allow_query=True, allow_cookie=True)
+def subscribe_request(req: Request) -> SubscribeRequest:
+    token = bearer_token(allow_query=True, allow_cookie=True, req=req)
     return SubscribeRequest(
-        streams=request.args.getlist("stream"),
+        streams=req.args.getlist("stream"),
         token=token,
-        headers={k.lower(): v for k, v in request.headers.items()} if token is None else {},
-        address=request.remote_addr,
-        last_event_id=_last_event_id(),
-        sid=request.args.get("sid"),
+        headers={k.lower(): v for k, v in req.headers.items()} if token is None else {},
+        address=req.remote_addr,
+        last_event_id=_last_event_id(req),
+        sid=req.args.get("sid"),
     )
 
 
@@ -48,7 +51,7 @@ def retry_only(retry_ms: int) -> Response:
 def _shed_retry_ms(svc: Services) -> int:
     """At the connection limit: a growing retry for a known sid, a jittered one otherwise, so
     shed clients do not all come back at the same moment."""
-    sid = sid_of(_last_event_id(), request.args.get("sid"))
+    sid = sid_of(_last_event_id(request), request.args.get("sid"))
     if sid:
         return svc.backoff.connect(sid)[1]
     return svc.backoff.jittered_ms(4)
@@ -64,7 +67,7 @@ def sse() -> Response:
         svc.metrics.shed.labels("sse").inc()
         return retry_only(_shed_retry_ms(svc))
     try:
-        checked = check_subscribe(svc, subscribe_request())
+        checked = check_subscribe(svc, subscribe_request(request))
     except (DatabaseUnavailable, OriginUnavailable):
         return retry_only(svc.backoff.retry_ms(4))
     sid = checked.sid or new_sid()
@@ -89,11 +92,18 @@ def sse() -> Response:
 
 @bp.get("/api/v1/poll")
 def poll() -> Response:
-    svc = services()
+    """The Flask route; `web.fast` serves the common case without Flask, both through
+    `answer_poll`."""
+    payload, headers = answer_poll(services(), request)
+    return json_response(payload, headers=headers)
+
+
+def answer_poll(svc: Services, req: Request) -> tuple[dict[str, Any], dict[str, str]]:
+    """One long-poll answer (its JSON body and extra headers), or a Problem."""
     settings = svc.settings
     if svc.draining:
         raise Problem(503, "shutting-down", "the server is restarting", headers={"Retry-After": "2"})
-    raw_timeout = request.args.get("timeout", str(int(settings.longpoll_max_s)))
+    raw_timeout = req.args.get("timeout", str(int(settings.longpoll_max_s)))
     try:
         hold = float(raw_timeout)
     except ValueError:
@@ -106,7 +116,7 @@ def poll() -> Response:
         raise Problem(503, "overloaded", "this server holds as many connections as it may",
                       headers={"Retry-After": str(max(1, svc.backoff.jittered_ms(4) // 1000))})
     try:
-        checked = check_subscribe(svc, subscribe_request())
+        checked = check_subscribe(svc, subscribe_request(req))
     except OriginUnavailable:
         raise Problem(503, "origin-unavailable", "the origin did not authorize this subscription "
                       "in time; try again", headers={"Retry-After": "2"}) from None
@@ -117,12 +127,10 @@ def poll() -> Response:
         raise Problem(429, "polling-too-fast", "this client polls far faster than allowed; "
                       "wait for Retry-After", headers={"Retry-After": str(retry_after)},
                       limit_per_s=settings.longpoll_max_rate)
-    release = svc.limits.acquire(checked.token_key, request.remote_addr, "poll")
+    release = svc.limits.acquire(checked.token_key, req.remote_addr, "poll")
     try:
         answer = long_poll(svc, checked, hold)
     finally:
         release()
-    response = json_response(answer.to_json())
-    if retry_after:
-        response.headers["Retry-After"] = str(retry_after)  # answered, but slow down
-    return response
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}  # answered, but slow down
+    return answer.to_json(), headers

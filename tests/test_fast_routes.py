@@ -89,3 +89,37 @@ def test_everything_else_goes_to_flask(environ):
     routes = FastRoutes(lambda env, start: seen.append(env) or [b"flask"],
                         SimpleNamespace(settings=SimpleNamespace(request_log=False)))
     assert routes(environ, lambda *a: None) == [b"flask"] and seen == [environ]
+
+
+def test_the_fast_poll_answers_as_the_flask_route_does(module_server):
+    server = module_server
+    first = server.post(EVENTS, json={"stream": "fastpoll/1", "data": {"n": 1}},
+                        headers=auth()).json()["events"][0]["id"]
+    polls = [
+        ("events", dict(params={"stream": "fastpoll/1", "cursor": "0", "timeout": "0"},
+                        headers=auth())),
+        ("nothing new", dict(params={"stream": "fastpoll/1", "cursor": first, "timeout": "0"},
+                             headers=auth())),
+        ("bad timeout", dict(params={"stream": "fastpoll/1", "timeout": "soon"}, headers=auth())),
+        ("no token", dict(params={"stream": "fastpoll/1", "timeout": "0"})),
+        ("token in the query", dict(params={"stream": "fastpoll/1", "cursor": "0", "timeout": "0",
+                                            "token": token()})),
+        ("not granted", dict(params={"stream": "fastpoll/1", "timeout": "0"},
+                             headers={"Authorization": f"Bearer {token(subscribe=['x/*'])}"})),
+        ("unknown stream", dict(params={"stream": "fastpoll/none", "timeout": "0"},
+                                headers=auth())),
+        ("too many parameters", dict(params=[("stream", "fastpoll/1")] * 70, headers=auth())),
+    ]
+
+    def seen(r):
+        body = r.json()
+        body.pop("sid", None)  # every answer hands out a new one
+        return r.status_code, body, r.headers.get("Content-Type")
+
+    for name, kw in polls:
+        fast = seen(server.get("/api/v1/poll", **kw))
+        slow = seen(server.get("/api/v1/poll", **{**kw, "headers": {**kw.get("headers", {}),
+                                                                    **FLASK}}))
+        assert fast == slow, name
+    statuses = [seen(server.get("/api/v1/poll", **kw))[0] for _, kw in polls]
+    assert statuses == [200, 200, 400, 401, 200, 403, 404, 400]

@@ -7,7 +7,6 @@ from flask import Flask, Response, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from auth.http import bp as auth_bp
-from common.problems import Problem
 from ingest.http import bp as ingest_bp
 from mercure.http import bp as mercure_bp
 from runtime.services import Services
@@ -15,7 +14,7 @@ from streaming.http import bp as streaming_bp
 from web.cors import install_cors
 from web.dashboard import bp as dashboard_bp
 from web.fast import FastRoutes
-from web.http import install_error_handlers
+from web.http import check_query_params, install_error_handlers
 from web.ops import bp as ops_bp
 from web.requestlog import install_request_log
 
@@ -41,10 +40,7 @@ def create_app(services: Services) -> Flask:
 
     @app.before_request
     def _limit_query() -> None:
-        if request.query_string.count(b"&") >= max_params \
-                and sum(1 for _ in request.args.items(multi=True)) > max_params:
-            raise Problem(400, "too-many-parameters",
-                          f"at most {max_params} query parameters are allowed", limit=max_params)
+        check_query_params(request, max_params)
 
     app.wsgi_app = FastRoutes(app.wsgi_app, services)  # type: ignore[method-assign]
     if services.settings.proxy_hops:  # behind Heroku's router: the client is in X-Forwarded-For

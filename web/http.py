@@ -7,6 +7,7 @@ import gevent
 import orjson
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Request as WerkzeugRequest
 
 from auth.tokens import Principal
 from common.problems import Problem, unauthorized
@@ -69,16 +70,28 @@ def services() -> Services:
     return services
 
 
-def bearer_token(*, allow_query: bool = False, allow_cookie: bool = False) -> str | None:
-    """The request's token: `Authorization: Bearer`, else (if allowed) `?token=`, else cookie."""
-    header = request.headers.get("Authorization")
+def bearer_token(*, allow_query: bool = False, allow_cookie: bool = False,
+                 req: WerkzeugRequest | None = None) -> str | None:
+    """The request's token: `Authorization: Bearer`, else (if allowed) `?token=`, else cookie.
+    `req`: a request other than Flask's current one (the precompiled routes)."""
+    req = request if req is None else req
+    header = req.headers.get("Authorization")
     if header:
         return parse_bearer(header)
-    if allow_query and request.args.get("token"):
-        return request.args["token"]
-    if allow_cookie and request.cookies.get("sluice_token"):
-        return request.cookies["sluice_token"]
+    if allow_query and req.args.get("token"):
+        return req.args["token"]
+    if allow_cookie and req.cookies.get("sluice_token"):
+        return req.cookies["sluice_token"]
     return None
+
+
+def check_query_params(req: WerkzeugRequest, max_params: int) -> None:
+    """400 past `max_params` query parameters (counted only when the query could hold that
+    many)."""
+    if req.query_string.count(b"&") >= max_params \
+            and sum(1 for _ in req.args.items(multi=True)) > max_params:
+        raise Problem(400, "too-many-parameters",
+                      f"at most {max_params} query parameters are allowed", limit=max_params)
 
 
 def parse_bearer(header: str) -> str:
@@ -89,8 +102,8 @@ def parse_bearer(header: str) -> str:
     return value.strip()
 
 
-def authenticate(**where: bool) -> Principal:
-    token = bearer_token(**where)
+def authenticate(*, allow_query: bool = False, allow_cookie: bool = False) -> Principal:
+    token = bearer_token(allow_query=allow_query, allow_cookie=allow_cookie)
     if token is None:
         raise unauthorized("a token is required (Authorization: Bearer <token>)")
     return services().tokens.verify(token)
