@@ -13,6 +13,7 @@ import pytest
 
 from mercure.selectors import Selectors, compile_template
 from mercure.updates import Update
+from tests.browser_helper import BrowserHelper, needs_chromium
 from tests.helpers import EVENTS, SSE, auth
 from tests.sse import Stream
 
@@ -358,3 +359,37 @@ def test_heartbeats_and_the_fleet_connection_limit_apply(make_server, database_u
     assert second.status_code == 429  # refused before the first byte
     assert second.headers["Content-Type"] == "application/problem+json"
     s.close()
+
+
+@needs_chromium[0]
+@needs_chromium[1]
+def test_chromium_eventsource_with_the_cookie_gets_private_updates_and_resumes_by_id(
+        make_server, database_url):
+    hub = make_server(database_url, RETRY_BASE_MS="300", RETRY_MAX_MS="1000", **MERCURE)
+    mine = mtoken(SUB_KEY, subscribe=["https://example.com/users/7/{?topic}"])
+    other = mtoken(SUB_KEY, subscribe=["https://example.com/users/8/{?topic}"])
+    page = BrowserHelper("mercure.py", hub.url, mine, other)
+    assert page.read()["step"] == "open"
+    private_topics = ["https://example.com/doc/1",
+                      "https://example.com/users/7/?topic=https%3A%2F%2Fexample.com%2Fdoc%2F1"]
+    public = publish(hub, "https://example.com/doc/2", "for everyone", id="pub-1")
+    secret = publish(hub, private_topics, "for user 7", private="on", type="doc.updated",
+                     id="priv-1")
+    page.tell("published")
+    before = page.read()
+    assert before["step"] == "before-restart"
+    assert before["seen"]["cookie"] == [
+        {"id": public, "type": "message", "data": "for everyone"},
+        {"id": secret, "type": "doc.updated", "data": "for user 7"}]
+    assert before["seen"]["other"] == [{"id": public, "type": "message", "data": "for everyone"}]
+    hub.stop()
+    hub.start()
+    later = [publish(hub, "https://example.com/doc/3", f"after {n}", id=f"after-{n}")
+             for n in range(2)]
+    page.tell("restarted")
+    done = page.read(timeout=60)
+    assert done["step"] == "done" and done["opens"]["cookie"] >= 2
+    # The browser resumed from the last id it had (Last-Event-ID: priv-1): nothing missed,
+    # nothing twice.
+    assert [e["id"] for e in done["seen"]["cookie"]] == [public, secret, *later]
+    page.finish()
