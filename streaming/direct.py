@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from streaming.sse import http_chunk, id_prefix, with_position
+from streaming.sse import http_chunk, http_chunk_of, id_prefix, with_position
 from streaming.subscription import LiveEvent, Subscription
 
 
@@ -52,19 +52,27 @@ class DirectSink:
         sub = self.sub
         last = sub.last
         prefix = self.id_prefix
-        if prefix is None:
-            parts = [e.body for e in lives if e.position > last]
-        elif sub.envelope:
-            parts = [with_position(prefix, e.position, e.envelope()) for e in lives
-                     if e.position > last]
+        if len(lives) == 1 and prefix is not None and not sub.envelope:
+            # The common delivery (one event, native framing): one bytes formatting in all,
+            # from the event's shared `<position>\n<body>` tail.
+            event = lives[0]
+            if event.position <= last:
+                return
+            tail = event.tail()
+            payload = http_chunk_of(prefix, tail) if self.chunked else prefix + tail
         else:
-            parts = [with_position(prefix, e.position, e.body) for e in lives
-                     if e.position > last]
-        if not parts:
-            return
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        if self.chunked:
-            payload = http_chunk(payload)
+            if prefix is None:
+                parts = [e.body for e in lives if e.position > last]
+            elif sub.envelope:
+                parts = [with_position(prefix, e.position, e.envelope()) for e in lives
+                         if e.position > last]
+            else:
+                parts = [prefix + e.tail() for e in lives if e.position > last]
+            if not parts:
+                return
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            if self.chunked:
+                payload = http_chunk(payload)
         sub.last = lives[-1].position
         try:
             sent = self.send(payload)

@@ -98,6 +98,11 @@ def with_position(prefix: bytes, position: int, body: bytes) -> bytes:
     return b"%s%d\n%s" % (prefix, position, body)
 
 
+def http_chunk_of(prefix: bytes, tail: bytes) -> bytes:
+    """`http_chunk(prefix + tail)` in one formatting (the hub's most frequent write)."""
+    return b"%x\r\n%s%s\r\n" % (len(prefix) + len(tail), prefix, tail)
+
+
 def http_chunk(payload: bytes) -> bytes:
     """One HTTP/1.1 chunk, framed exactly as gevent's pywsgi frames the chunks it writes, so a
     direct write and pywsgi's own writes continue one valid chunked response."""

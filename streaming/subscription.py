@@ -21,6 +21,14 @@ class LiveEvent:
     data: str
     body: bytes
     _envelope: bytes | None = None
+    _tail: bytes | None = None
+
+    def tail(self) -> bytes:
+        """`<position>\n` and the body: what follows a connection's `id: <sid>.` prefix, built
+        once per event for all of them (streaming.sse.with_position's bytes, split)."""
+        if self._tail is None:
+            self._tail = b"%d\n%s" % (self.position, self.body)
+        return self._tail
 
     def envelope(self) -> bytes:
         """The body for `?envelope=1` subscribers (a `message` whose data carries the type),

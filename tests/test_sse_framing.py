@@ -61,3 +61,16 @@ def test_preamble_sets_last_event_id_without_an_event():
     events, last_id, retry = parse_event_stream(framing.preamble(1000, "abc.42"))
     assert events == [] and last_id == "abc.42" and retry == 1000
     assert parse_event_stream(framing.retry_only(5000))[2] == 5000
+
+
+def test_the_direct_write_chunk_is_pywsgis_chunk_of_the_framed_event():
+    from streaming.sse import http_chunk, http_chunk_of, id_prefix, with_position
+    from streaming.subscription import LiveEvent
+
+    body = EventStreamFraming().body("message", '{"n":1}')
+    event = LiveEvent(4096, "s", "message", '{"n":1}', body)
+    prefix = id_prefix("abcdefgh")
+    assert prefix + event.tail() == with_position(prefix, 4096, body)
+    assert http_chunk_of(prefix, event.tail()) == http_chunk(with_position(prefix, 4096, body))
+    assert http_chunk_of(prefix, event.tail()).startswith(b"%x\r\nid: abcdefgh.4096\n" % (
+        len(with_position(prefix, 4096, body))))
