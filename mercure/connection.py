@@ -81,9 +81,5 @@ class MercureConnection(StreamWriter):
             sub.last = rows[-1].position
         return False
 
-    def _frame_lives(self, lives: list[LiveEvent], out: list[bytes]) -> None:
-        sub = self.sub
-        for e in lives:
-            if e.position > sub.last:
-                out.append(e.body)
-                sub.last = e.position
+    def _framed(self, event: LiveEvent) -> bytes:
+        return event.body  # the update's SSE bytes, its own id included

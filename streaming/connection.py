@@ -71,7 +71,7 @@ class DisconnectWatch:
 class StreamWriter:
     """What every event-stream connection shares once its subscription exists: stamped writes
     (so the hub's ticker sees a stuck one), the disconnect watch, and the live loop over the
-    queue or the hub's direct sink. Subclasses say how a delivery is framed (`_frame_lives`)."""
+    queue or the hub's direct sink. Subclasses say how an event is framed (`_framed`)."""
 
     svc: StreamingServices
     sub: Subscription
@@ -130,6 +130,14 @@ class StreamWriter:
             self.watcher.stop()
 
     def _frame_lives(self, lives: list[LiveEvent], out: list[bytes]) -> None:
+        """Append the bytes of each event not sent yet (a seam overlap is skipped)."""
+        sub = self.sub
+        for e in lives:
+            if e.position > sub.last:
+                out.append(self._framed(e))
+                sub.last = e.position
+
+    def _framed(self, event: LiveEvent) -> bytes:
         raise NotImplementedError
 
     # -- writing ------------------------------------------------------------------------------
@@ -289,10 +297,6 @@ class SSEConnection(StreamWriter):
             sub.last = rows[-1].position
         return False
 
-    def _frame_lives(self, lives: list[LiveEvent], out: list[bytes]) -> None:
-        sub = self.sub
-        for e in lives:
-            if e.position > sub.last:
-                out.append(framing.with_id(f"{self.sid}.{e.position}",
-                                           e.envelope() if sub.envelope else e.body))
-                sub.last = e.position
+    def _framed(self, event: LiveEvent) -> bytes:
+        return framing.with_id(f"{self.sid}.{event.position}",
+                               event.envelope() if self.sub.envelope else event.body)
