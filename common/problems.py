@@ -58,6 +58,11 @@ class Unavailable(Problem):
 
 # -- the named problems ----------------------------------------------------------------------
 
+def internal_error() -> Problem:
+    """500: an unexpected error (logged; the client learns nothing more)."""
+    return Problem(500, "internal-error", "an unexpected error occurred")
+
+
 def unauthorized(detail: str) -> Problem:
     """401: no token, or one that does not verify (expired, reused, badly signed, ...)."""
     return Problem(401, "invalid-token", detail,

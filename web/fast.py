@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from werkzeug.wrappers import Request
 
-from common.problems import Problem, unauthorized
+from common.problems import Problem, internal_error, unauthorized
 from ingest.http import accept_events
 from runtime.services import Services
 from streaming.http import answer_poll
@@ -62,7 +62,7 @@ class FastRoutes:
             headers = problem.headers
         except Exception:  # answered as Flask's error handler answers it
             log.exception("unhandled error")
-            internal = Problem(500, "internal-error", "an unexpected error occurred")
+            internal = internal_error()
             status, body, mime, headers = 500, orjson.dumps(internal.body()), PROBLEM_MIME, {}
         out = [("Content-Type", mime), ("Content-Length", str(len(body))), *headers.items()]
         if svc.draining:

@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Request as WerkzeugRequest
 
 from auth.tokens import Principal
-from common.problems import Problem, unauthorized
+from common.problems import Problem, internal_error, unauthorized
 from runtime.services import Services
 
 PROBLEM_MIME = "application/problem+json"
@@ -128,4 +128,4 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         app.logger.exception("unhandled error")
-        return problem_response(Problem(500, "internal-error", "an unexpected error occurred"))
+        return problem_response(internal_error())
