@@ -2,8 +2,8 @@
 durable history, so any process can resume any id, also after a restart), then live updates.
 
 It shares the native stream's writer (`streaming.connection.StreamWriter`): the queue bound,
-heartbeats from the hub's ticker, the hub's direct writes while idle, stuck-write and disconnect
-handling. Only the bytes differ: each update is written as built once for all subscribers, its
+heartbeats from the hub's ticker, parking and the hub's direct writes while idle, stuck-write and
+disconnect handling. Only the bytes differ: each update is written as built once for all subscribers, its
 `id:` the update's own.
 """
 from __future__ import annotations
@@ -59,10 +59,13 @@ class MercureConnection(StreamWriter):
                 yield framing.retry_only(self.svc.backoff.retry_ms(2))
                 return
             sub.last = max(sub.last, self.seam)
+            if self._park():
+                return  # its own writer goes on; pywsgi lets go of the connection
             yield from self._live()
             yield framing.retry_only(self.retry_ms)
         finally:
-            self._finish(self.pace_key)
+            if not self.parked:
+                self._finish()
 
     def _catch_up(self) -> Generator[bytes, None, bool]:
         """The retained updates in (start, seam] this subscriber may see, page by page; True if

@@ -12,7 +12,6 @@ import hashlib
 from urllib.parse import parse_qs
 
 from flask import Blueprint, Response, request
-from gevent.queue import Queue
 
 from auth.limits import token_key
 from common.problems import Problem, invalid_parameter, unauthorized
@@ -26,6 +25,7 @@ from mercure.updates import MERCURE_CLIENT, TOPIC_MAX, parse_update
 from runtime.services import Services
 from streaming.connection import framing
 from streaming.http import SSE_HEADERS, retry_only
+from streaming.subscription import Mailbox
 from web.http import parse_bearer, read_body, services
 
 bp = Blueprint("mercure", __name__)
@@ -156,7 +156,7 @@ def subscribe() -> Response:
     svc.metrics.retry_ms.observe(retry)
     leeway = door.subscribers.leeway_s
     sub = MercureSubscription(
-        frozenset(), Queue(settings.subscriber_queue_max),
+        frozenset(), Mailbox(settings.subscriber_queue_max),
         expires_at=claims.expires_at + leeway if claims.expires_at else 0.0, jti=claims.jti,
         subject=claims.subject, issued_at=claims.issued_at, selectors=selectors,
         allowed=claims.subscribe)
@@ -168,6 +168,6 @@ def subscribe() -> Response:
     if request.args.get("authorization"):
         headers["Cache-Control"] = "private, no-cache"
     response = Response(connection.stream(), status=200, mimetype=framing.content_type,
-                        headers=headers, direct_passthrough=True)
-    response.call_on_close(connection.end)
+                        headers=headers)
+    response.call_on_close(connection.response_closed)
     return response

@@ -66,7 +66,8 @@ class Services:
     def close(self, timeout: float) -> bool:
         """Flush the batcher and release connections; True if everything flushed in time."""
         self.draining = True
-        self.hub.stop()  # every stream ends with a `retry:` hint and resumes elsewhere
+        self.hub.stop(wait_s=min(1.0, timeout / 4))  # every stream ends with a `retry:` hint
+        # and resumes elsewhere
         self.metrics.stop()
         self.presence.stop()
         if self.pruner is not None:

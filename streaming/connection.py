@@ -1,13 +1,20 @@
 """One SSE connection, from its preamble to its final `retry:`.
 
 `SSEConnection.stream()` is the response body: the preamble (`retry:` and the connection's
-position), catch-up pages from the store, then live deliveries from the hub's queue (or written
-by the hub itself through a direct sink while the writer idles), and at the end a `retry:` hint
+position), then catch-up pages from the store. Then, under Sluice's pywsgi handler, the
+connection *parks* (`StreamWriter._park`): it takes its socket over from pywsgi, whose handler,
+greenlet and request objects are then freed, and lives on as its subscription, a socket, a
+disconnect watcher and the hub's direct sink. The hub writes each live delivery to an idle
+parked connection itself (streaming/direct.py); a short-lived writer greenlet (`_pump`) starts
+only when something is queued (a write the socket did not take at once, a burst behind it, the
+end), and exits when the queue is empty again. Elsewhere (TLS, another server) the response
+generator goes on with the live deliveries from the queue (`_live`). At the end: a `retry:` hint
 or, for a deleted stream, `event: end`. The hub's one ticker sends heartbeats and ends stuck
 writes; `DisconnectWatch` notices a client that left while its stream is idle.
 """
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -15,6 +22,7 @@ from typing import Any
 
 import gevent
 import orjson
+from gevent.socket import wait_write
 
 from ingest.ids import format_position
 from ingest.pool import DatabaseUnavailable
@@ -22,12 +30,15 @@ from ingest.reads import history_gone
 from streaming.catchup import catch_up, streams_for
 from streaming.checks import Checked
 from streaming.deps import StreamingServices
-from streaming.direct import Unsent, direct_sink
-from streaming.sse import EventStreamFraming, envelope_body, envelope_reset
+from streaming.direct import DirectSink, Unsent
+from streaming.sse import EventStreamFraming, envelope_body, envelope_reset, http_chunk
 from streaming.subscription import HEARTBEAT, LiveEvent, StreamEnded, Subscription
 
+log = logging.getLogger("sluice.stream")
 framing = EventStreamFraming()
 COALESCE_MAX = 64  # queued deliveries written in one go
+PARKED_KEY = "sluice.parked"  # environ: the connection that took the response over (at_end)
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 def shutdown(sock: Any) -> None:
@@ -70,19 +81,27 @@ class DisconnectWatch:
 
 class StreamWriter:
     """What every event-stream connection shares once its subscription exists: stamped writes
-    (so the hub's ticker sees a stuck one), the disconnect watch, and the live loop over the
-    queue or the hub's direct sink. Subclasses say how an event is framed (`_framed`)."""
+    (so the hub's ticker sees a stuck one), the disconnect watch, parking, and the live loop
+    for a connection that cannot park. Subclasses say how an event is framed (`_framed`)."""
 
     svc: StreamingServices
     sub: Subscription
-    environ: dict[str, Any]
+    environ: dict[str, Any] | None   # dropped once parked
     seam: int            # live delivery starts after this position (the hub's, at subscribe)
     start: int           # the position this connection resumes after
     opened_at: float
+    retry_ms: int
+    pace_key: str        # reconnect pacing is keyed by this
     sink_sid: str | None = None  # the `id:` prefix of direct writes; None: bodies carry their id
 
     release: Callable[[], None]   # gives back the connection-limit slots
     ended: bool = False
+    parked: bool = False
+    raw: Any = None               # a parked connection's socket
+    chunked: bool = False         # ... and whether its response is chunk-framed
+    sink: DirectSink | None = None
+    pumping: bool = False         # a parked connection's writer greenlet runs
+    _at_end: list[Callable[[], None]] | None = None
 
     def end(self) -> None:
         """Leave everything the connection joined and give back its limit slots, once (from
@@ -92,6 +111,20 @@ class StreamWriter:
         self.ended = True
         self._leave()
         self.release()
+
+    def response_closed(self) -> None:
+        """pywsgi is done with the response: the connection ends now, unless it parked (then
+        its own writer ends it, later)."""
+        if not self.parked:
+            self.end()
+
+    def at_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when a parked connection has written its last byte (the request
+        log's line), or now if it has."""
+        if self.ended:
+            callback()
+        else:
+            self._at_end = (self._at_end or []) + [callback]
 
     def _leave(self) -> None:
         raise NotImplementedError
@@ -106,18 +139,19 @@ class StreamWriter:
         except DatabaseUnavailable:
             pass
 
-    def _finish(self, pace_key: str) -> None:
+    def _finish(self) -> None:
         """After the last byte: a connection that stayed up resets its reconnect pacing (its
         next reconnect starts short), then it leaves everything it joined."""
         self.sub.sink = None
         if time.monotonic() - self.opened_at >= self.svc.settings.retry_reset_after_s \
                 and not self.sub.overflowed:
-            self.svc.backoff.healthy(pace_key)
+            self.svc.backoff.healthy(self.pace_key)
         self.end()
         self._unwatch()
 
     def _watch(self) -> None:
-        self.sock = self.environ.get("sluice.socket") or self.environ.get("gunicorn.sock")
+        environ = self.environ or {}
+        self.sock = environ.get("sluice.socket") or environ.get("gunicorn.sock")
         self.watcher: DisconnectWatch | None = None
         if self.sock is not None:
             sock = self.sock
@@ -140,58 +174,6 @@ class StreamWriter:
     def _framed(self, event: LiveEvent) -> bytes:
         raise NotImplementedError
 
-    # -- writing ------------------------------------------------------------------------------
-    def _write(self, data: bytes) -> Iterator[bytes]:
-        """Yield one chunk to pywsgi, stamped so the hub's ticker can see a stuck write."""
-        sub = self.sub
-        sub.writing_since = time.monotonic()
-        yield data
-        sub.writing_since = 0.0
-        sub.active_at = time.monotonic()
-
-    def _write_unsent(self, data: bytes) -> bool:
-        """Finish a chunk the hub's direct write left half sent (raw bytes, framed already)."""
-        sub = self.sub
-        sub.writing_since = time.monotonic()
-        if self.sock is None:
-            return False
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            return False
-        finally:
-            sub.writing_since = 0.0
-        sub.active_at = time.monotonic()
-        return True
-
-    def _live(self) -> Generator[bytes, None, bool]:
-        """Deliveries until the subscription closes; returns True if the stream was deleted
-        (it said `event: end` and must not add a `retry:`)."""
-        sub = self.sub
-        sink = direct_sink(sub, self.environ, self.sink_sid)  # headers are out: the hub writes
-        while True:
-            if sink is not None and sub.queue.empty() and not sub.closed:
-                sub.sink = sink   # idle: the hub writes the next delivery itself
-            item = sub.queue.get()  # the hub's ticker queues heartbeats: no timer here
-            sub.sink = None
-            if isinstance(item, Unsent):
-                if not self._write_unsent(item.data) or (sub.closed and sub.queue.empty()):
-                    return False
-                continue
-            items = [item]
-            while not sub.queue.empty() and len(items) < COALESCE_MAX:
-                items.append(sub.queue.get_nowait())  # coalesce what is waiting: one write
-            out, ended = self._frame(items)
-            if isinstance(ended, StreamEnded):
-                # Deleted: say so and end; the reconnect gets 404 and EventSource stops.
-                out.append(framing.end(orjson.dumps({"stream": ended.stream}).decode()))
-                yield from self._write(b"".join(out))
-                return True
-            if out:
-                yield from self._write(b"".join(out))
-            if ended or (sub.closed and sub.queue.empty()):
-                return False
-
     def _frame(self, items: list[Any]) -> tuple[list[bytes], StreamEnded | bool]:
         """The bytes for queued items, and whether (or how) the subscription ended among them."""
         out: list[bytes] = []
@@ -205,6 +187,144 @@ class StreamWriter:
                 return out, item
             self._frame_lives(item, out)
         return out, False
+
+    def _take(self, first: Any) -> tuple[bytes, bool]:
+        """`first` and what else is queued (coalesced: one write), as bytes; and whether the
+        connection ends with them (closed, or deleted: then `event: end` is among the bytes)."""
+        sub = self.sub
+        items = [first]
+        while not sub.queue.empty() and len(items) < COALESCE_MAX:
+            items.append(sub.queue.get_nowait())
+        out, ended = self._frame(items)
+        if isinstance(ended, StreamEnded):
+            # Deleted: say so and end; the reconnect gets 404 and EventSource stops.
+            out.append(framing.end(orjson.dumps({"stream": ended.stream}).decode()))
+            self.deleted = True
+        return b"".join(out), bool(ended) or (sub.closed and sub.queue.empty())
+
+    deleted: bool = False  # the stream was deleted: no `retry:` after `event: end`
+
+    # -- writing from the response generator --------------------------------------------------
+    def _write(self, data: bytes) -> Iterator[bytes]:
+        """Yield one chunk to pywsgi, stamped so the hub's ticker can see a stuck write."""
+        sub = self.sub
+        sub.writing_since = time.monotonic()
+        yield data
+        sub.writing_since = 0.0
+        sub.active_at = time.monotonic()
+
+    def _live(self) -> Generator[bytes, None, bool]:
+        """Deliveries until the subscription closes, for a connection that could not park;
+        returns True if the stream was deleted (it said `event: end` and must not add a
+        `retry:`)."""
+        while True:
+            item = self.sub.queue.get()  # the hub's ticker queues heartbeats: no timer here
+            data, ended = self._take(item)
+            if data:
+                yield from self._write(data)
+            if ended:
+                return self.deleted
+
+    # -- parked -------------------------------------------------------------------------------
+    def _park(self) -> bool:
+        """Take the socket over from pywsgi if its handler allows (streaming.direct's rules then
+        apply); True if parked: the response generator must end now, without another byte."""
+        environ = self.environ or {}
+        park = getattr(environ.get("sluice.handler"), "park", None)
+        taken = park() if park is not None else None
+        if taken is None:
+            return False
+        self.raw, self.chunked = taken
+        self.parked = True
+        environ[PARKED_KEY] = self  # the request log's line waits for the real end
+        self.environ = None         # pywsgi frees it, and everything else of the request
+        self._unwatch()
+        raw, sub = self.raw, self.sub
+        self.sock = None
+        sub.on_stuck = lambda: shutdown(raw)
+        self.watcher = DisconnectWatch(raw, sub)
+        self.sink = DirectSink(sub, raw, self.sink_sid, self.chunked)
+        sub.queue.on_put = self._wake
+        if sub.queue.empty():
+            sub.sink = self.sink  # idle: the hub writes the next delivery itself
+        else:
+            self._wake()
+        return True
+
+    def _wake(self) -> None:
+        """Something was queued for a parked connection: its writer runs until the queue is
+        empty again."""
+        if not self.pumping:
+            self.pumping = True
+            self.sub.sink = None
+            gevent.spawn_raw(self._pump)
+
+    def _pump(self) -> None:
+        """A parked connection's writer: what is queued, in order, then back to idle (the hub's
+        sink) or, once the subscription closed, the last bytes and the socket's close."""
+        sub = self.sub
+        try:
+            while True:
+                if sub.queue.empty():
+                    if not sub.closed:
+                        sub.sink = self.sink
+                        self.pumping = False
+                        return  # idle again: no greenlet until something is queued
+                    break
+                item = sub.queue.get_nowait()
+                if isinstance(item, Unsent):
+                    self._send(item.data)  # the rest of a direct write, chunk-framed already
+                    continue
+                data, ended = self._take(item)
+                if data:
+                    self._send(self._chunk(data))
+                if ended:
+                    break
+            # Cut loose (queue full), the server is stopping, or the client left: tell it when
+            # to come back; Last-Event-ID resumes it from `last` with nothing missed.
+            tail = b"" if self.deleted else self._chunk(framing.retry_only(self.retry_ms))
+            self._send(tail + LAST_CHUNK if self.chunked else tail)
+        except OSError:
+            pass  # the client went away (or its write was stuck): nothing more to send
+        except Exception:  # a writer must always close its connection
+            log.exception("stream writer failed")
+        self._close_parked()
+
+    def _chunk(self, data: bytes) -> bytes:
+        return http_chunk(data) if self.chunked else data
+
+    def _send(self, data: bytes) -> None:
+        """A cooperative write of all of `data`, stamped for the hub's ticker (which shuts a
+        stuck one down); bounded by the hub's write timeout even when the ticker is gone."""
+        sub, raw = self.sub, self.raw
+        sub.writing_since = time.monotonic()
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    sent = raw.send(view)
+                except BlockingIOError:
+                    sent = 0
+                if sent:
+                    view = view[sent:]
+                else:
+                    wait_write(raw.fileno(), timeout=self.svc.hub.write_timeout_s)
+        finally:
+            sub.writing_since = 0.0
+        sub.active_at = time.monotonic()
+
+    def _close_parked(self) -> None:
+        self.sub.queue.on_put = None
+        self.sub.sink = None
+        self._unwatch()
+        try:
+            self.raw.close()
+        except OSError:
+            pass
+        self._finish()
+        callbacks, self._at_end = self._at_end or [], None
+        for callback in callbacks:
+            callback()
 
 
 class SSEConnection(StreamWriter):
@@ -229,7 +349,7 @@ class SSEConnection(StreamWriter):
         self.sub.envelope = envelope
         self.start = self.seam if checked.resume is None else checked.resume
         svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)
-        self.sink_sid = sid
+        self.sink_sid = self.pace_key = sid
         self._watch()
 
     def _leave(self) -> None:
@@ -260,13 +380,16 @@ class SSEConnection(StreamWriter):
                 yield framing.retry_only(self.svc.backoff.retry_ms(2))
                 return
             sub.last = max(sub.last, self.seam)
+            if self._park():
+                return  # its own writer goes on; pywsgi lets go of the connection
             if (yield from self._live()):
                 return
             # Cut loose (queue full), the server is stopping, or the client left: tell it when
             # to come back; Last-Event-ID resumes it from `last` with nothing missed.
             yield framing.retry_only(self.retry_ms)
         finally:
-            self._finish(self.sid)
+            if not self.parked:
+                self._finish()
 
     def _reset(self) -> bytes | None:
         """`event: reset` if history after the resume point is gone (no id: the resume

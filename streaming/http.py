@@ -85,8 +85,10 @@ def sse() -> Response:
                                hello=request.args.get("hello") == "1",
                                envelope=request.args.get("envelope") == "1")
     response = Response(connection.stream(), status=200, mimetype=framing.content_type,
-                        headers=SSE_HEADERS, direct_passthrough=True)
-    response.call_on_close(connection.end)  # also when the stream never started
+                        headers=SSE_HEADERS)
+    # Not `direct_passthrough`: werkzeug then skips its closing wrapper, and these callbacks
+    # (and the request log's) would never run.
+    response.call_on_close(connection.response_closed)  # also when the stream never started
     return response
 
 

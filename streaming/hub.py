@@ -12,8 +12,8 @@ that read is complete. While Redis is down the hub polls Postgres every `poll_s`
 Fan-out is `put_nowait` into each subscriber's bounded queue, one item per delivery holding the
 events of one commit that the subscriber wants (a large batch costs one slot, not one per
 event); each event's framing body is encoded once (only the per-connection `id:` line is added
-per subscriber). A subscriber whose writer is idle on an empty queue offers a `sink` instead:
-the hub hands it the delivery, which it writes with one non-blocking send (streaming/direct.py).
+per subscriber). An idle parked connection offers a `sink` instead: the hub hands it the
+delivery, which it writes with one non-blocking send (streaming/direct.py).
 A subscriber whose queue is full is marked overflowed and dropped from the hub: its connection
 then ends with a `retry:` hint and the client resumes from its last id.
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.queue import Full, Queue
+from gevent.queue import Full
 
 from auth.grants import PatternIndex
 from common.cache import BoundedCache
@@ -38,7 +38,7 @@ from ingest.store import EventStore
 from streaming.activity import StreamActivity
 from streaming.relay import CHANNEL, Events, Relay
 from streaming.sse import EventStreamFraming, Framing
-from streaming.subscription import HEARTBEAT, LiveEvent, StreamEnded, Subscription
+from streaming.subscription import HEARTBEAT, LiveEvent, Mailbox, StreamEnded, Subscription
 
 log = logging.getLogger("sluice.hub")
 
@@ -95,10 +95,16 @@ class Hub:
         self._greenlets.append(gevent.spawn(self._tick))
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Stop, and close every subscription: each stream writes its `retry:` and ends. Waits up
+        to `wait_s` for them to finish (a parked stream's writer runs in a greenlet of its own,
+        which no server waits for)."""
         gevent.killall(self._greenlets, block=False)
         for sub in list(self._subs):
             sub.close()
+        deadline = time.monotonic() + wait_s
+        while self._subs and time.monotonic() < deadline:
+            gevent.sleep(0.01)
 
     # -- subscribers --------------------------------------------------------------------------
     def subscribe(self, streams: Iterable[str], maxsize: int, *, expires_at: float = 0.0,
@@ -110,7 +116,7 @@ class Hub:
         after it arrives in the queue, in order. No yield happens between the two. The
         subscription ends when its credential expires (`expires_at`, unix time) or is revoked.
         """
-        sub = Subscription(frozenset(streams), Queue(maxsize), frozenset(patterns),
+        sub = Subscription(frozenset(streams), Mailbox(maxsize), frozenset(patterns),
                            expires_at=expires_at, jti=jti, subject=subject, issued_at=issued_at)
         return sub, self.add(sub)
 
@@ -220,6 +226,10 @@ class Hub:
                 elif not sub.writing_since and now - sub.active_at >= self.heartbeat_s \
                         and sub.queue.empty():
                     sub.active_at = now
+                    sink = sub.sink
+                    if sink is not None:  # an idle parked connection: write it here
+                        sink.write(self.framing.heartbeat())
+                        continue
                     try:
                         sub.queue.put_nowait(HEARTBEAT)
                     except Full:
@@ -339,12 +349,12 @@ class Hub:
             self._taps[stream](lives)
 
     def offer(self, sub: Subscription, lives: list[LiveEvent]) -> None:
-        """One delivery to one subscriber: written by its idle writer's sink, else queued; a
+        """One delivery to one subscriber: written by its idle connection's sink, else queued; a
         full queue cuts it loose."""
         self.delivered += len(lives)
         sink = sub.sink
         if sink is not None:
-            sink(lives)  # the writer is idle with nothing queued: write now, without waiting
+            sink(lives)  # parked and idle with nothing queued: write now, without waiting
             return
         if not sub.offer(lives):
             self.overflows += 1

@@ -3,12 +3,75 @@ that queue carries: deliveries of `LiveEvent`s, `HEARTBEAT`, `StreamEnded`, or N
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from gevent.queue import Full, Queue
+from gevent import get_hub
+from gevent._waiter import Waiter
+from gevent.queue import Empty, Full
 
 from streaming.sse import envelope_body
+
+
+class Mailbox:
+    """A subscriber's bounded queue, one reader at most, sized for thousands of idle ones.
+
+    gevent's `Queue` allocates three deques (~3 KB) per subscriber up front; an idle subscriber
+    here holds none: the deque exists only while something is queued, and a waiting reader
+    holds one `Waiter`. `on_put`, if set, is called after each put instead of waking a reader
+    (a parked connection starts its writer that way, streaming/connection.py).
+    """
+
+    __slots__ = ("maxsize", "_items", "_waiter", "on_put")
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Any] | None = None
+        self._waiter: Waiter | None = None
+        self.on_put: Callable[[], None] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items is not None else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        elif len(items) >= self.maxsize:
+            raise Full
+        items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            get_hub().loop.run_callback(waiter.switch, None)
+        elif self.on_put is not None:
+            self.on_put()
+
+    def get_nowait(self) -> Any:
+        items = self._items
+        if not items:
+            raise Empty
+        item = items.popleft()
+        if not items:
+            self._items = None  # an idle subscriber keeps no deque
+        return item
+
+    def get(self) -> Any:
+        """The next item, waiting for it (a `gevent.Timeout` around the call bounds the wait)."""
+        while not self._items:
+            waiter = self._waiter = Waiter()
+            try:
+                waiter.get()
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self.get_nowait()
+
 
 
 @dataclass(slots=True)
@@ -48,6 +111,14 @@ class StreamEnded:
 HEARTBEAT = "heartbeat"  # queued by the hub's ticker when a subscriber has been quiet
 
 
+class Sink(Protocol):
+    """What the hub writes an idle parked connection's deliveries with (streaming/direct.py)."""
+
+    def __call__(self, lives: list[LiveEvent]) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
 @dataclass(eq=False, slots=True)
 class Subscription:
     """One subscriber: its streams, decided once, and its bounded queue of deliveries.
@@ -58,7 +129,7 @@ class Subscription:
     """
 
     streams: frozenset[str]
-    queue: Queue
+    queue: Mailbox
     patterns: frozenset[str] = frozenset()  # `room/*`-style: every matching stream, even later
     overflowed: bool = False
     closed: bool = False
@@ -72,9 +143,10 @@ class Subscription:
     jti: str | None = None
     subject: str = ""
     issued_at: float | None = None
-    # Set by the writer only while it waits on an empty queue: the hub then hands deliveries to
-    # it directly (it must not wait; it queues what it could not write, and unsets itself).
-    sink: Callable[[list[LiveEvent]], None] | None = None
+    # Set only while a parked connection is idle (an empty queue, no writer running): the hub
+    # then hands deliveries to it directly (it must not wait; it queues what it could not
+    # write, and unsets itself).
+    sink: Sink | None = None
 
     def close(self) -> None:
         """End the subscription; wakes its reader (a full queue is drained first, then noticed)."""

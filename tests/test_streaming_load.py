@@ -11,7 +11,7 @@ import pytest
 from gevent.pool import Pool as GreenletPool
 
 from tests.helpers import EVENTS, SSE, auth, open_stream, publish, wait_until
-from tests.sse import Stream
+from tests.sse import Stream, parse_event_stream
 
 pytestmark = pytest.mark.slow  # several server processes
 
@@ -148,3 +148,70 @@ def test_1000_connect_and_disconnect_cycles_leak_nothing(make_server, database_u
     assert positions == sorted(set(positions))  # in order, none twice
     assert sorted(json.loads(e[2]) for e in got) == list(range(1, 1000, 2))
     keep.close()
+
+
+def chunked_body_to_eof(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes, checked as one well-formed chunked
+    response ending with its `0` chunk; returns the body."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+    body = b""
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n"  # the last chunk, then the connection closes
+            return body
+        body += rest[:size]
+        assert rest[size:size + 2] == b"\r\n"
+        rest = rest[size + 2:]
+
+
+def test_held_streams_park_without_a_greenlet_and_still_get_everything(make_server, database_url):
+    """An idle stream leaves pywsgi (it parks): no greenlet, handler or environ each. Parked,
+    it still gets live events in order, heartbeats, and a well-formed end, and its request-log
+    line is written at that end, not when it parked."""
+    srv = make_server(database_url, HEARTBEAT_S="0.5")
+    srv.put("/api/v1/streams/park", headers=auth())
+    baseline = metric(srv, "sluice_greenlets")
+    held = list(GreenletPool(20).imap_unordered(lambda _: open_stream(srv, "park"), range(100)))
+    raw = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    raw.sendall(f"GET {SSE}?stream=park HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                f"{auth()['Authorization']}\r\n\r\n".encode())
+    wait_until(lambda: subscribers(srv, "park") == 101, message="101 subscribers")
+    # 101 held streams, and no more greenlets than before they came (a few for the requests).
+    wait_until(lambda: metric(srv, "sluice_greenlets") <= baseline + 5, timeout=30,
+               message="the held streams to park")
+    for s in held:
+        assert s.next(("comment",))  # a heartbeat, written straight to a parked socket
+    positions = [int(publish(srv, "park", {"n": i})) for i in range(5)]
+    for s in held:
+        got = s.events(5)
+        assert [int(e[0].rpartition(".")[2]) for e in got] == positions
+        assert [json.loads(e[2])["n"] for e in got] == list(range(5))
+    sids = {s.parser.last_id.partition(".")[0] for s in held}
+
+    def stream_lines() -> list[dict]:
+        lines = [json.loads(x) for x in srv.log().splitlines() if x.startswith("{")]
+        return [x for x in lines if x.get("route") == SSE and x.get("sid") in sids]
+
+    assert stream_lines() == []  # parked long ago, but not ended: no line yet
+    assert srv.delete("/api/v1/streams/park", headers=auth()).status_code == 204
+    for s in held:
+        assert s.next() == ("event", s.parser.last_id, "end", '{"stream":"park"}')
+        assert s.next(("event", "end")) == ("end",)
+    events, _, _ = parse_event_stream(chunked_body_to_eof(raw))
+    assert [int(e[0].rpartition(".")[2]) for e in events[:-1]] == positions
+    assert events[-1][1:] == ("end", '{"stream":"park"}')
+    wait_until(lambda: len(stream_lines()) == 100, message="a log line per ended stream")
+    assert all(line["status"] == 200 for line in stream_lines())
+    wait_until(lambda: subscribers_or_gone(srv) == 0, message="every stream to have left")
+    raw.close()
+
+
+def subscribers_or_gone(server) -> int:
+    r = server.get("/api/v1/streams/park", headers=auth())
+    return 0 if r.status_code == 404 else r.json()["subscribers"]

@@ -54,7 +54,6 @@ def stats() -> Response:
             release()
 
     response = Response(stream(), mimetype=framing.content_type,
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                        direct_passthrough=True)
-    response.call_on_close(release)
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(release)  # also if the stream never started (not direct_passthrough)
     return response

@@ -72,7 +72,7 @@ class FastRoutes:
         if self.log:
             write_line({"method": environ["REQUEST_METHOD"], "path": path, "route": path,
                         "status": status, "ip": environ.get("REMOTE_ADDR"), "pid": self.pid},
-                       started, environ)
+                       started)
         return [body]
 
     def _ingest(self, environ: dict[str, Any]) -> tuple[int, bytes, dict[str, str]]:

@@ -10,22 +10,25 @@ import datetime as dt
 import os
 import sys
 import time
+from functools import partial
 from typing import Any, TextIO
 
 import orjson
 from flask import Flask, Response, request
 
+from streaming.connection import PARKED_KEY
+
 START_KEY = "sluice.started"
 SID_KEY = "sluice.sid"  # streams put their connection id here for the log line
 
 
-def write_line(fields: dict[str, Any], started: float, environ: dict[str, Any],
+def write_line(fields: dict[str, Any], started: float, sid: str | None = None,
                out: TextIO | None = None) -> None:
     """Write one request's line: `fields` with the time, the duration and a stream's sid."""
     line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
             **fields, "ms": round((time.monotonic() - started) * 1000, 2)}
-    if environ.get(SID_KEY):
-        line["sid"] = environ[SID_KEY]
+    if sid:
+        line["sid"] = sid
     stream = out or sys.stdout
     try:
         stream.write(orjson.dumps(line).decode() + "\n")
@@ -51,5 +54,15 @@ def install_request_log(app: Flask, out: TextIO | None = None) -> None:
             "ip": request.remote_addr, "pid": pid,
         }
         started = environ.get(START_KEY, time.monotonic())
-        response.call_on_close(lambda: write_line(fields, started, environ, out))
+
+        def closed() -> None:
+            sid = environ.get(SID_KEY)
+            line = partial(write_line, fields, started, sid, out)
+            parked = environ.get(PARKED_KEY)
+            if parked is not None:  # a held stream took its socket over: log at its real end
+                parked.at_end(line)
+            else:
+                line()
+
+        response.call_on_close(closed)
         return response
