@@ -65,3 +65,51 @@ def test_oversized_or_malformed_headers_are_400(srv, headers):
     req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n"
     assert raw_request(srv, req).startswith(b"HTTP/1.1 400")
     assert srv.get("/healthz").status_code == 200  # and the server carries on
+
+
+@pytest.mark.parametrize(("size", "chunked", "sends"), [
+    (100, False, 1), (100, True, 1), (70_000, False, 2)])
+def test_headers_and_a_small_first_chunk_go_out_in_one_send(size, chunked, sends):
+    """A real pywsgi server with Sluice's handler, recording its writes: a small answer is one
+    send (pywsgi alone makes two), a large first chunk keeps two, and the bytes are intact."""
+    import gevent
+    from gevent.pywsgi import WSGIServer
+
+    from web.wsgi import SluiceHandler
+
+    writes: list[int] = []
+
+    class Recording(SluiceHandler):
+        def _sendall(self, data):
+            writes.append(len(data))
+            return super()._sendall(data)
+
+    body = b"x" * size
+
+    def app(environ, start_response):
+        headers = [("Content-Type", "text/plain")]
+        if not chunked:
+            headers.append(("Content-Length", str(size)))
+        start_response("200 OK", headers)
+        return iter([body]) if chunked else [body]  # an iterator: pywsgi cannot count it
+
+    server = WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=Recording)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        gevent.sleep(0)
+    finally:
+        server.stop()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    if chunked:
+        assert b"Transfer-Encoding: chunked" in head
+        assert rest == b"%x\r\n" % size + body + b"\r\n0\r\n\r\n"
+        assert writes[:sends] and len(writes) == sends + 1  # and the last `0` chunk
+    else:
+        assert rest == body
+        assert len(writes) == sends

@@ -11,7 +11,10 @@ and a fifth that matters at 10,000 held streams.
 4. A deadline on the request line and headers (`HEADER_TIMEOUT_S`): a client that sends them a
    byte at a time (slowloris), or a keep-alive connection left idle, is closed instead of
    holding a greenlet forever. pywsgi alone waits as long as the client likes.
-5. Parking (`Parking.park`): an event stream whose headers are out may take its socket over, so
+5. One `send` for the headers and a first body chunk of up to 64 KiB (`OneSend`): pywsgi makes
+   two, and a small answer (an ingest acknowledgement, a long-poll page) then costs two
+   syscalls and, with TCP_NODELAY, two packets.
+6. Parking (`Parking.park`): an event stream whose headers are out may take its socket over, so
    the handler, its greenlet, the request environ and the framework's objects are all freed
    while the stream waits (streaming/connection.py writes the rest of the response).
 
@@ -168,6 +171,42 @@ class HeaderDeadline:
                 self._deadline.cancel()  # headers are in: the application has no deadline here
 
 
+class OneSend:
+    """Mixin for pywsgi handlers: the status line, the headers and the first body chunk (up to
+    `ONE_SEND_MAX` bytes) in one `send`. Larger first chunks keep pywsgi's two writes, which
+    spare copying them."""
+
+    ONE_SEND_MAX = 65536
+    headers_sent: bool          # pywsgi's state, which this method keeps as pywsgi's does
+    response_use_chunked: bool
+    status: bytes               # latin-1 bytes, as start_response stored them
+    response_headers: list[tuple[bytes, bytes]]
+
+    def _write_with_headers(self, data: bytes) -> None:  # pywsgi's
+        if len(data) > self.ONE_SEND_MAX:
+            super()._write_with_headers(data)  # type: ignore[misc]
+            return
+        self.headers_sent = True
+        self.finalize_headers()  # type: ignore[attr-defined]
+        out = bytearray(b"HTTP/1.1 ")
+        out += self.status
+        out += b"\r\n"
+        for name, value in self.response_headers:
+            out += name
+            out += b": "
+            out += value
+            out += b"\r\n"
+        out += b"\r\n"
+        if data:
+            if self.response_use_chunked:
+                out += b"%x\r\n" % len(data)
+                out += data
+                out += b"\r\n"
+            else:
+                out += data
+        self._sendall(out)  # type: ignore[attr-defined]
+
+
 class Parking:
     """Mixin for pywsgi handlers: the application may take over a response's socket.
 
@@ -196,7 +235,7 @@ class Parking:
         return own, chunked
 
 
-class SluiceHandler(Parking, HeaderDeadline, WSGIHandler):
+class SluiceHandler(OneSend, Parking, HeaderDeadline, WSGIHandler):
     """pywsgi's handler with TCP_NODELAY, the lean header parser, no access-log work, and the
     client socket in the environ (gunicorn's handler puts it under `gunicorn.sock`)."""
 
@@ -240,7 +279,7 @@ def gunicorn_worker_class() -> type:
     except SettingsError:  # the worker's app factory reports it
         settings = Settings()
 
-    class Handler(Parking, HeaderDeadline, PyWSGIHandler):
+    class Handler(OneSend, Parking, HeaderDeadline, PyWSGIHandler):
         def MessageClass(self, fp: BinaryIO, *args: object) -> RequestHeaders:
             return RequestHeaders(fp, self.max_header_bytes)
 
