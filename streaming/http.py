@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, request
-from werkzeug.wrappers import Request
 
 from auth.authorize import OriginUnavailable
 from common.problems import Problem, invalid_parameter
@@ -19,18 +18,18 @@ from runtime.services import Services
 from streaming.checks import SubscribeRequest, check_subscribe, new_sid, sid_of
 from streaming.connection import SSEConnection, framing
 from streaming.longpoll import long_poll
-from web.http import bearer_token, json_response, services
+from web.http import RequestView, bearer_token, json_response, services
 
 bp = Blueprint("streaming", __name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _last_event_id(req: Request) -> str | None:
+def _last_event_id(req: RequestView) -> str | None:
     return req.headers.get("Last-Event-ID") or req.args.get("lastEventId") \
         or req.args.get("cursor")
 
 
-def subscribe_request(req: Request) -> SubscribeRequest:
+def subscribe_request(req: RequestView) -> SubscribeRequest:
     token = bearer_token(allow_query=True, allow_cookie=True, req=req)
     return SubscribeRequest(
         streams=req.args.getlist("stream"),
@@ -100,7 +99,7 @@ def poll() -> Response:
     return json_response(payload, headers=headers)
 
 
-def answer_poll(svc: Services, req: Request) -> tuple[dict[str, Any], dict[str, str]]:
+def answer_poll(svc: Services, req: RequestView) -> tuple[dict[str, Any], dict[str, str]]:
     """One long-poll answer (its JSON body and extra headers), or a Problem."""
     settings = svc.settings
     if svc.draining:

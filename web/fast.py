@@ -6,7 +6,8 @@ hooks cost about a third of a single-event request's CPU. This WSGI layer sits i
 Flask app and serves the plain case itself: exactly that method and path, no `Origin` header
 (so no CORS), and for ingest no query string. It runs the same code the Flask routes do
 (`ingest.http.accept_events` and `web.http.read_input`; `streaming.http.answer_poll` with
-werkzeug's request object and the same query-parameter cap), answers with the same bodies,
+`PlainRequest`, a view of the environ with the parts of werkzeug's request it reads, and the
+same query-parameter cap), answers with the same bodies,
 statuses and headers (problem+json with its headers, `Connection: close` while draining),
 counts the response in the metrics under the route and writes the same request-log line.
 Everything else goes to Flask unchanged.
@@ -16,12 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
-from werkzeug.wrappers import Request
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.http import parse_cookie
 
 from common.problems import Problem, internal_error, unauthorized
 from ingest.http import accept_events
@@ -35,6 +38,69 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 REASONS = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 EVENTS = "/api/v1/events"
 POLL = "/api/v1/poll"
+
+
+class QueryArgs:
+    """The query string as werkzeug's `args` answer it (`get`, `getlist`, `items(multi=True)`,
+    `[name]`), parsed with one split per parameter: werkzeug's MultiDict and parser cost more
+    than the rest of a long-poll answer's request handling."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, query: str) -> None:
+        values: dict[str, list[str]] = {}
+        for part in query.split("&"):
+            if not part:
+                continue
+            if not part.isascii():  # the WSGI environ holds latin-1; the query is UTF-8
+                part = part.encode("latin-1").decode("utf-8", "replace")
+            name, _, value = part.partition("=")
+            if "%" in part or "+" in part:
+                name, value = unquote_plus(name), unquote_plus(value)
+            values.setdefault(name, []).append(value)
+        self._values = values
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        found = self._values.get(name)
+        return found[0] if found else default
+
+    def getlist(self, name: str) -> list[str]:
+        return list(self._values.get(name, ()))
+
+    def __getitem__(self, name: str) -> str:
+        return self._values[name][0]
+
+    def items(self, multi: bool = False) -> Iterator[tuple[str, str]]:
+        for name, values in self._values.items():
+            for value in values if multi else values[:1]:
+                yield name, value
+
+
+class PlainRequest:
+    """What `answer_poll` reads of a request (args, headers, cookies, the address and the raw
+    query string), straight from the environ."""
+
+    __slots__ = ("environ", "args", "headers", "_cookies")
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self.environ = environ
+        self.args = QueryArgs(environ.get("QUERY_STRING", ""))
+        self.headers = EnvironHeaders(environ)
+        self._cookies: dict[str, str] | None = None
+
+    @property
+    def query_string(self) -> bytes:
+        return self.environ.get("QUERY_STRING", "").encode("latin-1")
+
+    @property
+    def remote_addr(self) -> str | None:
+        return self.environ.get("REMOTE_ADDR")
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        if self._cookies is None:
+            self._cookies = dict(parse_cookie(self.environ))
+        return self._cookies
 
 
 class FastRoutes:
@@ -87,7 +153,7 @@ class FastRoutes:
         return status, orjson.dumps(payload), {}
 
     def _poll(self, environ: dict[str, Any]) -> tuple[int, bytes, dict[str, str]]:
-        req = Request(environ)  # werkzeug's, without Flask's context and dispatch
+        req = PlainRequest(environ)  # without werkzeug's request, Flask's context and dispatch
         check_query_params(req, self.svc.settings.max_query_params)
         payload, headers = answer_poll(self.svc, req)
         return 200, orjson.dumps(payload), headers

@@ -1,13 +1,12 @@
 """Small HTTP helpers shared by every blueprint: JSON and problem responses, auth extraction."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import orjson
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.wrappers import Request as WerkzeugRequest
 
 from auth.tokens import Principal
 from common.problems import Problem, internal_error, unauthorized
@@ -70,8 +69,28 @@ def services() -> Services:
     return services
 
 
+class RequestView(Protocol):
+    """What the shared request helpers read: werkzeug's request, or the precompiled routes'
+    lighter view of the environ (`web.fast.PlainRequest`)."""
+
+    @property
+    def args(self) -> Any: ...
+
+    @property
+    def headers(self) -> Any: ...
+
+    @property
+    def cookies(self) -> Any: ...
+
+    @property
+    def remote_addr(self) -> str | None: ...
+
+    @property
+    def query_string(self) -> bytes: ...
+
+
 def bearer_token(*, allow_query: bool = False, allow_cookie: bool = False,
-                 req: WerkzeugRequest | None = None) -> str | None:
+                 req: RequestView | None = None) -> str | None:
     """The request's token: `Authorization: Bearer`, else (if allowed) `?token=`, else cookie.
     `req`: a request other than Flask's current one (the precompiled routes)."""
     req = request if req is None else req
@@ -85,7 +104,7 @@ def bearer_token(*, allow_query: bool = False, allow_cookie: bool = False,
     return None
 
 
-def check_query_params(req: WerkzeugRequest, max_params: int) -> None:
+def check_query_params(req: RequestView, max_params: int) -> None:
     """400 past `max_params` query parameters (counted only when the query could hold that
     many)."""
     if req.query_string.count(b"&") >= max_params \
