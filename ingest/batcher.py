@@ -7,6 +7,11 @@ bounded: past `max_backlog` events, `submit` refuses with 503 + Retry-After at o
 
 A request is never split across batches, so it is all-or-nothing. If a batch fails on bad data,
 its requests are retried one by one so one request's data never fails another's.
+
+Two batches may be in flight: while one is written (it holds the position counter's row lock,
+the one serial section of every write), the next looks its idempotency keys up without the lock
+(`EventStore.lookup_keys`), then waits for the first to finish before it writes. Writes, wake-ups
+and commit listeners stay strictly in batch order.
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ class Backpressure(Unavailable):
         super().__init__(detail, retry_after=1, slug="backlog-full")
 
 
+PIPELINE = 2  # batches in flight: one writing, the next looking its keys up
+
+
 class Batcher:
     """Coalesces ingest requests into group commits; see the module docstring."""
 
@@ -54,7 +62,9 @@ class Batcher:
         self.committed_events = 0
         self._queue: deque[IngestRequest] = deque()
         self._queued_events = 0
-        self._inflight: list[IngestRequest] = []
+        self._inflight: list[list[IngestRequest]] = []  # batches being written, oldest first
+        self._flushes: list[gevent.Greenlet] = []       # at most PIPELINE of them
+        self._last_done: Event | None = None            # set when the newest flush finished
         self._wakeup = Event()
         self._stopping = False
         self._listeners: list[CommitListener] = []
@@ -81,6 +91,7 @@ class Batcher:
         self._greenlet.join(timeout)
         if not self._greenlet.dead:
             self._greenlet.kill(block=False)
+            gevent.killall(self._flushes, block=False)
             return False
         return True
 
@@ -129,10 +140,16 @@ class Batcher:
 
     def pending(self) -> Iterable[IngestRequest]:
         """Requests accepted but not yet committed (in flight first, then queued)."""
-        return [*self._inflight, *self._queue]
+        return [*(req for batch in self._inflight for req in batch), *self._queue]
 
     # -- the batcher greenlet -----------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._collect()
+        finally:
+            gevent.joinall(self._flushes)  # everything taken is written before the end
+
+    def _collect(self) -> None:
         while True:
             while not self._queue:
                 if self._stopping:
@@ -146,9 +163,38 @@ class Batcher:
                     break
                 self._wakeup.clear()
                 self._wakeup.wait(remaining)
+            while len(self._flushes) >= PIPELINE:  # the older one must finish first
+                gevent.wait(self._flushes, count=1)
+                self._flushes = [g for g in self._flushes if not g.dead]
             batch = self._take()
             if batch:
-                self._flush(batch)
+                self._start_flush(batch)
+
+    def _start_flush(self, batch: list[IngestRequest]) -> None:
+        previous, done = self._last_done, Event()
+        self._last_done = done
+        self._inflight.append(batch)
+        self._flushes.append(gevent.spawn(self._pipelined, batch, previous, done))
+
+    def _pipelined(self, batch: list[IngestRequest], previous: Event | None,
+                   done: Event) -> None:
+        try:
+            known = self._lookup(batch) if previous is not None and not previous.is_set() \
+                else None
+            if previous is not None:
+                previous.wait()
+            self._flush(batch, known)
+        finally:
+            done.set()
+
+    def _lookup(self, batch: list[IngestRequest]) -> dict | None:
+        """The batch's keys already stored, looked up while the previous batch is written; None
+        if that cannot be done now (the write then looks them up under the lock)."""
+        try:
+            with self.pool.connection() as conn:
+                return self.store.lookup_keys(conn, batch)
+        except (DatabaseUnavailable, psycopg2.Error):
+            return None
 
     def _take(self) -> list[IngestRequest]:
         batch: list[IngestRequest] = []
@@ -163,13 +209,12 @@ class Batcher:
             batch.append(req)
         return batch
 
-    def _flush(self, batch: list[IngestRequest]) -> None:
-        self._inflight = batch
+    def _flush(self, batch: list[IngestRequest], known: dict | None = None) -> None:
         started = time.monotonic()
         try:
-            commits = self._write(batch)
+            commits = self._write(batch, known)
         finally:
-            self._inflight = []
+            self._inflight.remove(batch)
             self.backlog -= sum(len(r.events) for r in batch)
             if self.metrics:
                 self.metrics.backlog.set(self.backlog)
@@ -195,10 +240,11 @@ class Batcher:
                 except Exception:
                     log.exception("commit listener failed")
 
-    def _write(self, batch: list[IngestRequest]) -> list[Commit]:
-        """Write the batch; return the commits made. Failed requests are told why."""
+    def _write(self, batch: list[IngestRequest], known: dict | None = None) -> list[Commit]:
+        """Write the batch; return the commits made. Failed requests are told why. `known`: its
+        stored keys, looked up before the lock (see `EventStore.write_batch`)."""
         try:
-            return [self._write_once(batch)]
+            return [self._write_once(batch, known)]
         except Problem as problem:
             for req in batch:
                 req.done.set_exception(problem)
@@ -216,11 +262,11 @@ class Batcher:
             commits += self._write([req])
         return commits
 
-    def _write_once(self, batch: list[IngestRequest]) -> Commit:
+    def _write_once(self, batch: list[IngestRequest], known: dict | None) -> Commit:
         for attempt in (1, 2):
             try:
                 with self.pool.connection() as conn:
-                    after, upto = self.store.write_batch(conn, batch)
+                    after, upto = self.store.write_batch(conn, batch, known)
                 return Commit(batch, after, upto)
             except ReservationFailed:
                 # A stale connection fails on the first statement; nothing can have committed,

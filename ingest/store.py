@@ -54,19 +54,25 @@ SQL_EXISTING_KEYS = (
     "ON k.client_id = q.client_id AND k.key = q.key "
     "LEFT JOIN events e ON e.id = k.id"
 )
-SQL_FINISH = (
+SQL_INSERT_EVENTS = (
     "INSERT INTO events (id, stream, type, data, client_id, key) "
     "SELECT i, s, t, d, c, k FROM json_to_recordset(%s::json) "
     "AS r(i bigint, s text, t text, d text, c text, k text); "
     "INSERT INTO event_keys (client_id, key, id, stream) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[]) "
-    "ON CONFLICT (client_id, key) DO UPDATE SET id = EXCLUDED.id, stream = EXCLUDED.stream; "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[])"
+)
+SQL_UPSERT_STREAMS_COMMIT = (
     "INSERT INTO streams (name, last_id, pruned_upto) "
     "SELECT u.n, u.l, COALESCE(t.deleted_upto, 0) FROM unnest(%s::text[], %s::bigint[]) AS u(n, l) "
     "LEFT JOIN stream_tombstones t ON t.name = u.n "
     "ON CONFLICT (name) DO UPDATE SET last_id = GREATEST(streams.last_id, EXCLUDED.last_id); "
     "COMMIT"
 )
+SQL_FINISH = (SQL_INSERT_EVENTS + " ON CONFLICT (client_id, key) DO UPDATE "
+              "SET id = EXCLUDED.id, stream = EXCLUDED.stream; " + SQL_UPSERT_STREAMS_COMMIT)
+# With keys looked up before the lock: a key stored since then fails the plain insert (the
+# primary key), and the batch is written again the locked way.
+SQL_FINISH_KNOWN = SQL_INSERT_EVENTS + "; " + SQL_UPSERT_STREAMS_COMMIT
 # One stream's page: an index range scan on (stream, id) in each slice, in slice order.
 SQL_STREAM_PAGE = (
     "SELECT {cols} FROM events WHERE stream = %s AND id > %s AND id <= %s ORDER BY id LIMIT %s"
@@ -151,8 +157,16 @@ class EventStore:
         return applied_now
 
     # -- writes -------------------------------------------------------------------------------
+    def lookup_keys(self, conn: psycopg2.extensions.connection,
+                    requests: Sequence[IngestRequest]) -> dict[tuple[str, str], KeyedEvent]:
+        """The events already stored under the batch's keys, looked up without the lock (for
+        `write_batch(known=...)`, while another batch holds it)."""
+        with conn.cursor() as cur:
+            return self._existing_keys(cur, requests)
+
     def write_batch(self, conn: psycopg2.extensions.connection,
-                    requests: Sequence[IngestRequest]) -> tuple[int, int]:
+                    requests: Sequence[IngestRequest],
+                    known: dict[tuple[str, str], KeyedEvent] | None = None) -> tuple[int, int]:
         """Commit every event of `requests` in one transaction and fill in their results.
 
         Returns the reserved position range (after, upto]: the position before and after. A
@@ -162,7 +176,20 @@ class EventStore:
         Raises ReservationFailed if the very first round trip failed (safe to retry on another
         connection); any later failure leaves the outcome to the transaction (all or nothing).
         A batch whose positions run past the last slice creates the slice and is written again.
+
+        `known`: the batch's stored keys from `lookup_keys`, taken before the lock. The lock is
+        then held without looking keys up; a key stored by another batch in between fails the
+        plain key insert, and the batch is written again the locked way (nothing of the first
+        try commits). Not for `rekey` requests, which move keys.
         """
+        if known is not None and not any(r.rekey for r in requests):
+            try:
+                return self._write_batch(conn, requests, known)
+            except psycopg2.errors.UniqueViolation:
+                pass  # a key raced in: the locked lookup below decides
+            except psycopg2.errors.CheckViolation as exc:
+                if "no partition" not in str(exc):
+                    raise
         try:
             return self._write_batch(conn, requests)
         except psycopg2.errors.CheckViolation as exc:
@@ -175,7 +202,8 @@ class EventStore:
         return self._write_batch(conn, requests)
 
     def _write_batch(self, conn: psycopg2.extensions.connection,
-                     requests: Sequence[IngestRequest]) -> tuple[int, int]:
+                     requests: Sequence[IngestRequest],
+                     known: dict[tuple[str, str], KeyedEvent] | None = None) -> tuple[int, int]:
         total = sum(len(r.events) for r in requests)
         cur = conn.cursor()
         try:
@@ -185,7 +213,7 @@ class EventStore:
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 raise ReservationFailed(str(exc)) from exc
             try:
-                self._write_reserved(cur, requests, last - total)
+                self._write_reserved(cur, requests, last - total, known)
                 return last - total, last
             except BaseException:
                 if not conn.closed:
@@ -201,8 +229,9 @@ class EventStore:
             cur.close()
 
     def _write_reserved(self, cur: psycopg2.extensions.cursor,
-                        requests: Sequence[IngestRequest], first: int) -> None:
-        existing = self._existing_keys(cur, requests)
+                        requests: Sequence[IngestRequest], first: int,
+                        known: dict[tuple[str, str], KeyedEvent] | None = None) -> None:
+        existing = self._existing_keys(cur, requests) if known is None else dict(known)
         next_id = first
         rows: list[dict[str, Any]] = []
         keys: dict[tuple[str, str], tuple[int, str]] = {}  # written now: (client, key) -> event
@@ -233,7 +262,8 @@ class EventStore:
                 rows.append({"i": next_id, "s": ev.stream, "t": ev.type, "d": ev.data, "c": client,
                              "k": ev.key})
             req.results = results
-        cur.execute(SQL_FINISH, (orjson.dumps(rows).decode(), [c for c, _ in keys],
+        cur.execute(SQL_FINISH if known is None else SQL_FINISH_KNOWN,
+                    (orjson.dumps(rows).decode(), [c for c, _ in keys],
                                  [k for _, k in keys], [i for i, _ in keys.values()],
                                  [s for _, s in keys.values()], list(stream_last),
                                  list(stream_last.values())))

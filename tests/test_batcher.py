@@ -127,3 +127,34 @@ def test_commit_ranges_are_contiguous_and_cover_every_id(pool):
         ids = [w.id for r in commit.requests for w in r.results if not w.duplicate]
         assert all(commit.after < i <= commit.upto for i in ids)
     batcher.stop()
+
+
+def test_two_batches_in_flight_commit_and_notify_in_order(pool):
+    """While one batch is written the next looks its keys up: commits, wake-ups and listeners
+    stay in batch order, ranges contiguous, every key stored once, the pending list complete."""
+    class CountingStore(EventStore):
+        lookups = 0
+
+        def lookup_keys(self, conn, requests):
+            CountingStore.lookups += 1
+            gevent.sleep(0.002)  # a slower lookup: the previous batch is surely still writing
+            return super().lookup_keys(conn, requests)
+
+    batcher = Batcher(CountingStore(), pool, max_events=40, max_wait_ms=1).start()
+    commits = []
+    batcher.add_listener(commits.append)
+    requests = [req(n=5, key=None) for _ in range(40)]
+    requests += [req(key=f"k{i % 30}") for i in range(120)]  # each key four times
+    gevent.joinall([gevent.spawn(batcher.commit, r, 20) for r in requests], raise_error=True)
+    assert len(commits) > 2 and CountingStore.lookups > 0  # batches were in flight together
+    for prev, nxt in zip(commits, commits[1:], strict=False):
+        assert nxt.after == prev.upto  # in order: each commit starts where the last ended
+    keyed = [r for r in requests if r.events[0].key is not None]
+    first_ids = {}
+    for r in keyed:
+        first_ids.setdefault(r.events[0].key, set()).add(r.results[0].id)
+    assert all(len(ids) == 1 for ids in first_ids.values())  # one event per key
+    assert sum(not r.results[0].duplicate for r in keyed) == 30
+    assert stored_count(pool) == 40 * 5 + 30
+    assert batcher.backlog == 0 and list(batcher.pending()) == []
+    batcher.stop()

@@ -47,6 +47,37 @@ def test_existing_key_returns_original(pool):
         assert len(EventStore().read_events(conn, after=0, limit=10)) == 1
 
 
+def test_keys_looked_up_before_the_lock_are_checked_again_when_one_raced_in(pool):
+    """The pipelined batcher's path: keys looked up without the lock, then written. A key that
+    another batch stored in between fails the plain insert, and the batch is written again
+    the locked way: a duplicate of the event that won, nothing written twice, nothing lost."""
+    store = EventStore()
+    late = req(key="raced", n=1)
+    other_new = req(key="fresh", n=1)
+    with pool.connection() as conn:
+        known = store.lookup_keys(conn, [late, other_new])
+    assert known == {}
+    (winner,) = write(pool, req(key="raced"))  # in between, from another batch
+    with pool.connection() as conn:
+        store.write_batch(conn, [late, other_new], known)
+    assert late.results[0].duplicate and late.results[0].id == winner.results[0].id
+    assert not other_new.results[0].duplicate
+    with pool.connection() as conn:
+        rows = store.read_events(conn, after=0, limit=10)
+    assert sorted(r.key for r in rows) == ["fresh", "raced"]  # two events, each once
+    # And without a race, keys known before the lock make the same decisions.
+    again = req(key="fresh")
+    brand_new = req(key="brand-new")
+    with pool.connection() as conn:
+        known = store.lookup_keys(conn, [again, brand_new])
+        assert set(known) == {("c", "fresh")}
+        store.write_batch(conn, [again, brand_new], known)
+    assert again.results[0].duplicate and again.results[0].id == other_new.results[0].id
+    assert not brand_new.results[0].duplicate
+    with pool.connection() as conn:
+        assert len(store.read_events(conn, after=0, limit=10)) == 3
+
+
 def test_unique_key_table_backs_idempotency(pool):
     write(pool, req(key="k"))
     with pool.connection() as conn, conn.cursor() as cur:
@@ -63,9 +94,9 @@ def test_commit_order_equals_id_order_under_concurrent_writers(database_url):
     earlier one for good.
     """
     class SlowStore(EventStore):
-        def _write_reserved(self, cur, requests, first):
+        def _write_reserved(self, cur, requests, first, known=None):
             gevent.sleep(random.uniform(0, 0.01))
-            super()._write_reserved(cur, requests, first)
+            super()._write_reserved(cur, requests, first, known)
 
     pool = Pool(database_url, 6, timeout_s=30)
     store = SlowStore()
