@@ -120,7 +120,7 @@ def main() -> None:
     finally:
         server.stop()
         rd.stop()
-        pg.stop()
+        pg.remove()  # a throwaway database: its data goes too
     print(f"\nFan-out benchmark (one server process, {args.seconds:g} s per run, "
           f"{os.cpu_count()} cores shared with Postgres, Redis and the load client)\n")
     if idle is not None:

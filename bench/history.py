@@ -187,7 +187,7 @@ def main() -> None:
         full = measure("preloaded", pg, rd, work, args.seconds, args.preload)
     finally:
         rd.stop()
-        pg.stop()
+        pg.remove()  # a throwaway database: its data goes too
     print(f"\nA day, compressed: empty database vs {args.preload:,} events preloaded "
           f"({args.seconds:g} s ingest runs, DB_POOL_SIZE=4, {os.cpu_count()} cores)\n")
     print("| measure | empty | preloaded | preloaded / empty |")

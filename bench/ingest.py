@@ -121,7 +121,7 @@ def pending_ab(seconds: float, rounds: int = 3) -> None:
                 print(json.dumps({"mode": mode, **res}), file=sys.stderr, flush=True)
     finally:
         rd.stop()
-        pg.stop()
+        pg.remove()  # a throwaway database: its data goes too
     print(f"\nPENDING_FLEET cost, single-event ingest, 64 connections closed loop, {seconds:g} s "
           f"x {rounds} rounds each, alternated\n")
     print("| PENDING_FLEET | events/s (median) | p99 ms (median) | server CPU µs/event (median) |")
@@ -208,7 +208,7 @@ def main() -> None:
         for p in procs:
             p.stop()
         rd.stop()
-        pg.stop()
+        pg.remove()  # a throwaway database: its data goes too
 
     print(f"\nIngest benchmark ({args.seconds:g} s per run, DB_POOL_SIZE=4, fsync on, "
           f"{os.cpu_count()} cores, load client in its own process)\n")

@@ -134,7 +134,7 @@ def main() -> None:
         counter_rows = counter(args.seconds, work, pg) if args.part in ("counter", "all") else []
     finally:
         rd.stop()
-        pg.stop()
+        pg.remove()  # a throwaway database: its data goes too
     cores = os.cpu_count()
     if fleet_rows:
         print(f"\nScale-out on this machine ({cores} cores; {args.seconds:g} s per run; the same 4 "

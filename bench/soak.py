@@ -92,7 +92,7 @@ def main() -> None:
         server.stop()
         conn.close()
         rd.stop()
-        pg.stop()
+        pg.remove()  # a throwaway database: its data goes too
 
 
 if __name__ == "__main__":

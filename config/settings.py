@@ -82,7 +82,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "MERCURE_SUBSCRIBER_JWT_ALG": ("HS256", "`HS256`, `RS256` or `ES256`: what `MERCURE_SUBSCRIBER_JWT_KEY` is."),
     "MERCURE_ANONYMOUS": ("false", "Admit Mercure subscribers without a token (they receive public updates only)."),
     "WEB_CONCURRENCY": ("2", "gunicorn worker processes (Procfile `web`); each has its own pool."),
-    "WORKER_CONNECTIONS": ("10000", "Most concurrent connections per gunicorn worker."),
+    "WORKER_CONNECTIONS": ("10000", "Most concurrent requests per gunicorn worker (a held stream counts until it parks; `MAX_STREAM_CONNECTIONS` caps streams)."),
 }
 
 

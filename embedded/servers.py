@@ -113,6 +113,43 @@ class ChildServer:
         self.stop(signal.SIGKILL)
 
 
+RELOCATED = Path("/var/tmp")
+ORIGIN_FILE = "origin"  # in a relocated data folder: the path it stands in for
+
+
+def sweep_relocated(keep: Path | None = None) -> list[Path]:
+    """Delete relocated data folders whose origin's folder is gone (a test session's or a
+    benchmark's temporary folder, deleted since), unless a live server still uses one; returns
+    what was deleted. Without this, every test session run as root left its databases in
+    /var/tmp for good."""
+    removed: list[Path] = []
+    for marker in RELOCATED.glob(f"sluice-*/{ORIGIN_FILE}"):
+        folder = marker.parent
+        if folder == keep:
+            continue
+        try:
+            origin = Path(marker.read_text().strip())
+        except OSError:
+            continue
+        if origin.parent.exists() or _live_postmaster(folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _live_postmaster(folder: Path) -> bool:
+    for pidfile in folder.glob("*/postmaster.pid"):
+        try:
+            os.kill(int(pidfile.read_text().splitlines()[0]), 0)
+        except (ProcessLookupError, ValueError, IndexError, FileNotFoundError):
+            continue
+        except PermissionError:
+            pass  # it exists, as another user
+        return True
+    return False
+
+
 class EmbeddedPostgres(ChildServer):
     """One PostgreSQL server, a child of this process, with its data in `data_dir`."""
 
@@ -123,11 +160,13 @@ class EmbeddedPostgres(ChildServer):
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         self.as_root = os.geteuid() == 0
+        self.origin: Path | None = None  # where the data was asked to live, if relocated
         if self.as_root and not _reachable_by(self.data_dir.parent, PG_USER):
             # The unprivileged user cannot reach a folder under a 0700 home: keep the data in a
-            # per-project folder under /var/tmp instead.
+            # per-project folder under /var/tmp instead, which remembers where it belongs.
+            self.origin = self.data_dir
             digest = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:10]
-            self.data_dir = Path("/var/tmp") / f"sluice-{digest}" / self.data_dir.name
+            self.data_dir = RELOCATED / f"sluice-{digest}" / self.data_dir.name
         self.log = self.data_dir.parent / f"{self.data_dir.name}.log"
 
     @property
@@ -179,6 +218,8 @@ class EmbeddedPostgres(ChildServer):
             return
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir.parent, 0o755)
+        if self.origin is not None:
+            (self.data_dir.parent / ORIGIN_FILE).write_text(str(self.origin))
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.data_dir)
         subprocess.run(
@@ -207,7 +248,15 @@ class EmbeddedPostgres(ChildServer):
                 return
             time.sleep(0.05)
 
+    def remove(self) -> None:
+        """Stop, and delete the data (a benchmark's or a test's throwaway server)."""
+        self.stop()
+        shutil.rmtree(self.data_dir.parent if self.origin is not None else self.data_dir,
+                      ignore_errors=True)
+
     def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
+        if self.origin is not None:
+            sweep_relocated(keep=self.data_dir.parent)
         self.initdb()
         self._reap_stale()
         logf = open(self.log, "ab")

@@ -37,7 +37,7 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data").start()
     prepare_template(pg.url)
     yield pg.url
-    pg.stop()
+    pg.remove()  # the session's databases: nothing of them is kept
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +64,7 @@ def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
         EventStore().migrate(conn)
     pool.close()
     yield pg
-    pg.stop()
+    pg.remove()
 
 
 @pytest.fixture
