@@ -27,11 +27,12 @@ from gevent.event import Event
 from common.problems import Problem, Unavailable
 from ingest.events import Commit, IngestRequest
 from ingest.pool import DatabaseUnavailable, Pool
-from ingest.store import EventStore, ReservationFailed
+from ingest.store import EventStore, KeyedEvent, ReservationFailed
 
 log = logging.getLogger("sluice.batcher")
 
 CommitListener = Callable[[Commit], None]
+KnownKeys = dict[tuple[str, str], KeyedEvent]  # keys looked up before the lock
 
 
 class Backpressure(Unavailable):
@@ -187,7 +188,7 @@ class Batcher:
         finally:
             done.set()
 
-    def _lookup(self, batch: list[IngestRequest]) -> dict | None:
+    def _lookup(self, batch: list[IngestRequest]) -> KnownKeys | None:
         """The batch's keys already stored, looked up while the previous batch is written; None
         if that cannot be done now (the write then looks them up under the lock)."""
         try:
@@ -209,7 +210,7 @@ class Batcher:
             batch.append(req)
         return batch
 
-    def _flush(self, batch: list[IngestRequest], known: dict | None = None) -> None:
+    def _flush(self, batch: list[IngestRequest], known: KnownKeys | None = None) -> None:
         started = time.monotonic()
         try:
             commits = self._write(batch, known)
@@ -240,7 +241,7 @@ class Batcher:
                 except Exception:
                     log.exception("commit listener failed")
 
-    def _write(self, batch: list[IngestRequest], known: dict | None = None) -> list[Commit]:
+    def _write(self, batch: list[IngestRequest], known: KnownKeys | None = None) -> list[Commit]:
         """Write the batch; return the commits made. Failed requests are told why. `known`: its
         stored keys, looked up before the lock (see `EventStore.write_batch`)."""
         try:
@@ -262,7 +263,7 @@ class Batcher:
             commits += self._write([req])
         return commits
 
-    def _write_once(self, batch: list[IngestRequest], known: dict | None) -> Commit:
+    def _write_once(self, batch: list[IngestRequest], known: KnownKeys | None) -> Commit:
         for attempt in (1, 2):
             try:
                 with self.pool.connection() as conn:

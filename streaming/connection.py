@@ -101,6 +101,7 @@ class StreamWriter:
     chunked: bool = False         # ... and whether its response is chunk-framed
     sink: DirectSink | None = None
     pumping: bool = False         # a parked connection's writer greenlet runs
+    deleted: bool = False         # the stream was deleted: no `retry:` after `event: end`
     _at_end: list[Callable[[], None]] | None = None
 
     def end(self) -> None:
@@ -201,8 +202,6 @@ class StreamWriter:
             out.append(framing.end(orjson.dumps({"stream": ended.stream}).decode()))
             self.deleted = True
         return b"".join(out), bool(ended) or (sub.closed and sub.queue.empty())
-
-    deleted: bool = False  # the stream was deleted: no `retry:` after `event: end`
 
     # -- writing from the response generator --------------------------------------------------
     def _write(self, data: bytes) -> Iterator[bytes]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from eventsource import ARGS, CHROMIUM, say, wait_for
+from eventsource import launch, loopback_only, say, wait_for
 from playwright.sync_api import sync_playwright
 
 SUBSCRIBE = """([url, token, stream, transport, lastEventId]) => {
@@ -34,11 +34,9 @@ SUBSCRIBE = """([url, token, stream, transport, lastEventId]) => {
 def main() -> None:
     page_url, sluice_url, token, stream, transport = sys.argv[1:6]
     last_event_id = sys.argv[6] if len(sys.argv) > 6 else None
-    for url in (page_url, sluice_url):
-        if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
-            raise SystemExit("loopback only")
+    loopback_only(page_url, sluice_url)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        browser = launch(pw)
         page = browser.new_page()
         page.goto(page_url + "/healthz")
         page.add_script_tag(url=page_url + "/static/sluice.js")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from eventsource import ARGS, CHROMIUM, say, wait_for
+from eventsource import launch, loopback_only, say, wait_for
 from playwright.sync_api import sync_playwright
 
 REPORT = """() => ({
@@ -38,10 +38,9 @@ REPORT = """() => ({
 
 def main() -> None:
     url, token = sys.argv[1:3]
-    if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
-        raise SystemExit("loopback only")
+    loopback_only(url)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        browser = launch(pw)
         page = browser.new_page(viewport={"width": 1100, "height": 760})
         page.goto(f"{url}/?token={token}")
         wait_for(page, "window.sluiceDashboard.series.connections.length >= 2", 30)

@@ -37,6 +37,18 @@ PUBLISH = """async ([url, token, stream, data]) => {
 }"""
 
 
+def loopback_only(*urls: str) -> None:
+    """These drivers only ever talk to servers on this machine."""
+    for url in urls:
+        if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
+            raise SystemExit("loopback only")
+
+
+def launch(pw):
+    """Headless Chromium with the drivers' flags."""
+    return pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+
+
 def say(**message: object) -> None:
     print(json.dumps(message), flush=True)
 
@@ -71,18 +83,16 @@ def cors(page, origin: str) -> None:
     targets = json.loads(sys.stdin.readline())
     results = []
     for target in targets:
-        if not target["url"].startswith(("http://127.0.0.1:", "http://localhost:")):
-            raise SystemExit("loopback only")
+        loopback_only(target["url"])
         results.append(page.evaluate(OPEN_CROSS_ORIGIN, [target["url"], target["credentials"]]))
     say(step="done", origin=page.evaluate("location.origin"), results=results)
 
 
 def main() -> None:
     scenario, url, token, stream = sys.argv[1:5]
-    if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
-        raise SystemExit("loopback only")
+    loopback_only(url)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        browser = launch(pw)
         page = browser.new_page()
         if scenario == "cors":
             cors(page, url)

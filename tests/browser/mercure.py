@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from eventsource import ARGS, CHROMIUM, say, wait_for
+from eventsource import launch, loopback_only, say, wait_for
 from playwright.sync_api import sync_playwright
 
 SETUP = """([token, other]) => {
@@ -35,10 +35,9 @@ REPORT = "() => ({seen: window.seen, opens: window.opens})"
 
 def main() -> None:
     url, token, other = sys.argv[1:4]
-    if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
-        raise SystemExit("loopback only")
+    loopback_only(url)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        browser = launch(pw)
         page = browser.new_page()
         page.goto(url + "/healthz")
         page.evaluate(SETUP, [token, other])
