@@ -47,6 +47,24 @@ def test_existing_key_returns_original(pool):
         assert len(EventStore().read_events(conn, after=0, limit=10)) == 1
 
 
+@pytest.mark.parametrize("looked_up_first", [False, True])
+def test_a_key_repeated_later_in_the_same_batch_names_the_event_written_now(pool,
+                                                                            looked_up_first):
+    """Positions are taken inside the batch statement, after the duplicates were decided: the
+    repeat must still carry the real id of the event its key names, on either path."""
+    store = EventStore()
+    plain, keyed, repeat = req(n=2), req(key="twice", stream="t"), req(key="twice", stream="t")
+    with pool.connection() as conn:
+        known = store.lookup_keys(conn, [keyed, repeat]) if looked_up_first else None
+        after, upto = store.write_batch(conn, [plain, keyed, repeat], known)
+        rows = store.read_events(conn, after=0, limit=10)
+    assert upto - after == 4 and [w.id for w in plain.results] == [after + 1, after + 2]
+    assert keyed.results[0].id == after + 3 and not keyed.results[0].duplicate
+    assert repeat.results[0].duplicate and repeat.results[0].id == after + 3
+    assert [(r.id, r.key) for r in rows] == [(after + 1, None), (after + 2, None),
+                                             (after + 3, "twice")]
+
+
 def test_keys_looked_up_before_the_lock_are_checked_again_when_one_raced_in(pool):
     """The pipelined batcher's path: keys looked up without the lock, then written. A key that
     another batch stored in between fails the plain insert, and the batch is written again
@@ -89,14 +107,14 @@ def test_unique_key_table_backs_idempotency(pool):
 def test_commit_order_equals_id_order_under_concurrent_writers(database_url):
     """A reader tailing with `after=<last id seen>` must receive every event exactly once.
 
-    Writers hold their transactions open for a random moment between taking ids and committing;
-    with ids from a plain sequence, a later id could commit first and the tail would skip the
-    earlier one for good.
+    Writers hold their transactions open for a random moment between taking ids and committing
+    (a sleep inside the batch statement, after the counter's UPDATE); with ids from a plain
+    sequence, a later id could commit first and the tail would skip the earlier one for good.
     """
     class SlowStore(EventStore):
-        def _write_reserved(self, cur, requests, first, known=None):
-            gevent.sleep(random.uniform(0, 0.01))
-            super()._write_reserved(cur, requests, first, known)
+        def _write_sql(self, *, locked):
+            return super()._write_sql(locked=locked).replace(
+                "SELECT set_config(", f"SELECT pg_sleep({random.uniform(0, 0.01):.4f}), set_config(")
 
     pool = Pool(database_url, 6, timeout_s=30)
     store = SlowStore()
