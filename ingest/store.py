@@ -101,6 +101,13 @@ SQL_STREAMS_PAGE = (
     " SELECT {cols} FROM events e WHERE e.stream = s.name AND e.id > %s AND e.id <= %s"
     " ORDER BY e.id LIMIT %s) AS p ORDER BY p.id LIMIT %s"
 )
+# A deleted stream's events, and the keys that name them: found through the events' rows, so
+# the cost follows the stream's own history, never the whole key table.
+SQL_DELETE_STREAM_EVENTS = (
+    "WITH gone AS (DELETE FROM events WHERE stream = %s RETURNING client_id, key) "
+    "DELETE FROM event_keys k USING gone g "
+    "WHERE g.key IS NOT NULL AND k.client_id = g.client_id AND k.key = g.key AND k.stream = %s"
+)
 UPTO_MAX = 2 ** 63 - 1
 SQL_COMMIT = "COMMIT"
 SQL_ROLLBACK = "ROLLBACK"
@@ -467,8 +474,7 @@ class EventStore:
             last = cur.fetchone()[0]
             cur.execute("DELETE FROM streams WHERE name = %s", (name,))
             existed = cur.rowcount == 1
-            cur.execute("DELETE FROM events WHERE stream = %s", (name,))
-            cur.execute("DELETE FROM event_keys WHERE stream = %s", (name,))
+            cur.execute(SQL_DELETE_STREAM_EVENTS, (name, name))
             if existed:
                 cur.execute("INSERT INTO stream_tombstones (name, deleted_upto) VALUES (%s, %s) "
                             "ON CONFLICT (name) DO UPDATE SET deleted_upto = EXCLUDED.deleted_upto",

@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 
 from ingest.pool import Pool
-from ingest.store import MIGRATIONS_DIR, EventStore
+from ingest.store import MIGRATIONS_DIR, SQL_DELETE_STREAM_EVENTS, EventStore
 from tests.helpers import admin_execute, ingest_request, with_database
 
 ROWS = 300_000
@@ -19,7 +19,8 @@ WIDTH = 50_000
 
 @pytest.fixture(scope="module")
 def big_db(pg_admin_url):
-    """300,000 events over 1,000 streams and 10 clients in six slices, analyzed."""
+    """300,000 events over 1,000 streams and 10 clients in six slices, a third of them keyed,
+    analyzed."""
     name = "layout_plans"
     admin_execute(pg_admin_url, f"DROP DATABASE IF EXISTS {name}")
     admin_execute(pg_admin_url, f"CREATE DATABASE {name}")
@@ -30,13 +31,17 @@ def big_db(pg_admin_url):
         store.migrate(conn)
         store.ensure_slices(conn, ROWS + 1)
         with conn.cursor() as cur:
-            cur.execute("INSERT INTO events (id, stream, type, data, client_id) SELECT g, "
-                        "'s/' || (g %% 1000), 'message', '{\"n\":1}', 'c' || (g %% 10) "
+            cur.execute("INSERT INTO events (id, stream, type, data, client_id, key) SELECT g, "
+                        "'s/' || (g %% 1000), 'message', '{\"n\":1}', 'c' || (g %% 10), "
+                        "CASE WHEN g %% 3 = 0 THEN 'k' || g END "
                         "FROM generate_series(1, %s) g", (ROWS,))
+            cur.execute("INSERT INTO event_keys (client_id, key, id, stream) "
+                        "SELECT client_id, key, id, stream FROM events WHERE key IS NOT NULL")
             cur.execute("UPDATE sluice_position SET last = %s", (ROWS,))
             cur.execute("INSERT INTO streams (name, last_id) SELECT 's/' || g, 0 "
                         "FROM generate_series(0, 999) g")
             cur.execute("ANALYZE events")
+            cur.execute("ANALYZE event_keys")
     yield pool, store
     pool.close()
 
@@ -86,6 +91,21 @@ def test_client_and_position_reads_are_index_ranges(big_db):
         for scan in event_scans(root):
             assert scan["Node Type"] in ("Index Scan", "Index Only Scan")
             assert index in scan["Index Name"], scan
+
+
+def test_deleting_a_stream_finds_its_keys_through_its_own_events(big_db):
+    """The key table holds every kept key: a stream's delete must not walk it."""
+    pool, store = big_db
+    with pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("EXPLAIN (FORMAT JSON) " + SQL_DELETE_STREAM_EVENTS, ("s/5", "s/5"))
+        root = cur.fetchone()[0][0]["Plan"]
+    keys = [n for n in nodes(root) if n.get("Relation Name") == "event_keys"
+            and n["Node Type"] != "ModifyTable"]
+    assert keys and all(n["Node Type"] == "Index Scan" and n["Index Name"] == "event_keys_pkey"
+                        for n in keys), keys
+    for scan in [n for n in event_scans(root) if n["Node Type"] != "ModifyTable"]:
+        # the stream's events by its index (empty slices aside)
+        assert scan["Node Type"] == "Index Scan" or scan["Plan Rows"] <= 1, scan
 
 
 def test_pages_read_only_what_they_return(big_db):

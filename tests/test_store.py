@@ -96,6 +96,20 @@ def test_keys_looked_up_before_the_lock_are_checked_again_when_one_raced_in(pool
         assert len(store.read_events(conn, after=0, limit=10)) == 3
 
 
+def test_deleting_a_stream_forgets_its_keys_and_keeps_the_others(pool):
+    store = EventStore()
+    (gone,) = write(pool, req(key="k1", stream="doomed"))
+    (kept,) = write(pool, req(key="k2", stream="kept"))
+    with pool.connection() as conn:
+        assert store.delete_stream(conn, "doomed")
+        assert store.key_position(conn, "c", "k1") is None
+        assert store.key_position(conn, "c", "k2") == kept.results[0].id
+    (again,) = write(pool, req(key="k1", stream="doomed"))  # a new event now, not a repeat
+    assert not again.results[0].duplicate and again.results[0].id > gone.results[0].id
+    (repeat,) = write(pool, req(key="k2", stream="kept"))
+    assert repeat.results[0].duplicate and repeat.results[0].id == kept.results[0].id
+
+
 def test_unique_key_table_backs_idempotency(pool):
     write(pool, req(key="k"))
     with pool.connection() as conn, conn.cursor() as cur:
