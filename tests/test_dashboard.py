@@ -5,6 +5,7 @@ import json
 import socket
 
 import gevent
+import gevent.event
 
 from tests.browser_helper import BrowserHelper, needs_chromium
 from tests.helpers import ROOT, auth, token, wait_until
@@ -70,12 +71,13 @@ def test_dashboard_tables_axes_and_publish_form(make_server, database_url):
     page = Dashboard(a, token("viewer", publish=["dash/*"], subscribe=["dash/*"]))
     assert page.read()["step"] == "live"
     sent_ids: list[str] = []
+    stop = gevent.event.Event()
 
-    def traffic():
-        while True:
+    def traffic():  # stops between requests: a kill mid-request would lose the last id
+        while not stop.is_set():
             sent_ids.append(a.post("/api/v1/events", json={"stream": "dash/2", "data": 1},
                                    headers=auth()).json()["events"][0]["id"])
-            gevent.sleep(0.1)
+            stop.wait(0.1)
 
     def row_of(report, name):
         return next((r for r in report["streams"] if r[0] == name), None)
@@ -84,7 +86,8 @@ def test_dashboard_tables_axes_and_publish_form(make_server, database_url):
     wait_until(lambda: (r := page.command("report")) and (row := row_of(r, "dash/2"))
                and row[1] == "3" and float(row[2]) > 0, 15, 0.3,
                "dash/2 with 3 subscribers and a rate")
-    sender.kill()
+    stop.set()
+    sender.join()
     last = sent_ids[-1]
     busy = wait_until(lambda: (r := page.command("report")) and (row := row_of(r, "dash/2"))
                       and row[3].startswith(f"#{last} · ") and r, 15, 0.3,
