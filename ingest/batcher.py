@@ -12,6 +12,13 @@ Two batches may be in flight: while one is written (it holds the position counte
 the one serial section of every write), the next looks its idempotency keys up without the lock
 (`EventStore.lookup_keys`), then waits for the first to finish before it writes. Writes, wake-ups
 and commit listeners stay strictly in batch order.
+
+Most keys are new, and looking them up costs Postgres about a fifth of what the write does. So
+unless a batch met a stored key (a repeat, or a key reused for another event) in the last
+`LOOKUP_AFTER_REPEAT_S`, keys are not looked up at all: the batch is written as if none were
+stored. One that is fails the key table's primary key, nothing of that try commits, and the
+batch is written again with its keys looked up under the lock. A client retrying after an
+outage therefore costs one wasted write, then lookups for as long as repeats keep coming.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ class Backpressure(Unavailable):
 
 
 PIPELINE = 2  # batches in flight: one writing, the next looking its keys up
+LOOKUP_AFTER_REPEAT_S = 5.0  # after a batch met a stored key, look keys up for this long
 
 
 class Batcher:
@@ -66,6 +74,7 @@ class Batcher:
         self._inflight: list[list[IngestRequest]] = []  # batches being written, oldest first
         self._flushes: list[gevent.Greenlet] = []       # at most PIPELINE of them
         self._last_done: Event | None = None            # set when the newest flush finished
+        self._key_met_at = float("-inf")  # when a batch last met a key stored before it
         self._wakeup = Event()
         self._stopping = False
         self._listeners: list[CommitListener] = []
@@ -180,13 +189,21 @@ class Batcher:
     def _pipelined(self, batch: list[IngestRequest], previous: Event | None,
                    done: Event) -> None:
         try:
-            known = self._lookup(batch) if previous is not None and not previous.is_set() \
-                else None
+            known = self._known_keys(batch, previous is not None and not previous.is_set())
             if previous is not None:
                 previous.wait()
             self._flush(batch, known)
         finally:
             done.set()
+
+    def _known_keys(self, batch: list[IngestRequest], in_flight: bool) -> KnownKeys | None:
+        """What the write may take as the batch's stored keys: none, when no stored key was met
+        lately (a wrong guess fails the key table's primary key and is written again the locked
+        way); those looked up now, while the batch in flight is written; or None, to look them
+        up under the lock."""
+        if time.monotonic() - self._key_met_at >= LOOKUP_AFTER_REPEAT_S:
+            return {}
+        return self._lookup(batch) if in_flight else None
 
     def _lookup(self, batch: list[IngestRequest]) -> KnownKeys | None:
         """The batch's keys already stored, looked up while the previous batch is written; None
@@ -222,6 +239,9 @@ class Batcher:
             if self.on_change is not None:
                 self.on_change()
         elapsed = time.monotonic() - started
+        if any(r.error is not None or any(w.duplicate for w in r.results or ())
+               for c in commits for r in c.requests):
+            self._key_met_at = time.monotonic()  # repeats come in runs: look keys up a while
         self.flushes += 1
         self.flush_seconds_total += elapsed
         self.committed_events += sum(len(r.events) for c in commits for r in c.requests

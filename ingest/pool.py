@@ -54,7 +54,11 @@ class Pool:
                 # Every hot read is an ordered index range that stops after a page. A bitmap
                 # scan reads every matching row and sorts them: the plan that makes a read
                 # cost what the stream holds instead of what it returns.
-                options="-c enable_bitmapscan=off",
+                # A batch is one statement with its COMMIT (ingest/store.py): if this process
+                # dies while that statement waits for the position lock, Postgres checks every
+                # second that the client is still there and rolls it back, instead of
+                # committing the unacknowledged events of a dead process when the lock frees.
+                options="-c enable_bitmapscan=off -c client_connection_check_interval=1000",
             )
         except CONNECTION_ERRORS as exc:
             raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc

@@ -201,10 +201,11 @@ class EventStore:
         connection); any later failure leaves the outcome to the transaction (all or nothing).
         A batch whose positions run past the last slice creates the slice and is written again.
 
-        `known`: the batch's stored keys from `lookup_keys`, taken before the lock. The lock is
-        then held without looking keys up; a key stored by another batch in between fails the
-        plain key insert, and the batch is written again the locked way (nothing of the first
-        try commits). Not for `rekey` requests, which move keys.
+        `known`: the batch's stored keys as taken before the lock (from `lookup_keys`, or `{}`
+        to assume none). The lock is then held without looking keys up; a stored key missing
+        from `known` (stored by another batch in between, or never looked up) fails the plain
+        key insert, and the batch is written again the locked way (nothing of the first try
+        commits). Not for `rekey` requests, which move keys.
         """
         if known is not None and not any(r.rekey for r in requests):
             try:

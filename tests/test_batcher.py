@@ -158,3 +158,42 @@ def test_two_batches_in_flight_commit_and_notify_in_order(pool):
     assert stored_count(pool) == 40 * 5 + 30
     assert batcher.backlog == 0 and list(batcher.pending()) == []
     batcher.stop()
+
+
+def test_keys_are_not_looked_up_until_a_batch_meets_a_stored_one(pool, monkeypatch):
+    """Most keys are new: a batch is written as if none were stored. A stored one fails the key
+    table's primary key and the batch is written again the locked way (a duplicate with the
+    original id, or 422); from then on keys are looked up for LOOKUP_AFTER_REPEAT_S."""
+    class RecordingStore(EventStore):
+        def __init__(self):
+            super().__init__()
+            self.known_given: list[object] = []
+
+        def write_batch(self, conn, requests, known=None):
+            self.known_given.append(None if known is None else dict(known))
+            return super().write_batch(conn, requests, known)
+
+    store = RecordingStore()
+    batcher = Batcher(store, pool, max_events=100, max_wait_ms=1).start()
+
+    def written(r):
+        batcher.commit(r, 10)
+        return r.results[0]
+
+    first = written(req(key="a"))
+    again = written(req(key="a"))  # written blind: the primary key catches it
+    assert store.known_given == [{}, {}]
+    assert again.duplicate and again.id == first.id and stored_count(pool) == 1
+    fresh = written(req(key="b"))  # a repeat was just met: look keys up
+    assert store.known_given[-1] is None and not fresh.duplicate
+    with pytest.raises(Problem) as info:
+        reused = req(key="a")
+        reused.events[0].data = '"another event"'
+        batcher.commit(reused, 10)
+    assert info.value.status == 422
+    monkeypatch.setattr("ingest.batcher.LOOKUP_AFTER_REPEAT_S", 0.0)  # the quiet time is over
+    with pytest.raises(Problem) as info:  # written blind again, and still refused
+        batcher.commit(reused.__class__(reused.client_id, reused.events), 10)
+    assert info.value.status == 422 and store.known_given[-1] == {}
+    assert stored_count(pool) == 2
+    batcher.stop()

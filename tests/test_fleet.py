@@ -70,7 +70,10 @@ def test_a_killed_process_takes_its_pending_entries_with_it(make_server, databas
         gevent.spawn(a.post, EVENTS, headers=auth(), timeout=40,
                      json={"stream": "f/2", "data": "lost"})
         wait_until(lambda: page(b)["events"], timeout=15, message="the pending event on B")
-        a.kill()  # SIGKILL: the request was never acknowledged
+        # SIGKILL: the request was never acknowledged. Its batch statement (written without a
+        # key lookup, so it waits for the lock with its COMMIT already sent) must not commit
+        # when the lock frees: Postgres notices the dead client and rolls it back.
+        a.kill()
         wait_until(lambda: page(b)["events"] == [], timeout=15,
                    message="the dead process's pending entries to expire")
     finally:
