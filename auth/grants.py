@@ -47,7 +47,7 @@ class Grants:
     def allows(self, stream: str) -> bool:
         answer = self._memo.get(stream)
         if answer is None:
-            answer = self.everything or any(r.match(stream) for r in self._compiled)
+            answer = self.everything or any(r.fullmatch(stream) for r in self._compiled)
             self._memo.put(stream, answer)
         return answer
 
@@ -66,7 +66,7 @@ def is_pattern(name: str) -> bool:
 
 
 def valid_pattern(pattern: str) -> bool:
-    if not PATTERN_RE.match(pattern):
+    if not PATTERN_RE.fullmatch(pattern):
         return False
     try:
         pattern_to_regex(pattern)
@@ -138,6 +138,6 @@ class PatternIndex:
         cached = self._cache.get(stream)
         if cached is not None and cached[0] == self.generation:
             return cached[1]
-        found = tuple(p for p, r in self._compiled.items() if r.match(stream))
+        found = tuple(p for p, r in self._compiled.items() if r.fullmatch(stream))
         self._cache.put(stream, (self.generation, found))
         return found

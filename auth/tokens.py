@@ -133,7 +133,7 @@ class TokenVerifier:
     def _grants(claims: dict[str, Any], name: str) -> Grants:
         patterns = claims.get(name, [])
         if not isinstance(patterns, list) or not all(
-                isinstance(p, str) and PATTERN_RE.match(p) for p in patterns):
+                isinstance(p, str) and PATTERN_RE.fullmatch(p) for p in patterns):
             raise unauthorized(f"token `{name}` must be a list of stream patterns")
         try:
             return Grants(patterns)

@@ -14,17 +14,19 @@ KEY_MAX = 200
 DEFAULT_TYPE = "message"
 EVENT_FIELDS = frozenset({"stream", "type", "data", "key"})
 
+# Matched with `fullmatch`: Python's `$` also matches before a final newline, so `match` would
+# take "name\n" (and a type ending in a newline would break its SSE `event:` line).
 STREAM_RE = re.compile(STREAM_PATTERN)
 TYPE_RE = re.compile(TYPE_PATTERN)
 
 
 def valid_stream(name: Any) -> bool:
     """True for a string that is a legal stream name."""
-    return isinstance(name, str) and STREAM_RE.match(name) is not None
+    return isinstance(name, str) and STREAM_RE.fullmatch(name) is not None
 
 
 def valid_type(name: Any) -> bool:
-    return isinstance(name, str) and TYPE_RE.match(name) is not None
+    return isinstance(name, str) and TYPE_RE.fullmatch(name) is not None
 
 
 def valid_key(key: Any) -> bool:

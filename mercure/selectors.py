@@ -42,7 +42,7 @@ def compile_template(selector: str) -> re.Pattern[str] | None:
         body = m.group(1)
         op = body[:1] if body[:1] in _OPERATORS and body[:1] != "" else ""
         names = body[len(op):].split(",")
-        if not body[len(op):] or not all(_VARSPEC.match(n) for n in names):
+        if not body[len(op):] or not all(_VARSPEC.fullmatch(n) for n in names):
             return None
         parts.append(_OPERATORS[op])
         pos, expressions = m.end(), expressions + 1
@@ -71,7 +71,7 @@ class Selectors:
                 compiled = (compile_template(selector),)
                 self._templates.put(selector, compiled)
             regex = compiled[0]
-            answer = regex is not None and regex.match(topic) is not None
+            answer = regex is not None and regex.fullmatch(topic) is not None
             self._answers.put(key, answer)
         return answer
 

@@ -43,6 +43,9 @@ def assert_problem(r, status, **fields):
     ([{"stream": "ok", "data": 1, "key": ""}], "key", 0),
     ([{"stream": "ok", "data": 1, "extra": True}], "extra", 0),
     ([{"stream": "s" * 201, "data": 1}], "stream", 0),
+    # Python's `$` matches before a final newline: names must be matched whole.
+    ([{"stream": "ok", "data": 1}, {"stream": "ok\n", "data": 2}], "stream", 1),
+    ([{"stream": "ok", "type": "message\n", "data": 1}], "type", 0),
 ])
 def test_invalid_event_names_index_and_field(server, body, field, index):
     r = server.post(EVENTS, json=body, headers=auth())
@@ -125,6 +128,7 @@ def _claims(**over):
     _tok({k: v for k, v in _claims().items() if k != "sub"}),
     _tok({k: v for k, v in _claims().items() if k != "exp"}),
     _tok(_claims(publish="**")),
+    _tok(_claims(publish=["a\n"])),  # a pattern is matched whole, like a stream name
     _tok(_claims(), headers={"kid": "unknown"}),
     jwt.encode(_claims(), None, algorithm="none"),
     jwt.encode(_claims(), SECRET + SECRET, algorithm="HS512"),
