@@ -12,6 +12,7 @@ import collections
 import itertools
 import os
 
+import jwt
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import positive_data_acceptance
@@ -19,6 +20,8 @@ from schemathesis.checks import positive_data_acceptance
 from tests.helpers import auth
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
+MERCURE_PUB_KEY = "fuzz-mercure-publisher-0123456789abcdef0123"  # the Mercure door is on
+MERCURE_SUB_KEY = "fuzz-mercure-subscriber-0123456789abcdef012"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,9 @@ def fuzz_server(tmp_path_factory, pg_admin_url, redis_url):
     tmp = tmp_path_factory.mktemp("fuzz")
     # Short holds so a generated long-poll answers quickly; small pages keep reads cheap.
     server = SluiceServer(server_env(fresh_database(pg_admin_url), redis_url, tmp / "data",
-                                      LONGPOLL_MAX_S="0.2", INGEST_COMMIT_TIMEOUT_S="5"),
+                                      LONGPOLL_MAX_S="0.2", INGEST_COMMIT_TIMEOUT_S="5",
+                                      MERCURE_PUBLISHER_JWT_KEY=MERCURE_PUB_KEY,
+                                      MERCURE_SUBSCRIBER_JWT_KEY=MERCURE_SUB_KEY),
                           tmp / "server.log").start()
     # A few streams exist, so generated names sometimes hit one.
     for name in ("a", "a/1", "b"):
@@ -49,6 +54,11 @@ def has_inputs(op) -> bool:
 
 
 def headers_for(path: str) -> dict[str, str]:
+    if path == "/.well-known/mercure":
+        # Signed with the publisher key: publishing is fuzzed for real, and a subscription is
+        # refused at once (401, the subscriber key differs) instead of held open.
+        publisher = jwt.encode({"mercure": {"publish": ["*"]}}, MERCURE_PUB_KEY, algorithm="HS256")
+        return {"Authorization": f"Bearer {publisher}"}
     if path == "/api/v1/stats":
         # A stream that never ends: fuzz its refusal path (a token that does not verify).
         return {"Authorization": "Bearer not-a-token"}
@@ -64,6 +74,7 @@ def test_every_operation_answers_as_documented_and_never_5xx(fuzz_server):
     schema, ops = operations(fuzz_server.url)
     labels = sorted(op.label for op in ops)
     assert "POST /api/v1/events" in labels and "GET /api/v1/sse" in labels  # the whole API
+    assert "POST /.well-known/mercure" in labels and "GET /.well-known/mercure" in labels
     failures: list[str] = []
     sent: collections.Counter = collections.Counter()
     from schemathesis import GenerationMode

@@ -176,6 +176,7 @@ def test_openapi_lists_every_route_the_app_serves(server):
 
     from auth.http import bp as auth_bp
     from ingest.http import bp as ingest_bp
+    from mercure.http import bp as mercure_bp
     from streaming.http import bp as streaming_bp
     from web.dashboard import bp as dashboard_bp
     from web.ops import bp as ops_bp
@@ -183,7 +184,7 @@ def test_openapi_lists_every_route_the_app_serves(server):
     doc = server.get("/openapi.json").json()
     assert doc["openapi"] == "3.1.0"
     app = flask.Flask("route-table")
-    for blueprint in (ingest_bp, auth_bp, streaming_bp, ops_bp, dashboard_bp):
+    for blueprint in (ingest_bp, auth_bp, streaming_bp, ops_bp, dashboard_bp, mercure_bp):
         app.register_blueprint(blueprint)
     served = {(rule.rule.replace("<path:stream>", "{stream}"), method.lower())
               for rule in app.url_map.iter_rules() if rule.endpoint != "static"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ingest.schema import new_event_schema, retention_schema, stream_pattern_schema, stream_schema
+from mercure.http import PATH as MERCURE_PATH
 
 
 def _problem(description: str, retry_after: bool = False) -> dict[str, Any]:
@@ -71,7 +72,11 @@ def openapi_document() -> dict[str, Any]:
                            "403.",
         },
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "mercureCookie": {"type": "apiKey", "in": "cookie", "name": "mercureAuthorization",
+                                  "description": "The Mercure door's token, as a cookie."},
+            },
             "schemas": SCHEMAS,
         },
         "security": [{"bearer": []}],
@@ -233,6 +238,85 @@ def openapi_document() -> dict[str, Any]:
                                               "authorization unreachable, or shutting down.",
                                               retry_after=True)},
             }},
+            MERCURE_PATH: {
+                "post": {
+                    "summary": "Mercure: publish an update (the Mercure 0.x protocol).",
+                    "description": "Answered once the update is committed. Publishing the same "
+                                   "`id` with the same update again answers that id and sends "
+                                   "nothing twice. The door is on when MERCURE_PUBLISHER_JWT_KEY "
+                                   "or MERCURE_SUBSCRIBER_JWT_KEY is set.",
+                    "security": [{"bearer": []}, {"mercureCookie": []}],
+                    "requestBody": {"required": True, "content": {
+                        "application/x-www-form-urlencoded": {"schema": {
+                            "type": "object", "required": ["topic"],
+                            "properties": {
+                                "topic": {"type": "array", "items": {"type": "string"},
+                                          "description": "Repeatable: the first is canonical, "
+                                                         "the others alternate."},
+                                "data": {"type": "string"},
+                                "private": {"type": "string",
+                                            "description": "Present: only subscribers granted "
+                                                           "one of the topics get it."},
+                                "id": {"type": "string", "description": "The update's id "
+                                       "(default `urn:uuid:...`); no line break, not `#...`."},
+                                "type": {"type": "string", "description": "The SSE `event:`; "
+                                         "no line break."},
+                                "retry": {"type": "string", "pattern": "^[0-9]+$",
+                                          "description": "The SSE `retry:` in milliseconds."},
+                            }},
+                            "encoding": {"topic": {"explode": True}}}}},
+                    "responses": {
+                        "200": {"description": "Committed: the update's id.",
+                                "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        "400": _problem("No topic, a bad `id`, `type` or `retry`, a topic in the "
+                                        "hub's own namespace, data over MAX_DATA_BYTES, or a "
+                                        "body that is not a UTF-8 form."),
+                        "401": _problem("No token, or one that does not verify."),
+                        "403": _problem("The token's `mercure.publish` selectors do not match "
+                                        "every topic."),
+                        "404": _problem("The Mercure door is off."),
+                        "413": _problem("Body over MAX_BODY_BYTES."),
+                        "415": _problem("Not application/x-www-form-urlencoded."),
+                        **UNAVAILABLE,
+                    },
+                },
+                "get": {
+                    "summary": "Mercure: subscribe with Server-Sent Events.",
+                    "description": "Selectors are exact topics, RFC 6570 URI templates or `*`. "
+                                   "Each event's `id:` is the update's id. The token comes from "
+                                   "`Authorization`, else `authorization`, else the "
+                                   "mercureAuthorization cookie; with MERCURE_ANONYMOUS=1 "
+                                   "none is needed (public updates only).",
+                    "security": [{"bearer": []}, {"mercureCookie": []}, {}],
+                    "parameters": [
+                        {"name": "topic", "in": "query", "required": True, "style": "form",
+                         "explode": True,
+                         "schema": {"type": "array", "minItems": 1, "maxItems": 50,
+                                    "items": {"type": "string", "minLength": 1}}},
+                        {"name": "authorization", "in": "query", "schema": {"type": "string"},
+                         "description": "The subscriber token, for clients that cannot set "
+                                        "headers."},
+                        {"name": "lastEventID", "in": "query", "schema": {"type": "string"},
+                         "description": "Resume after this update id (`earliest`: all "
+                                        "retained history); the Last-Event-ID header wins."},
+                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "The event stream (or only `retry:` when the "
+                                               "server sheds load, is stopping, or the "
+                                               "database is unreachable). Resuming, it carries "
+                                               "`Last-Event-ID`: the id asked for, or "
+                                               "`earliest` when that id is unknown.",
+                                "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        "400": _problem("No topic, too many, or one too long."),
+                        "401": _problem("No token (and anonymous subscribers are off), or one "
+                                        "that does not verify."),
+                        "404": _problem("The Mercure door is off."),
+                        "429": _problem("Past MAX_CONNECTIONS_PER_TOKEN or "
+                                        "MAX_CONNECTIONS_PER_IP.", retry_after=True),
+                    },
+                },
+            },
             "/": {"get": {"summary": "The live dashboard (HTML): charts over /api/v1/stats and "
                                      "a stream explorer; asks for a token.", "security": [],
                           "responses": {"200": {"description": "The page.",
