@@ -30,6 +30,7 @@ from runtime.devenv import (  # noqa: E402
     dev_secret,
     prepare_settings,
     raise_open_files_limit,
+    tune_gc,
 )
 from runtime.services import build_services, migrate  # noqa: E402
 from web.app import create_app  # noqa: E402
@@ -41,7 +42,9 @@ def wsgi() -> Flask:
     configure_logging()
     settings = prepare_settings(EmbeddedServices())  # URLs come from the master (config/gunicorn.py)
     raise_open_files_limit()
-    return create_app(build_services(settings))
+    app = create_app(build_services(settings))
+    tune_gc()
+    return app
 
 
 def migrate_command() -> None:

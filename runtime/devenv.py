@@ -5,6 +5,7 @@ development secret kept in the data folder, and the process limits a server need
 """
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import secrets
@@ -27,6 +28,20 @@ def raise_open_files_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+GC_YOUNG_THRESHOLD = 20_000  # CPython's default is 700
+
+
+def tune_gc() -> None:
+    """Once the app is built: what exists now (modules, settings, pools, caches) lives as long
+    as the process, so the cycle collector stops walking it (`gc.freeze`), and it runs its
+    young collection every 20,000 new objects instead of every 700. Every request allocates a
+    few hundred objects; on an immediate long-poll this took 107-143 -> 98-118 us of CPU per
+    answer. Garbage without cycles is freed at once either way."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def dev_secret(data_dir: Path) -> str:

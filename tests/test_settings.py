@@ -94,3 +94,21 @@ def test_mercure_keys():
     with pytest.raises(SettingsError, match="MERCURE_SUBSCRIBER_JWT_KEY"):
         Settings.from_env({"MERCURE_SUBSCRIBER_JWT_KEY": "not a pem",
                            "MERCURE_SUBSCRIBER_JWT_ALG": "RS256"})
+
+
+def test_tune_gc_freezes_what_exists_and_collects_young_objects_less_often():
+    """In a fresh interpreter (the test process's own collector stays as it is)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import gc\nfrom web.app import create_app\n"
+         "from runtime.devenv import GC_YOUNG_THRESHOLD, tune_gc\n"
+         "before = gc.get_threshold()\ntune_gc()\n"
+         "print(before[0], gc.get_threshold()[0], GC_YOUNG_THRESHOLD, gc.get_freeze_count())"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    before, after, wanted, frozen = (int(v) for v in out.stdout.split())
+    assert before == 700 and after == wanted == 20_000
+    assert frozen > 10_000  # the imported app's objects are no longer walked

@@ -11,7 +11,7 @@ from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
 from auth.tokens import mint
-from runtime.devenv import EmbeddedServices, prepare_settings, raise_open_files_limit
+from runtime.devenv import EmbeddedServices, prepare_settings, raise_open_files_limit, tune_gc
 from runtime.services import build_services
 from web.app import create_app
 from web.wsgi import SluiceHandler, drain
@@ -55,6 +55,7 @@ def serve() -> None:
 
     gevent.signal_handler(signal.SIGTERM, on_signal)
     gevent.signal_handler(signal.SIGINT, on_signal)
+    tune_gc()
     server.start()
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"sluice: listening on http://{host}:{server.server_port}", flush=True)
