@@ -60,13 +60,17 @@ def test_redis_stopped_and_restarted_delivery_continues(make_server, database_ur
 
 def test_postgres_stopped_mid_stream_ends_it_with_retry_and_the_client_resumes(make_server,
                                                                               own_postgres):
-    server = make_server(own_postgres.url, CATCHUP_PAGE="200")
+    # Small pages: the catch-up takes thousands of reads, so it is surely still paging when
+    # Postgres stops. (With 200 a page it could finish first: the kernel's loopback buffers
+    # take the whole history at once, whatever the reader's pace, and the test then waited in
+    # vain for the stream to end.)
+    server = make_server(own_postgres.url, CATCHUP_PAGE="5")
     total = 20_000
     for start in range(0, total, 1000):
         body = [{"stream": "m", "data": start + i} for i in range(1000)]
         assert server.post(EVENTS, json=body, headers=auth(), timeout=60).status_code == 201
     # A slow reader replaying everything: the server is paging through the history when
-    # Postgres goes away.
+    # Postgres goes away (a fast shutdown: its sessions end at once).
     s = Stream(server.url + SSE, headers={**auth(), "Last-Event-ID": "0"}, params={"stream": "m"},
                recv_delay=0.01, recv_size=4096)
     got = [int(e[2]) for e in s.events(500, timeout=30)]
