@@ -101,8 +101,6 @@ def test_tune_gc_freezes_what_exists_and_collects_young_objects_less_often():
     import subprocess
     import sys
 
-    from tests.helpers import ROOT
-
     out = subprocess.run(
         [sys.executable, "-c", "import gc\nfrom web.app import create_app\n"
          "from runtime.devenv import GC_YOUNG_THRESHOLD, tune_gc\n"
