@@ -9,7 +9,8 @@ import redis
 from ingest.batcher import Batcher
 from ingest.pool import Pool
 from ingest.store import EventStore
-from streaming.hub import Hub
+from streaming import hub as hub_module
+from streaming.hub import FANOUT_SLICE, Hub, breathe
 from tests.helpers import ingest_request as req
 from tests.helpers import wait_until
 
@@ -150,4 +151,95 @@ def test_subscribe_position_is_the_catch_up_seam(database_url, rconn, channel):
         history = [e.id for e in EventStore().read_events(conn, after=0, upto=seam, limit=100)]
     live = [e.position for e in drain(sub, 3)]
     assert history + live == before + after  # catch-up to the seam, then live: no gap, no dup
+    p.close()
+
+
+class Recorder:
+    """A sink, as a parked idle connection offers one: records each delivery it is handed."""
+
+    def __init__(self, order, on_first=None):
+        self.order = order          # shared by all: who was handed a delivery, in turn
+        self.calls = []
+        self.on_first = on_first
+
+    def __call__(self, lives):
+        self.calls.append([e.position for e in lives])
+        self.order.append(self)
+        if self.on_first is not None:
+            on_first, self.on_first = self.on_first, None
+            on_first()
+
+    def write(self, data):
+        pass
+
+
+def sinks(hub, n, order, on_first=None):
+    out = []
+    for i in range(n):
+        sub, _ = hub.subscribe(["s"], maxsize=10)
+        sub.sink = Recorder(order, on_first if i == 0 else None)
+        out.append(sub.sink)
+    return out
+
+
+def test_a_large_fan_out_lets_the_event_loop_run_between_slices(database_url, rconn, channel):
+    p = Process(database_url, rconn, channel)
+    n = 3 * FANOUT_SLICE
+    order = []
+    sinks(p.hub, n, order)
+    seen = []  # how many subscribers had the event each time another greenlet got to run
+
+    def watch():
+        while len(order) < n:
+            seen.append(len(order))
+            breathe()
+
+    watcher = gevent.spawn(watch)
+    try:
+        p.publish("s")
+        watcher.join(timeout=10)
+        assert len(order) == n
+        assert any(0 < k < n for k in seen)  # it ran in the middle of the fan-out
+    finally:
+        watcher.kill()
+        p.close()
+
+
+def test_commits_that_arrive_during_a_pass_go_out_together_in_the_next(database_url, rconn,
+                                                                       channel):
+    p = Process(database_url, rconn, channel)
+
+    def two_more():  # as the Redis listener hands on commits while the pass yields
+        at = p.hub.position
+        p.hub._receive(at, at + 1, [[at + 1, "s", "message", "{}"]])
+        p.hub._receive(at + 1, at + 2, [[at + 2, "s", "message", "{}"]])
+
+    order = []
+    handed = sinks(p.hub, 2 * FANOUT_SLICE, order, on_first=lambda: gevent.spawn(two_more))
+    [first] = p.publish("s")
+    wait_until(lambda: len(order) == 4 * FANOUT_SLICE, message="both passes")
+    assert handed[-1].calls == [[first], [first + 1, first + 2]]  # one write for the two
+    assert all(s.calls == handed[-1].calls for s in handed)
+    p.close()
+
+
+def test_a_full_outbox_makes_the_commit_receiver_wait(database_url, rconn, channel,
+                                                      monkeypatch):
+    monkeypatch.setattr(hub_module, "OUTBOX_EVENTS", 3)
+    p = Process(database_url, rconn, channel)
+    waiting = []  # the outbox's size each time the receiver got its call back
+
+    def five_more():
+        for _ in range(5):
+            at = p.hub.position
+            p.hub._receive(at, at + 1, [[at + 1, "s", "message", "{}"]])
+            waiting.append(p.hub._outbox_events)
+
+    order = []
+    handed = sinks(p.hub, 2 * FANOUT_SLICE, order, on_first=lambda: gevent.spawn(five_more))
+    [first] = p.publish("s")
+    wait_until(lambda: len(waiting) == 5 and not p.hub._outbox_events, message="five more")
+    assert max(waiting) <= 3  # it waited for the deliverer instead of queueing a fourth
+    wait_until(lambda: sum(map(len, handed[-1].calls)) == 6, message="all six delivered")
+    assert [pos for call in handed[-1].calls for pos in call] == list(range(first, first + 6))
     p.close()
