@@ -79,8 +79,11 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
             if not grants.allows(ev.stream):
                 continue
             written = req.results[i] if req.results is not None else None
+            # A batch being written names its events by place (negative) until it commits: not
+            # an id yet, so still pending. A real id is committed: in the rows, or behind
+            # `after`, or (committed after the query) still shown as pending here.
             if written is not None and (written.duplicate or written.id in committed_ids
-                                        or written.id <= after):
+                                        or 0 < written.id <= after):
                 continue
             rows.append(StoredEvent(None, ev.stream, ev.type, ev.data, req.client_id, ev.key,
                                     None, pending=True))

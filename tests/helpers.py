@@ -29,6 +29,19 @@ TEMPLATE_DB = "sluice_template"
 _db_counter = itertools.count(1)
 
 
+class PositionLock:
+    """Holds the position counter's row lock: every batch waits, nothing commits."""
+
+    def __init__(self, database_url: str) -> None:
+        self.conn = psycopg2.connect(database_url)
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT last FROM sluice_position FOR UPDATE")
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.02,
                message: str = "condition") -> object:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""

@@ -4,25 +4,11 @@ process's pending entries disappear; without Redis a read says its pending part 
 from __future__ import annotations
 
 import gevent
-import psycopg2
 import pytest
 
-from tests.helpers import EVENTS, auth, open_sse, token, wait_until
+from tests.helpers import EVENTS, PositionLock, auth, open_sse, token, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-class PositionLock:
-    """Holds the position counter's row lock: every batch waits, nothing commits."""
-
-    def __init__(self, database_url: str) -> None:
-        self.conn = psycopg2.connect(database_url)
-        with self.conn.cursor() as cur:
-            cur.execute("SELECT last FROM sluice_position FOR UPDATE")
-
-    def release(self) -> None:
-        self.conn.rollback()
-        self.conn.close()
 
 
 def page(server, **params):

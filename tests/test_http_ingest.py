@@ -3,7 +3,7 @@ import gevent
 import orjson
 import pytest
 
-from tests.helpers import auth, wait_until
+from tests.helpers import PositionLock, auth, wait_until
 
 EVENTS = "/api/v1/events"
 
@@ -116,9 +116,10 @@ def test_reads_return_only_granted_streams(server):
 
 
 def test_pending_events_are_shown_marked_and_never_twice(make_server, database_url):
-    # A slow batcher keeps the event accepted-but-uncommitted long enough to read it.
-    server = make_server(database_url, BATCH_MAX_WAIT_MS="1500", BATCH_MAX_EVENTS="1000")
+    # The position lock held keeps the event accepted-but-uncommitted long enough to read it.
+    server = make_server(database_url, INGEST_COMMIT_TIMEOUT_S="30")
     post(server, {"stream": "c", "data": "committed"})
+    lock = PositionLock(database_url)
     slow = gevent.spawn(post, server, {"stream": "c", "data": "pending", "key": "p1"})
 
     def pending_visible():
@@ -129,6 +130,7 @@ def test_pending_events_are_shown_marked_and_never_twice(make_server, database_u
     assert [e["data"] for e in events] == ["committed", "pending"]
     assert events[1]["id"] is None and events[1]["key"] == "p1" and events[1]["pending"] is True
     first_next = history(server, clientId="client-1")["next"]
+    lock.release()
     assert slow.get(timeout=15).status_code == 201
     events = history(server, clientId="client-1")["events"]
     assert [(e["data"], e.get("pending", False)) for e in events] == [
