@@ -49,7 +49,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "DB_POOL_TIMEOUT_S": ("2", "How long a request waits for a pooled connection before 503."),
     "DB_CONNECT_TIMEOUT_S": ("3", "Postgres connect timeout."),
     "BATCH_MAX_EVENTS": ("2000", "Most events in one group commit (one request is never split)."),
-    "BATCH_MAX_WAIT_MS": ("2", "How long the batcher waits for more events after the oldest arrived."),
+    "BATCH_MAX_WAIT_MS": ("2", "How long the batcher waits for more events after the oldest arrived, while a batch is being written (with none in flight it writes at once)."),
     "INGEST_MAX_BACKLOG": ("50000", "Most events accepted but not yet committed, per process; past it: 503 + Retry-After."),
     "INGEST_COMMIT_TIMEOUT_S": ("10", "How long an ingest request waits for its commit before 503."),
     "MAX_BODY_BYTES": ("1048576", "Largest ingest body (413 past it)."),

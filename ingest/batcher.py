@@ -2,7 +2,10 @@
 
 Request greenlets `submit` their events and wait; the batcher collects requests until it has
 `max_events` or the oldest has waited `max_wait_ms`, writes them in one transaction on one pooled
-connection, and wakes each request once its events are durable (group commit). The backlog is
+connection, and wakes each request once its events are durable (group commit). With no batch in
+flight it does not wait: what is queued is written at once, and what arrives meanwhile gathers
+for the next batch, so a quiet server answers a lone event a `max_wait_ms` sooner and a busy
+one batches as before. The backlog is
 bounded: past `max_backlog` events, `submit` refuses with 503 + Retry-After at once.
 
 A request is never split across batches, so it is all-or-nothing. If a batch fails on bad data,
@@ -166,7 +169,10 @@ class Batcher:
                     return
                 self._wakeup.clear()
                 self._wakeup.wait()
-            deadline = self._queue[0].accepted_at + self.max_wait_s
+            # Nothing in flight: write what is here at once (what comes meanwhile gathers for
+            # the next batch). A batch in flight: gather up to `max_wait_ms` first.
+            busy = any(not g.dead for g in self._flushes)
+            deadline = self._queue[0].accepted_at + self.max_wait_s if busy else 0.0
             while self._queued_events < self.max_events and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -6,6 +6,7 @@ from common.problems import Problem
 from ingest.batcher import Backpressure, Batcher
 from ingest.pool import DatabaseUnavailable, Pool
 from ingest.store import EventStore
+from tests.helpers import PositionLock
 from tests.helpers import ingest_request as req
 
 
@@ -104,14 +105,27 @@ def test_database_down_fails_requests_with_503_and_keeps_running():
     batcher.stop()
 
 
-def test_commit_timeout_takes_a_queued_request_back(pool):
+def test_a_lone_request_is_written_at_once_when_nothing_is_in_flight(pool):
     batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=60000).start()
+    r = req()
+    batcher.commit(r, timeout=10)  # not 60 s: an idle batcher does not wait for company
+    assert r.results and stored_count(pool) == 1
+    batcher.stop(timeout=10)
+
+
+def test_commit_timeout_takes_a_queued_request_back(pool, database_url):
+    batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=60000).start()
+    lock = PositionLock(database_url)  # the first write waits for it
+    first = gevent.spawn(batcher.commit, req(client="first"), 30)
+    gevent.sleep(0.1)  # the first batch is in flight (it cannot finish), so the next gathers
     r = req()
     with pytest.raises(Problem) as info:
         batcher.commit(r, timeout=0.05)
-    assert info.value.status == 503 and r.cancelled and batcher.backlog == 0
+    assert info.value.status == 503 and r.cancelled and batcher.backlog == 1
+    lock.release()
+    first.get(timeout=10)
     batcher.stop(timeout=10)
-    assert stored_count(pool) == 0
+    assert stored_count(pool) == 1  # the first; the one taken back never was written
 
 
 def test_commit_ranges_are_contiguous_and_cover_every_id(pool):

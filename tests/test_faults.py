@@ -15,7 +15,7 @@ import psycopg2
 import requests
 
 from embedded.servers import child_pids, free_port
-from tests.helpers import ROOT, auth, wait_until
+from tests.helpers import ROOT, PositionLock, auth, wait_until
 
 EVENTS = "/api/v1/events"
 BATCH = 10
@@ -141,9 +141,12 @@ def test_sigterm_while_busy_flushes_and_exits(make_server, database_url):
 
 def test_backlog_full_is_503_with_retry_after(make_server, database_url):
     server = make_server(database_url, INGEST_MAX_BACKLOG="20", MAX_BATCH_EVENTS="10",
-                         BATCH_MAX_WAIT_MS="1000", BATCH_MAX_EVENTS="1000")
+                         BATCH_MAX_EVENTS="1000", INGEST_COMMIT_TIMEOUT_S="30")
+    lock = PositionLock(database_url)  # nothing commits: what is accepted stays in the backlog
     body = [{"stream": "bp", "data": i} for i in range(10)]
     results = [gevent.spawn(server.post, EVENTS, json=body, headers=auth()) for _ in range(5)]
+    wait_until(lambda: sum(g.dead for g in results) == 3, message="three refusals")
+    lock.release()
     gevent.joinall(results, raise_error=True)
     statuses = collections.Counter(g.value.status_code for g in results)
     assert statuses[201] == 2 and statuses[503] == 3
