@@ -5,8 +5,8 @@ Request greenlets `submit` their events and wait; the batcher collects requests 
 connection, and wakes each request once its events are durable (group commit). With no batch in
 flight it does not wait: what is queued is written at once, and what arrives meanwhile gathers
 for the next batch, so a quiet server answers a lone event a `max_wait_ms` sooner and a busy
-one batches as before. The backlog is
-bounded: past `max_backlog` events, `submit` refuses with 503 + Retry-After at once.
+one batches as before. The backlog is bounded: past `max_backlog` events, `submit` refuses with
+503 + Retry-After at once.
 
 A request is never split across batches, so it is all-or-nothing. If a batch fails on bad data,
 its requests are retried one by one so one request's data never fails another's.

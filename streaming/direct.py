@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from streaming.sse import chunk_head, http_chunk, id_prefix, with_position
+from streaming.sse import http_chunk, http_chunk_of, id_prefix, with_position
 from streaming.subscription import LiveEvent, Subscription
 
 
@@ -39,7 +39,7 @@ class Unsent:
 class DirectSink:
     """One parked connection's sink: the hub calls it with a delivery while it is idle."""
 
-    __slots__ = ("sub", "send", "id_prefix", "chunked", "_head", "_head_for")
+    __slots__ = ("sub", "send", "id_prefix", "chunked")
 
     def __init__(self, sub: Subscription, raw_socket: Any, sid: str | None,
                  chunked: bool) -> None:
@@ -47,8 +47,6 @@ class DirectSink:
         self.send = raw_socket.send        # the parked connection's non-blocking socket
         self.id_prefix = None if sid is None else id_prefix(sid)  # None: bodies carry their id
         self.chunked = chunked
-        self._head = b""    # chunk size line + `id: <sid>.`, for a chunk tail of `_head_for` bytes
-        self._head_for = -1
 
     def write(self, data: bytes) -> None:
         """Bytes framed already (a heartbeat), as one chunk."""
@@ -59,34 +57,26 @@ class DirectSink:
         last = sub.last
         prefix = self.id_prefix
         if len(lives) == 1 and prefix is not None and not sub.envelope:
-            # The common delivery (one event, native framing): the event's shared tail
-            # (`<position>\n<body>`) after this connection's `id: <sid>.`, framed as one chunk
-            # with a size line that is the same for every event of that tail's length.
+            # The common delivery (one event, native framing): one bytes formatting in all,
+            # from the event's shared `<position>\n<body>` tail.
             event = lives[0]
             if event.position <= last:
                 return
-            sub.last = event.position
-            if self.chunked:
-                tail = event.chunk_tail()
-                if len(tail) != self._head_for:
-                    self._head_for = len(tail)
-                    self._head = chunk_head(prefix, len(tail) - 2)
-                self._send(self._head + tail)
-            else:
-                self._send(prefix + event.tail())
-            return
-        if prefix is None:
-            parts = [e.body for e in lives if e.position > last]
-        elif sub.envelope:
-            parts = [with_position(prefix, e.position, e.envelope()) for e in lives
-                     if e.position > last]
+            tail = event.tail()
+            payload = http_chunk_of(prefix, tail) if self.chunked else prefix + tail
         else:
-            parts = [prefix + e.tail() for e in lives if e.position > last]
-        if not parts:
-            return
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        if self.chunked:
-            payload = http_chunk(payload)
+            if prefix is None:
+                parts = [e.body for e in lives if e.position > last]
+            elif sub.envelope:
+                parts = [with_position(prefix, e.position, e.envelope()) for e in lives
+                         if e.position > last]
+            else:
+                parts = [prefix + e.tail() for e in lives if e.position > last]
+            if not parts:
+                return
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            if self.chunked:
+                payload = http_chunk(payload)
         sub.last = lives[-1].position
         self._send(payload)
 

@@ -98,10 +98,9 @@ def with_position(prefix: bytes, position: int, body: bytes) -> bytes:
     return b"%s%d\n%s" % (prefix, position, body)
 
 
-def chunk_head(prefix: bytes, tail_len: int) -> bytes:
-    """The start of `http_chunk(prefix + tail)` for a tail of `tail_len` bytes: the chunk's
-    size line, then `prefix`. What follows is the tail and the chunk's closing CRLF."""
-    return b"%x\r\n%s" % (len(prefix) + tail_len, prefix)
+def http_chunk_of(prefix: bytes, tail: bytes) -> bytes:
+    """`http_chunk(prefix + tail)` in one formatting (the hub's most frequent write)."""
+    return b"%x\r\n%s%s\r\n" % (len(prefix) + len(tail), prefix, tail)
 
 
 def http_chunk(payload: bytes) -> bytes:

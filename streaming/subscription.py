@@ -85,7 +85,6 @@ class LiveEvent:
     body: bytes
     _envelope: bytes | None = None
     _tail: bytes | None = None
-    _chunk_tail: bytes | None = None
 
     def tail(self) -> bytes:
         """`<position>\n` and the body: what follows a connection's `id: <sid>.` prefix, built
@@ -93,13 +92,6 @@ class LiveEvent:
         if self._tail is None:
             self._tail = b"%d\n%s" % (self.position, self.body)
         return self._tail
-
-    def chunk_tail(self) -> bytes:
-        """The tail and a chunk's closing CRLF: what follows `streaming.sse.chunk_head` in a
-        chunk-framed connection's write, built once per event for all of them."""
-        if self._chunk_tail is None:
-            self._chunk_tail = self.tail() + b"\r\n"
-        return self._chunk_tail
 
     def envelope(self) -> bytes:
         """The body for `?envelope=1` subscribers (a `message` whose data carries the type),
