@@ -45,6 +45,8 @@ class Grants:
         self._memo: BoundedCache[str, bool] = BoundedCache(4096)
 
     def allows(self, stream: str) -> bool:
+        if self.everything:  # `**`: no memo to keep (asked once per event published)
+            return True
         answer = self._memo.get(stream)
         if answer is None:
             answer = self.everything or any(r.fullmatch(stream) for r in self._compiled)

@@ -17,8 +17,9 @@ subscribers), a subscriber gets them in one write instead of one write each; the
 of what a delivery costs (the kernel's loopback send, ~8 µs). A pass yields to the event loop
 every `FANOUT_SLICE` subscribers, so a large fan-out does not stall requests, and the next
 commits are written to Postgres while it runs. When the outbox is full (`OUTBOX_EVENTS`),
-whatever hands the hub commits waits: the Redis listener, the hole filler, a local fallback
-publish.
+whatever hands the hub commits waits: the Redis listener, the hole filler, and this process's
+batcher (its own commits come straight from it, see streaming.relay), whose next batch then
+waits too.
 
 A delivery is `put_nowait` into each subscriber's bounded queue, one item holding the events
 that the subscriber wants (a large batch costs one slot, not one per event); each event's
@@ -269,7 +270,7 @@ class Hub:
 
     # -- commits in -----------------------------------------------------------------------------
     def on_commit(self, commit: Commit) -> None:
-        """Batcher listener: the relay sends the batch to every process, this one included."""
+        """Batcher listener: the relay sends the batch to the other processes and to this hub."""
         self.relay.publish_commit(commit)
 
     def end_stream(self, stream: str) -> None:

@@ -3,6 +3,7 @@ import random
 import uuid
 
 import gevent
+import orjson
 import pytest
 import redis
 
@@ -108,6 +109,39 @@ def test_a_lost_message_is_filled_from_postgres(database_url, rconn, channel):
     got = drain(sub, len(lost) + 2)
     assert [e.position for e in got] == lost + later
     silent.stop()
+    p.close()
+
+
+def test_own_commits_reach_the_hub_at_once_and_their_echo_is_dropped(database_url, rconn,
+                                                                     channel):
+    p = Process(database_url, rconn, channel)
+    wait_until(lambda: p.hub.redis_up, message="the hub to subscribe")
+    sub, _ = p.hub.subscribe(["s"], maxsize=100)
+    received, ended = [], []
+    deliver = p.hub.relay.receive
+    p.hub.relay.receive = lambda a, u, e: (received.append((a, u)), deliver(a, u, e))
+    p.hub.relay.end = ended.append
+    wire = rconn.pubsub()
+    wire.subscribe(channel)
+    wire.get_message(timeout=2)  # the subscribe confirmation
+    ids = p.publish("s", n=2)
+    wait_until(lambda: received, message="the commit to reach the hub")
+    message = wire.get_message(timeout=5)
+    assert message["data"].startswith(b'{"p":"' + p.hub.relay.origin.encode() + b'",')
+    # Redis sends a subscription's messages in order: once a later one is in, the echo was too.
+    rconn.publish(channel, orjson.dumps({"end": "marker"}))
+    wait_until(lambda: ended == ["marker"], message="the marker to arrive")
+    assert received == [(ids[0] - 1, ids[-1])]  # once: the echo was not delivered again
+    # Its own commits need no echo at all: published where this process does not listen.
+    p.hub.relay.channel = channel + ":elsewhere"
+    more = p.publish("s", n=2)
+    p.hub.relay.channel = channel
+    assert [e.position for e in drain(sub, 4)] == ids + more
+    # A message without an origin (a process of the previous release) is delivered as before.
+    old = [[more[-1] + 1, "s", "message", '"old"']]
+    rconn.publish(channel, orjson.dumps({"a": more[-1], "u": more[-1] + 1, "e": old}))
+    assert [e.position for e in drain(sub, 1)] == [more[-1] + 1]
+    wire.close()
     p.close()
 
 
