@@ -11,17 +11,20 @@ one batches as before. The backlog is bounded: past `max_backlog` events, `submi
 A request is never split across batches, so it is all-or-nothing. If a batch fails on bad data,
 its requests are retried one by one so one request's data never fails another's.
 
-Two batches may be in flight: while one is written (it holds the position counter's row lock,
-the one serial section of every write), the next looks its idempotency keys up without the lock
-(`EventStore.lookup_keys`), then waits for the first to finish before it writes. Writes, wake-ups
-and commit listeners stay strictly in batch order.
+Two batches may be in flight. A batch's write has two parts (`EventStore.prepare`, then
+`finish`): it opens its transaction and claims its new idempotency keys without any lock, then
+takes the position counter's row lock (the one serial section of every write, held to COMMIT)
+and writes its events. While one batch is written, the next prepares on a connection of its own
+and holds it open until its turn, so only its serial statement is left (see `Flight` for the
+rule that keeps the two from waiting for each other). Writes, wake-ups and commit listeners stay
+strictly in batch order.
 
 Most keys are new, and looking them up costs Postgres about a fifth of what the write does. So
 unless a batch met a stored key (a repeat, or a key reused for another event) in the last
-`LOOKUP_AFTER_REPEAT_S`, keys are not looked up at all: the batch is written as if none were
+`LOOKUP_AFTER_REPEAT_S`, keys are not looked up at all: the batch claims them as if none were
 stored. One that is fails the key table's primary key, nothing of that try commits, and the
-batch is written again with its keys looked up under the lock. A client retrying after an
-outage therefore costs one wasted write, then lookups for as long as repeats keep coming.
+batch is planned again with its keys looked up. A client retrying after an outage therefore
+costs one wasted claim, then lookups for as long as repeats keep coming.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 
 import gevent
 import psycopg2
@@ -37,12 +41,29 @@ from gevent.event import Event
 from common.problems import Problem, Unavailable
 from ingest.events import Commit, IngestRequest
 from ingest.pool import DatabaseUnavailable, Pool
-from ingest.store import EventStore, KeyedEvent, ReservationFailed
+from ingest.store import EventStore, KeyedEvent, KeyRaced, Prepared, ReservationFailed
 
 log = logging.getLogger("sluice.batcher")
 
 CommitListener = Callable[[Commit], None]
 KnownKeys = dict[tuple[str, str], KeyedEvent]  # keys looked up before the lock
+Early = tuple[psycopg2.extensions.connection, Prepared]  # a batch prepared on a held connection
+
+
+class Flight:
+    """One batch's progress, as the batch after it needs to know it. A batch claims its new
+    keys (`EventStore.prepare`) in a transaction that stays open until its turn to write; the
+    one behind it may claim its own meanwhile, but only once this one's first claims are made
+    (`claimed`), and it drops them again as soon as this one must claim again (`reclaiming`:
+    a retry, or its requests written one by one). Otherwise this batch could wait in Postgres
+    for a key that the next one holds while the next waits here for this one to finish."""
+
+    __slots__ = ("claimed", "done", "reclaiming")
+
+    def __init__(self) -> None:
+        self.claimed = Event()     # its first claims are made (or it is done)
+        self.reclaiming = Event()  # it is about to claim keys again
+        self.done = Event()        # written, woken and told to the listeners
 
 
 class Backpressure(Unavailable):
@@ -52,7 +73,7 @@ class Backpressure(Unavailable):
         super().__init__(detail, retry_after=1, slug="backlog-full")
 
 
-PIPELINE = 2  # batches in flight: one writing, the next looking its keys up
+PIPELINE = 2  # batches in flight: one writing, the next preparing (its keys claimed)
 LOOKUP_AFTER_REPEAT_S = 5.0  # after a batch met a stored key, look keys up for this long
 
 
@@ -76,7 +97,7 @@ class Batcher:
         self._queued_events = 0
         self._inflight: list[list[IngestRequest]] = []  # batches being written, oldest first
         self._flushes: list[gevent.Greenlet] = []       # at most PIPELINE of them
-        self._last_done: Event | None = None            # set when the newest flush finished
+        self._last: Flight | None = None                # the newest batch in flight
         self._key_met_at = float("-inf")  # when a batch last met a key stored before it
         self._wakeup = Event()
         self._stopping = False
@@ -187,37 +208,50 @@ class Batcher:
                 self._start_flush(batch)
 
     def _start_flush(self, batch: list[IngestRequest]) -> None:
-        previous, done = self._last_done, Event()
-        self._last_done = done
+        previous, flight = self._last, Flight()
+        self._last = flight
         self._inflight.append(batch)
-        self._flushes.append(gevent.spawn(self._pipelined, batch, previous, done))
+        self._flushes.append(gevent.spawn(self._pipelined, batch, previous, flight))
 
-    def _pipelined(self, batch: list[IngestRequest], previous: Event | None,
-                   done: Event) -> None:
+    def _pipelined(self, batch: list[IngestRequest], previous: Flight | None,
+                   flight: Flight) -> None:
         try:
-            known = self._known_keys(batch, previous is not None and not previous.is_set())
-            if previous is not None:
-                previous.wait()
-            self._flush(batch, known)
+            with ExitStack() as held:
+                known = self._known_keys()
+                early = None
+                if previous is not None and not previous.done.is_set():
+                    gevent.wait([previous.claimed, previous.done], count=1)
+                    if not (previous.done.is_set() or previous.reclaiming.is_set()):
+                        early = self._prepare_early(held, batch, known)
+                    if early is not None:
+                        flight.claimed.set()
+                        gevent.wait([previous.done, previous.reclaiming], count=1)
+                        if not previous.done.is_set():  # it must claim again: make way
+                            held.close()  # the connection goes back, its transaction rolled back
+                            early = None
+                if previous is not None:
+                    previous.done.wait()
+                self._flush(batch, known, early, flight)
         finally:
-            done.set()
+            flight.claimed.set()
+            flight.done.set()
 
-    def _known_keys(self, batch: list[IngestRequest], in_flight: bool) -> KnownKeys | None:
+    def _known_keys(self) -> KnownKeys | None:
         """What the write may take as the batch's stored keys: none, when no stored key was met
-        lately (a wrong guess fails the key table's primary key and is written again the locked
-        way); those looked up now, while the batch in flight is written; or None, to look them
-        up under the lock."""
-        if time.monotonic() - self._key_met_at >= LOOKUP_AFTER_REPEAT_S:
-            return {}
-        return self._lookup(batch) if in_flight else None
+        lately (a wrong guess fails the key table's primary key, and the batch is planned again
+        with its keys looked up), else None: look them up."""
+        return {} if time.monotonic() - self._key_met_at >= LOOKUP_AFTER_REPEAT_S else None
 
-    def _lookup(self, batch: list[IngestRequest]) -> KnownKeys | None:
-        """The batch's keys already stored, looked up while the previous batch is written; None
-        if that cannot be done now (the write then looks them up under the lock)."""
+    def _prepare_early(self, held: ExitStack, batch: list[IngestRequest],
+                       known: KnownKeys | None) -> Early | None:
+        """While the batch in flight is written: open this one's transaction on a connection
+        of its own, look its keys up if need be and claim the new ones (`EventStore.prepare`),
+        so that only the serial statement is left for its turn. None if that cannot be done now
+        (a key raced in, the database is busy or away): the write then does it all itself."""
         try:
-            with self.pool.connection() as conn:
-                return self.store.lookup_keys(conn, batch)
-        except (DatabaseUnavailable, psycopg2.Error):
+            conn = held.enter_context(self.pool.connection())
+            return conn, self.store.prepare(conn, batch, known)
+        except (DatabaseUnavailable, ReservationFailed, KeyRaced, psycopg2.Error):
             return None
 
     def _take(self) -> list[IngestRequest]:
@@ -233,10 +267,11 @@ class Batcher:
             batch.append(req)
         return batch
 
-    def _flush(self, batch: list[IngestRequest], known: KnownKeys | None = None) -> None:
+    def _flush(self, batch: list[IngestRequest], known: KnownKeys | None = None,
+               early: Early | None = None, flight: Flight | None = None) -> None:
         started = time.monotonic()
         try:
-            commits = self._write(batch, known)
+            commits = self._write(batch, known, early, flight or Flight())
         finally:
             self._inflight.remove(batch)
             self.backlog -= sum(len(r.events) for r in batch)
@@ -267,11 +302,13 @@ class Batcher:
                 except Exception:
                     log.exception("commit listener failed")
 
-    def _write(self, batch: list[IngestRequest], known: KnownKeys | None = None) -> list[Commit]:
+    def _write(self, batch: list[IngestRequest], known: KnownKeys | None, early: Early | None,
+               flight: Flight) -> list[Commit]:
         """Write the batch; return the commits made. Failed requests are told why. `known`: its
-        stored keys, looked up before the lock (see `EventStore.write_batch`)."""
+        stored keys as far as known (see `EventStore.write_batch`); `early`: the batch already
+        prepared on a held connection."""
         try:
-            return [self._write_once(batch, known)]
+            return [self._write_once(batch, known, early, flight)]
         except Problem as problem:
             for req in batch:
                 req.done.set_exception(problem)
@@ -284,16 +321,27 @@ class Batcher:
                     "rejected-by-database", "the database rejected this request's events"))
                 return []
         # Bad data somewhere in a multi-request batch: isolate it by writing requests alone.
+        flight.reclaiming.set()
         commits: list[Commit] = []
         for req in batch:
-            commits += self._write([req])
+            commits += self._write([req], None, None, flight)
         return commits
 
-    def _write_once(self, batch: list[IngestRequest], known: KnownKeys | None) -> Commit:
+    def _write_once(self, batch: list[IngestRequest], known: KnownKeys | None,
+                    early: Early | None, flight: Flight) -> Commit:
+        def before_prepare() -> None:
+            if flight.claimed.is_set():  # it claims again: the batch behind must make way
+                flight.reclaiming.set()
+
+        hooks = {"before_prepare": before_prepare, "after_prepare": flight.claimed.set}
+        if early is not None:  # its transaction is open: the rest is one round trip
+            conn, prepared = early
+            after, upto = self.store.write_batch(conn, batch, known, prepared, **hooks)
+            return Commit(batch, after, upto)
         for attempt in (1, 2):
             try:
                 with self.pool.connection() as conn:
-                    after, upto = self.store.write_batch(conn, batch, known)
+                    after, upto = self.store.write_batch(conn, batch, known, **hooks)
                 return Commit(batch, after, upto)
             except ReservationFailed:
                 # A stale connection fails on the first statement; nothing can have committed,

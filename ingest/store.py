@@ -3,23 +3,27 @@
 Writes happen in batches, one transaction each. psycopg2 refuses COPY under gevent's wait
 callback, so a batch's rows travel as one JSON array parameter that Postgres expands with
 `json_to_recordset` (measured here: ~60k rows/s, against ~51k for `json_array_elements` and
-~38k for `unnest` of arrays). The rows are parsed once, and the events, their keys, the streams'
-newest positions and the COMMIT are one statement in one round trip.
+~38k for `unnest` of arrays).
 Event data travels as a JSON *string* holding its encoded form, because Postgres's JSON parser
 rejects a `\u0000` escape anywhere it walks; de-escaping the outer string yields the encoded
 text unchanged.
 
 Each batch advances the single-row position counter in the statement that writes it; the
 counter's row lock is held until COMMIT, so ids are handed out in commit order across all streams
-and all processes. That same lock makes the idempotency check race-free: keys are looked up
-before it and a key that raced in fails the key table's primary key (the batch is then written
-again with its keys looked up under the lock).
+and all processes. That lock is the one serial section of every write, so a batch does what it
+can before it (`prepare`): it opens its transaction, decides every event's fate and claims its
+new idempotency keys in the key table, whose primary key makes the check race-free (a key stored
+meanwhile fails it, and the batch is planned again from a fresh lookup). A claimed key cannot
+know its event's position yet: it names its batch's ticket and its place in the batch. Then one
+statement (`finish`) takes the lock and writes the events, the batch's ticket row (ticket to
+first position) and the streams' newest positions, with the COMMIT in the same round trip.
+Nothing that holds the lock ever waits for a key.
 """
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,33 +53,54 @@ class Slice:
     hi: int
 
 
-# The locked way's first round trip: the position counter's row lock, taken before the keys are
-# looked up (no other batch can store a key meanwhile).
-SQL_LOCK = "BEGIN; SELECT last FROM sluice_position FOR UPDATE"
-# Batch parameters travel as one JSON text each, never as arrays: psycopg2 renders a list as an
-# ARRAY[...] of quoted literals that Postgres then parses one by one (measured here, 2,000 keys
-# in four arrays: 6.8 ms to adapt, 13 ms the round trip, against 1.4 and 5.5 ms as JSON).
-# The events already stored under some (client, key) pairs, with what the key promised.
+# The events already stored under some (client, key) pairs, with what the key promised. A key
+# names its event by position (`id`, keys from before key batches) or by its batch's ticket and
+# its place in the batch.
 SQL_EXISTING_KEYS = (
-    "SELECT k.client_id, k.key, k.id, k.stream, e.type, e.data FROM event_keys k "
+    "SELECT k.client_id, k.key, x.id, k.stream, e.type, e.data FROM event_keys k "
     "JOIN json_to_recordset(%s::json) AS q(c text, k text) "
     "ON k.client_id = q.c AND k.key = q.k "
-    "LEFT JOIN events e ON e.id = k.id"
+    "LEFT JOIN key_batches b ON b.ticket = k.ticket "
+    "CROSS JOIN LATERAL (SELECT COALESCE(k.id, b.first + k.place) AS id) x "
+    "LEFT JOIN events e ON e.id = x.id"
 )
-# A whole batch in one statement: advance the position counter (its row lock is held until the
-# COMMIT, so ids are handed out in commit order), then the events at the positions reserved
-# (rows carry their place in the batch, 1..n), their keys, and each stream's newest position.
-# The rows are parsed once. The COMMIT follows in the same round trip, so the lock is held for
-# Postgres's own work only, never across a round trip or the Python that planned the rows. The
-# first position travels out through a session setting, read after the COMMIT.
+SQL_KEY_POSITION = (
+    "SELECT COALESCE(k.id, b.first + k.place) FROM event_keys k "
+    "LEFT JOIN key_batches b ON b.ticket = k.ticket WHERE k.client_id = %s AND k.key = %s"
+)
+# A batch's new keys, claimed before the position lock in the batch's transaction: a ticket for
+# the batch, then the keys in (client, key) order, so two batches claiming the same keys wait for
+# each other in one order and never deadlock. A key stored meanwhile, or being stored by a batch
+# in flight (the insert waits for it to end), fails the primary key: the batch is then planned
+# again from a fresh lookup. Nothing that holds the position lock ever waits for a key.
+SQL_CLAIM_KEYS = (
+    "SELECT nextval('key_batch_tickets'); "
+    "INSERT INTO event_keys (client_id, key, ticket, place, stream) "
+    "SELECT j.c, j.k, currval('key_batch_tickets'), j.i, j.s "
+    "FROM json_to_recordset(%s::json) AS j(c text, k text, i integer, s text) ORDER BY j.c, j.k"
+)
+# `rekey` (the Mercure door): keys that move to this batch's new event, each only if it still
+# names the event the lookup saw (else another batch moved it meanwhile: planned again).
+SQL_MOVE_KEYS = (
+    "UPDATE event_keys k SET id = NULL, ticket = currval('key_batch_tickets'), place = j.i, "
+    "stream = j.s FROM (SELECT * FROM json_to_recordset(%s::json) "
+    "AS q(c text, k text, i integer, s text, e bigint) ORDER BY q.c, q.k) j "
+    "WHERE k.client_id = j.c AND k.key = j.k AND COALESCE(k.id, "
+    "(SELECT b.first FROM key_batches b WHERE b.ticket = k.ticket) + k.place) = j.e RETURNING 1"
+)
+# The serial section: advance the position counter (its row lock is held until the COMMIT, so
+# ids are handed out in commit order), then the events at the positions reserved (rows carry
+# their place in the batch, 1..n), the batch's row that its claimed keys name ({key_batch}), and
+# each stream's newest position. The rows are parsed once. The COMMIT follows in the same round
+# trip, so the lock is held for Postgres's own work only, never across a round trip or the
+# Python that planned the rows. The first position travels out through a session setting, read
+# after the COMMIT.
 SQL_WRITE_ROWS = (
     "WITH p AS (UPDATE sluice_position SET last = last + %s RETURNING last - %s AS first), "
     "r AS MATERIALIZED (SELECT p.first + j.i AS i, j.s, j.t, j.d, j.c, j.k FROM p "
     "CROSS JOIN json_to_recordset(%s::json) AS j(i bigint, s text, t text, d text, c text, k text)), "
     "e AS (INSERT INTO events (id, stream, type, data, client_id, key) "
-    "SELECT i, s, t, d, c, k FROM r), "
-    "k AS (INSERT INTO event_keys (client_id, key, id, stream) "
-    "SELECT c, k, i, s FROM r WHERE k IS NOT NULL{on_key}), "
+    "SELECT i, s, t, d, c, k FROM r), {key_batch}"
     "u AS (INSERT INTO streams (name, last_id, pruned_upto) "
     "SELECT g.s, g.l, COALESCE(t.deleted_upto, 0) FROM (SELECT s, max(i) AS l FROM r GROUP BY s) g "
     "LEFT JOIN stream_tombstones t ON t.name = g.s "
@@ -84,12 +109,11 @@ SQL_WRITE_ROWS = (
     "COMMIT; "
     "SELECT current_setting('sluice.batch_first')::bigint"
 )
-# Keys looked up under the lock: a key may move to a new event (`rekey`).
-SQL_FINISH = SQL_WRITE_ROWS.format(on_key=" ON CONFLICT (client_id, key) DO UPDATE "
-                                   "SET id = EXCLUDED.id, stream = EXCLUDED.stream")
-# With keys looked up before the lock: a key stored since then fails the plain insert (the
-# primary key), and the batch is written again the locked way.
-SQL_FINISH_KNOWN = SQL_WRITE_ROWS.format(on_key="")
+SQL_KEY_BATCH = ("b AS (INSERT INTO key_batches (ticket, first, upto) "
+                 "SELECT currval('key_batch_tickets'), first, first + %s FROM p), ")
+SQL_FINISH = SQL_WRITE_ROWS.format(key_batch="")            # no keys claimed
+SQL_FINISH_KEYED = SQL_WRITE_ROWS.format(key_batch=SQL_KEY_BATCH)
+KEY_RACE_ATTEMPTS = 5   # plans of one batch whose keys another batch stored in between
 # One stream's page: an index range scan on (stream, id) in each slice, in slice order.
 SQL_STREAM_PAGE = (
     "SELECT {cols} FROM events WHERE stream = %s AND id > %s AND id <= %s ORDER BY id LIMIT %s"
@@ -107,6 +131,14 @@ SQL_DELETE_STREAM_EVENTS = (
     "WITH gone AS (DELETE FROM events WHERE stream = %s RETURNING client_id, key) "
     "DELETE FROM event_keys k USING gone g "
     "WHERE g.key IS NOT NULL AND k.client_id = g.client_id AND k.key = g.key AND k.stream = %s"
+)
+# A dropped slice's keys that name a key batch, found through the slice's own events (one range
+# of positions per step) and removed only if they still name that event (not moved since).
+SQL_DROP_BATCH_KEYS = (
+    "DELETE FROM event_keys k USING {slice} e, key_batches b "
+    "WHERE e.id >= %s AND e.id < %s AND e.key IS NOT NULL AND NOT e.stream = ANY(%s) "
+    "AND k.client_id = e.client_id AND k.key = e.key AND b.ticket = k.ticket "
+    "AND b.first + k.place = e.id"
 )
 UPTO_MAX = 2 ** 63 - 1
 SQL_COMMIT = "COMMIT"
@@ -153,6 +185,19 @@ class ReservationFailed(Exception):
     """The first statement of a batch failed: nothing was sent that could have committed."""
 
 
+class KeyRaced(Exception):
+    """A key the batch meant to move was moved by another batch meanwhile: plan it again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A batch planned and its keys claimed, its transaction open: what `finish` writes."""
+
+    total: int      # positions it takes
+    rows: str       # its new events as one JSON text
+    keyed: bool     # it claimed keys: its key batch row is due
+
+
 class EventStore:
     """SQL for events and streams; every method takes a borrowed connection. Holds only the
     storage slice width (positions per partition)."""
@@ -190,7 +235,10 @@ class EventStore:
 
     def write_batch(self, conn: psycopg2.extensions.connection,
                     requests: Sequence[IngestRequest],
-                    known: dict[tuple[str, str], KeyedEvent] | None = None) -> tuple[int, int]:
+                    known: dict[tuple[str, str], KeyedEvent] | None = None,
+                    prepared: Prepared | None = None, *,
+                    before_prepare: Callable[[], None] | None = None,
+                    after_prepare: Callable[[], None] | None = None) -> tuple[int, int]:
         """Commit every event of `requests` in one transaction and fill in their results.
 
         Returns the reserved position range (after, upto]: the position before and after. A
@@ -201,56 +249,108 @@ class EventStore:
         connection); any later failure leaves the outcome to the transaction (all or nothing).
         A batch whose positions run past the last slice creates the slice and is written again.
 
-        `known`: the batch's stored keys as taken before the lock (from `lookup_keys`, or `{}`
-        to assume none). The lock is then held without looking keys up; a stored key missing
-        from `known` (stored by another batch in between, or never looked up) fails the plain
-        key insert, and the batch is written again the locked way (nothing of the first try
-        commits). Not for `rekey` requests, which move keys.
+        `known`: the batch's stored keys as taken earlier (from `lookup_keys`, or `{}` to assume
+        none); None looks them up now. Either way the batch's new keys are claimed before the
+        position lock (`prepare`); a stored key missing from `known` (stored by another batch in
+        between, or never looked up) fails the claim, and the batch is planned again from a
+        fresh lookup (nothing of the first try commits). `rekey` batches always look keys up.
+        `prepared`: this batch, already prepared on this connection (its transaction open).
+        `before_prepare` and `after_prepare` are called around each time its keys are claimed
+        (the batcher's pipeline needs to know, see `ingest.batcher.Flight`).
         """
-        if known is not None and not any(r.rekey for r in requests):
+        if any(r.rekey for r in requests):
+            known = None  # moving a key needs what it names now
+        for attempt in range(1, KEY_RACE_ATTEMPTS + 1):
             try:
-                return self._write_batch(conn, requests, known)
-            except psycopg2.errors.UniqueViolation:
-                pass  # a key raced in: the locked lookup below decides
+                if prepared is None:
+                    if before_prepare is not None:
+                        before_prepare()
+                    prepared = self.prepare(conn, requests, known)
+                    if after_prepare is not None:
+                        after_prepare()
+                return self.finish(conn, requests, prepared)
+            except (psycopg2.errors.UniqueViolation, psycopg2.errors.DeadlockDetected, KeyRaced):
+                if attempt == KEY_RACE_ATTEMPTS:
+                    raise  # keys stored under it again and again: let the batcher isolate it
             except psycopg2.errors.CheckViolation as exc:
                 if "no partition" not in str(exc):
                     raise
-        try:
-            return self._write_batch(conn, requests)
-        except psycopg2.errors.CheckViolation as exc:
-            if "no partition" not in str(exc):
-                raise
-        with conn.cursor() as cur:
-            cur.execute("SELECT last FROM sluice_position")
-            last = cur.fetchone()[0]
-        self.ensure_slices(conn, last + sum(len(r.events) for r in requests), self.slice_width)
-        return self._write_batch(conn, requests)
+                with conn.cursor() as cur:
+                    cur.execute("SELECT last FROM sluice_position")
+                    last = cur.fetchone()[0]
+                total = sum(len(r.events) for r in requests)
+                self.ensure_slices(conn, last + total, self.slice_width)
+            prepared, known = None, None
+        raise AssertionError("unreachable")
 
-    def _write_batch(self, conn: psycopg2.extensions.connection,
-                     requests: Sequence[IngestRequest],
-                     known: dict[tuple[str, str], KeyedEvent] | None = None) -> tuple[int, int]:
+    def prepare(self, conn: psycopg2.extensions.connection, requests: Sequence[IngestRequest],
+                known: dict[tuple[str, str], KeyedEvent] | None = None) -> Prepared:
+        """Open the batch's transaction, decide every event's fate (the stored keys as `known`,
+        or looked up now) and claim its new keys: all without the position lock, so a batch can
+        be prepared while another one is written. `finish` then writes it.
+
+        Raises ReservationFailed if the first round trip failed; UniqueViolation, KeyRaced or
+        DeadlockDetected if another batch stored one of its keys meanwhile. On any failure the
+        transaction is rolled back and the requests' results cleared."""
         total = sum(len(r.events) for r in requests)
         cur = conn.cursor()
-        try:
+        begun = False
+
+        def trip(sql: str, params: tuple[Any, ...] = ()) -> None:
+            nonlocal begun
+            if begun:
+                cur.execute(sql, params)
+                return
             try:  # nothing that can commit is sent before this round trip succeeds
-                cur.execute("BEGIN" if known is not None else SQL_LOCK)
+                cur.execute(f"BEGIN; {sql}" if sql else "BEGIN", params or None)
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 raise ReservationFailed(str(exc)) from exc
+            begun = True
+
+        try:
             try:
-                existing = self._existing_keys(cur, requests) if known is None else dict(known)
+                if known is None:
+                    existing = self._existing_keys(cur, requests, trip)
+                else:
+                    existing = dict(known)
+                stored = {key: seen.id for key, seen in existing.items()}
                 rows = self._plan_rows(requests, existing)
-                cur.execute(self._write_sql(locked=known is None),
-                            (total, total, orjson.dumps(rows).decode()))
+                claims: dict[tuple[str, str], dict[str, Any]] = {}
+                for row in rows:  # a key named twice (a `rekey` move) names its last event
+                    if row["k"] is not None:
+                        claims[(row["c"], row["k"])] = {"c": row["c"], "k": row["k"],
+                                                        "i": row["i"], "s": row["s"]}
+                new = [c for key, c in claims.items() if key not in stored]
+                moves = [{**c, "e": stored[key]} for key, c in claims.items() if key in stored]
+                if claims:
+                    trip(SQL_CLAIM_KEYS, (orjson.dumps(new).decode(),))
+                if moves:
+                    cur.execute(SQL_MOVE_KEYS, (orjson.dumps(moves).decode(),))
+                    if len(cur.fetchall()) != len(moves):
+                        raise KeyRaced("a key moved meanwhile")
+                if not begun:
+                    trip("")
+            except BaseException:
+                self._abandon(conn, cur, requests)
+                raise
+        finally:
+            cur.close()
+        return Prepared(total, orjson.dumps(rows).decode(), bool(claims))
+
+    def finish(self, conn: psycopg2.extensions.connection, requests: Sequence[IngestRequest],
+               prepared: Prepared) -> tuple[int, int]:
+        """The serial section: take the position lock, write the prepared batch's events, its
+        key batch row and its streams, and COMMIT, in one round trip."""
+        total = prepared.total
+        params: tuple[Any, ...] = (total, total, prepared.rows)
+        cur = conn.cursor()
+        try:
+            try:
+                cur.execute(self._write_sql(keyed=prepared.keyed),
+                            params + (total,) if prepared.keyed else params)
                 first = cur.fetchone()[0]
             except BaseException:
-                if not conn.closed:
-                    try:
-                        cur.execute(SQL_ROLLBACK)
-                    except psycopg2.Error:
-                        pass
-                for r in requests:
-                    r.results = None
-                    r.error = None
+                self._abandon(conn, cur, requests)
                 raise
         finally:
             cur.close()
@@ -260,9 +360,22 @@ class EventStore:
                     w.id = first - w.id
         return first, first + total
 
-    def _write_sql(self, *, locked: bool) -> str:
-        """The batch statement: with keys looked up under the lock, or before it."""
-        return SQL_FINISH if locked else SQL_FINISH_KNOWN
+    @staticmethod
+    def _abandon(conn: psycopg2.extensions.connection, cur: psycopg2.extensions.cursor,
+                 requests: Sequence[IngestRequest]) -> None:
+        """Roll the batch's transaction back and forget what was planned for its requests."""
+        if not conn.closed:
+            try:
+                cur.execute(SQL_ROLLBACK)
+            except psycopg2.Error:
+                pass
+        for r in requests:
+            r.results = None
+            r.error = None
+
+    def _write_sql(self, *, keyed: bool) -> str:
+        """The serial statement: with the row of a batch that claimed keys, or without."""
+        return SQL_FINISH_KEYED if keyed else SQL_FINISH
 
     def _plan_rows(self, requests: Sequence[IngestRequest],
                    existing: dict[tuple[str, str], KeyedEvent]) -> list[dict[str, Any]]:
@@ -317,13 +430,18 @@ class EventStore:
             mine.setdefault(ev.key, KeyedEvent(0, ev.stream, ev.type, ev.data))
         return None
 
-    def _existing_keys(self, cur: psycopg2.extensions.cursor,
-                       requests: Sequence[IngestRequest]) -> dict[tuple[str, str], KeyedEvent]:
+    def _existing_keys(self, cur: psycopg2.extensions.cursor, requests: Sequence[IngestRequest],
+                       trip: Callable[[str, tuple[Any, ...]], None] | None = None,
+                       ) -> dict[tuple[str, str], KeyedEvent]:
         keys = [{"c": req.client_id, "k": ev.key}
                 for req in requests for ev in req.events if ev.key is not None]
         if not keys:
             return {}
-        cur.execute(SQL_EXISTING_KEYS, (orjson.dumps(keys).decode(),))
+        params = (orjson.dumps(keys).decode(),)
+        if trip is None:
+            cur.execute(SQL_EXISTING_KEYS, params)
+        else:
+            trip(SQL_EXISTING_KEYS, params)
         return {(c, k): KeyedEvent(i, s, t, d) for c, k, i, s, t, d in cur.fetchall()}
 
     # -- reads --------------------------------------------------------------------------------
@@ -383,8 +501,7 @@ class EventStore:
                      key: str) -> int | None:
         """The position of the event stored under an idempotency key, if it is still kept."""
         with conn.cursor() as cur:
-            cur.execute("SELECT id FROM event_keys WHERE client_id = %s AND key = %s",
-                        (client_id, key))
+            cur.execute(SQL_KEY_POSITION, (client_id, key))
             row = cur.fetchone()
         return None if row is None else int(row[0])
 
@@ -469,7 +586,18 @@ class EventStore:
         remembered with the position, so a re-created stream says old history is gone.
 
         Takes the position lock so no batch writes to the stream halfway through the delete.
+        Holding it, the delete may wait for a key that a `rekey` batch is moving while that
+        batch waits for the lock: Postgres ends one of the two, and this one tries again.
         """
+        for attempt in (1, 2, 3):
+            try:
+                return self._delete_stream(conn, name)
+            except psycopg2.errors.DeadlockDetected:
+                if attempt == 3:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _delete_stream(self, conn: psycopg2.extensions.connection, name: str) -> bool:
         with _transaction(conn) as cur:
             cur.execute("SELECT last FROM sluice_position FOR UPDATE")
             last = cur.fetchone()[0]
@@ -549,12 +677,16 @@ class EventStore:
             total = cur.fetchone()[0]
         kept = 0
         while True:  # the slice's keys first, in bounded steps (a key lives as long as its event)
-            with conn.cursor() as cur:
+            with conn.cursor() as cur:  # keys that carry their position
                 cur.execute("DELETE FROM event_keys WHERE ctid = ANY(ARRAY(SELECT ctid FROM "
                             "event_keys WHERE id >= %s AND id < %s AND NOT stream = ANY(%s) "
                             "LIMIT %s))", (piece.lo, piece.hi, list(keep), step))
                 if cur.rowcount < step:
                     break
+        for lo in range(piece.lo, piece.hi, step):  # keys that name a key batch: by the events
+            with conn.cursor() as cur:
+                cur.execute(SQL_DROP_BATCH_KEYS.format(slice=piece.name),
+                            (lo, min(lo + step, piece.hi), list(keep)))
         with conn.cursor() as cur:
             if keep:
                 cur.execute(f"SELECT count(*) FROM {piece.name} WHERE stream = ANY(%s)",
@@ -568,10 +700,19 @@ class EventStore:
                 cur.execute(f"ALTER TABLE events DETACH PARTITION {piece.name} CONCURRENTLY")
                 cur.execute(f"DROP TABLE {piece.name}")
                 cur.execute("RESET lock_timeout")
+            self._drop_key_batches(conn)
         with conn.cursor() as cur:
             cur.execute("UPDATE streams SET pruned_upto = GREATEST(pruned_upto, %s) "
                         "WHERE name = ANY(%s)", (piece.hi - 1, streams))
         return total - kept
+
+    def _drop_key_batches(self, conn: psycopg2.extensions.connection) -> None:
+        """Forget the key batches whose every position lies below what any slice holds (a
+        compacted slice still holds its range: its kept keys still name their batches)."""
+        held = self.slices(conn)
+        if held:
+            with conn.cursor() as cur:
+                cur.execute("DELETE FROM key_batches WHERE upto < %s", (held[0].lo,))
 
     def _compact_slice(self, conn: psycopg2.extensions.connection, piece: Slice,
                        keep: Sequence[str]) -> None:

@@ -144,15 +144,20 @@ def test_commit_ranges_are_contiguous_and_cover_every_id(pool):
 
 
 def test_two_batches_in_flight_commit_and_notify_in_order(pool):
-    """While one batch is written the next looks its keys up: commits, wake-ups and listeners
-    stay in batch order, ranges contiguous, every key stored once, the pending list complete."""
+    """While one batch is written the next is prepared (its keys claimed, its transaction held
+    open): commits, wake-ups and listeners stay in batch order, ranges contiguous, every key
+    stored once, the pending list complete."""
     class CountingStore(EventStore):
-        lookups = 0
+        early = 0
 
-        def lookup_keys(self, conn, requests):
-            CountingStore.lookups += 1
-            gevent.sleep(0.002)  # a slower lookup: the previous batch is surely still writing
-            return super().lookup_keys(conn, requests)
+        def write_batch(self, conn, requests, known=None, prepared=None, **hooks):
+            if prepared is not None:
+                CountingStore.early += 1
+            return super().write_batch(conn, requests, known, prepared, **hooks)
+
+        def prepare(self, conn, requests, known=None):
+            gevent.sleep(0.002)  # a slower batch: the one behind it surely comes meanwhile
+            return super().prepare(conn, requests, known)
 
     batcher = Batcher(CountingStore(), pool, max_events=40, max_wait_ms=1).start()
     commits = []
@@ -160,7 +165,7 @@ def test_two_batches_in_flight_commit_and_notify_in_order(pool):
     requests = [req(n=5, key=None) for _ in range(40)]
     requests += [req(key=f"k{i % 30}") for i in range(120)]  # each key four times
     gevent.joinall([gevent.spawn(batcher.commit, r, 20) for r in requests], raise_error=True)
-    assert len(commits) > 2 and CountingStore.lookups > 0  # batches were in flight together
+    assert len(commits) > 2 and CountingStore.early > 0  # batches were in flight together
     for prev, nxt in zip(commits, commits[1:], strict=False):
         assert nxt.after == prev.upto  # in order: each commit starts where the last ended
     keyed = [r for r in requests if r.events[0].key is not None]
@@ -176,16 +181,16 @@ def test_two_batches_in_flight_commit_and_notify_in_order(pool):
 
 def test_keys_are_not_looked_up_until_a_batch_meets_a_stored_one(pool, monkeypatch):
     """Most keys are new: a batch is written as if none were stored. A stored one fails the key
-    table's primary key and the batch is written again the locked way (a duplicate with the
-    original id, or 422); from then on keys are looked up for LOOKUP_AFTER_REPEAT_S."""
+    table's primary key and the batch is planned again with its keys looked up (a duplicate
+    with the original id, or 422); from then on keys are looked up for LOOKUP_AFTER_REPEAT_S."""
     class RecordingStore(EventStore):
         def __init__(self):
             super().__init__()
             self.known_given: list[object] = []
 
-        def write_batch(self, conn, requests, known=None):
+        def write_batch(self, conn, requests, known=None, prepared=None, **hooks):
             self.known_given.append(None if known is None else dict(known))
-            return super().write_batch(conn, requests, known)
+            return super().write_batch(conn, requests, known, prepared, **hooks)
 
     store = RecordingStore()
     batcher = Batcher(store, pool, max_events=100, max_wait_ms=1).start()

@@ -142,7 +142,7 @@ def test_migration_0002_converts_a_0001_database(pg_admin_url):
     pool = Pool(url, 1, timeout_s=30)
     store = EventStore(100)
     with pool.connection() as conn:
-        assert store.migrate(conn) == ["0002_slices"]
+        assert store.migrate(conn) == ["0002_slices", "0003_key_batches"]
         rows = store.read_events(conn, after=0, limit=2000)
         assert [r.id for r in rows] == list(range(1, 1001))
         assert [r.data for r in rows[:3]] == ["1", "2", "3"]
@@ -173,4 +173,47 @@ def test_a_batch_past_the_last_slice_creates_its_slice(database_url):
         assert len(store.slices(conn)) > before
         assert [e.id for e in store.read_events(conn, after=0, limit=50)] == list(range(1, 21))
         assert orjson.loads(store.read_events(conn, after=19, limit=1)[0].data) == 19
+    pool.close()
+
+
+def test_dropping_a_slice_forgets_its_keys_and_key_batches_and_keeps_the_rest(database_url):
+    """Keys name their batch (ticket and place) and keys from before key batches their
+    position: dropping a slice removes both kinds for its events and the key batches wholly
+    below what is left, while keys of later slices and of a kept stream (compacted) still
+    name their events."""
+    pool = Pool(database_url, 1, timeout_s=10)
+    store = EventStore(10)
+    with pool.connection() as conn:
+        old_style = ingest_request(stream="s", key="by-position")
+        store.write_batch(conn, [old_style])
+        with conn.cursor() as cur:  # as a key written before migration 0003 would be
+            cur.execute("UPDATE event_keys SET id = %s, ticket = NULL, place = NULL "
+                        "WHERE key = 'by-position'", (old_style.results[0].id,))
+        batches = [[ingest_request(stream="kept" if i == 3 else "s", key=f"k{i}-{j}")
+                    for j in range(4)] for i in range(6)]
+        for batch in batches:  # 24 events: positions 2..25 over slices of 10
+            store.write_batch(conn, batch)
+        cut = next(p.hi for p in store.slices(conn) if p.lo <= 20 < p.hi)
+        for piece in [p for p in store.slices(conn) if p.hi <= cut]:  # oldest first
+            store.drop_slice(conn, piece, keep=["kept"])
+        held = store.slices(conn)[0].lo  # the compacted copy still holds its range
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FILTER (WHERE upto < %s), count(*) FROM key_batches",
+                        (held,))
+            below, left = cur.fetchone()
+
+        def position(key):
+            return store.key_position(conn, "c", key)
+
+        gone = [r for b in batches for r in b if r.results[0].id < cut and r.events[0].stream == "s"]
+        assert gone and all(position(r.events[0].key) is None for r in gone)
+        assert position("by-position") is None
+        later = [r for b in batches for r in b if r.results[0].id >= cut]
+        assert later and all(position(r.events[0].key) == r.results[0].id for r in later)
+        kept = batches[3]  # positions 14..17: in a compacted copy of its slice
+        assert all(r.results[0].id < cut and position(r.events[0].key) == r.results[0].id
+                   for r in kept)
+        # The batches wholly below the oldest slice left are forgotten (the first three of the
+        # seven), the others remain: the kept stream's keys still name theirs.
+        assert held < cut and (below, left) == (0, 4)
     pool.close()

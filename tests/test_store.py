@@ -66,9 +66,9 @@ def test_a_key_repeated_later_in_the_same_batch_names_the_event_written_now(pool
 
 
 def test_keys_looked_up_before_the_lock_are_checked_again_when_one_raced_in(pool):
-    """The pipelined batcher's path: keys looked up without the lock, then written. A key that
-    another batch stored in between fails the plain insert, and the batch is written again
-    the locked way: a duplicate of the event that won, nothing written twice, nothing lost."""
+    """Keys looked up earlier, then claimed. A key that another batch stored in between fails
+    the claim, and the batch is planned again from a fresh lookup: a duplicate of the event
+    that won, nothing written twice, nothing lost."""
     store = EventStore()
     late = req(key="raced", n=1)
     other_new = req(key="fresh", n=1)
@@ -118,6 +118,130 @@ def test_unique_key_table_backs_idempotency(pool):
                         "VALUES ('c', 'k', 999, 's')")
 
 
+def test_a_batch_claims_its_keys_without_the_position_lock(pool, database_url):
+    """The serial section holds the position counter's row lock from the reservation to the
+    COMMIT, so a batch's keys are claimed before it: with the lock held elsewhere, `prepare`
+    finishes (its key rows are in its open transaction, naming its ticket and place, not yet a
+    position), the write waits, and once the lock is free the key names the event's position."""
+    store = EventStore()
+    holder = psycopg2.connect(database_url)
+    holder.autocommit = True
+    held = holder.cursor()
+    held.execute("BEGIN; SELECT last FROM sluice_position FOR UPDATE")
+    r = req(key="early", n=1)
+    with pool.connection() as conn:
+        prepared = gevent.with_timeout(10, store.prepare, conn, [r], {})
+        with conn.cursor() as cur:  # inside the batch's transaction
+            cur.execute("SELECT ticket IS NOT NULL, place, id FROM event_keys WHERE key = 'early'")
+            assert cur.fetchall() == [(True, 1, None)]
+        writer = gevent.spawn(store.write_batch, conn, [r], {}, prepared)
+        gevent.sleep(0.3)
+        assert not writer.ready()  # the serial statement waits for the lock
+        held.execute("COMMIT")
+        after, upto = writer.get(timeout=10)
+    holder.close()
+    assert (upto - after, r.results[0].id) == (1, after + 1)
+    with pool.connection() as conn:
+        assert store.key_position(conn, "c", "early") == after + 1
+    (again,) = write(pool, req(key="early"))
+    assert again.results[0].duplicate and again.results[0].id == after + 1
+
+
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_a_key_claimed_by_a_batch_in_flight_waits_for_it(pool, first_commits):
+    """Two batches with the same key: the second's claim waits for the first's transaction.
+    If the first commits, the second is planned again and answered as its duplicate; if the
+    first rolls back, the second's event is the new one. One event either way."""
+    store = EventStore()
+    first, second = req(key="shared"), req(key="shared")
+    with pool.connection() as a, pool.connection() as b:
+        prepared = store.prepare(a, [first], {})
+        other = gevent.spawn(store.write_batch, b, [second], {})
+        gevent.sleep(0.3)
+        assert not other.ready()  # waiting in Postgres for the first batch's key
+        if first_commits:
+            store.write_batch(a, [first], {}, prepared)
+        else:
+            with a.cursor() as cur:
+                cur.execute("ROLLBACK")
+        other.get(timeout=10)
+    if first_commits:
+        assert second.results[0].duplicate and second.results[0].id == first.results[0].id
+    else:
+        assert not second.results[0].duplicate
+    with pool.connection() as conn:
+        rows = store.read_events(conn, after=0, limit=10)
+        assert [r.id for r in rows] == [second.results[0].id]
+        assert store.key_position(conn, "c", "shared") == second.results[0].id
+
+
+def test_concurrent_batches_with_overlapping_keys_store_each_key_once(database_url):
+    """Writers claim overlapping keys in random orders (claims are made in key order, so they
+    never deadlock; a key that raced in sends the batch back to a fresh lookup): every batch
+    commits, each key names one event, and every repeat is answered with that event's id."""
+    pool = Pool(database_url, 6, timeout_s=30)
+    store = EventStore()
+    keys = [f"k{i}" for i in range(40)]
+    results: list = []
+
+    def writer():
+        for _ in range(15):
+            batch = [req(key=k) for k in random.sample(keys, 12)]
+            with pool.connection() as conn:
+                store.write_batch(conn, batch, {})
+            results.extend((r.events[0].key, r.results[0].id) for r in batch)
+
+    gevent.joinall([gevent.spawn(writer) for _ in range(5)], raise_error=True, timeout=120)
+    ids: dict[str, set[int]] = {}
+    for key, i in results:
+        ids.setdefault(key, set()).add(i)
+    assert len(results) == 5 * 15 * 12 and all(len(v) == 1 for v in ids.values())
+    with pool.connection() as conn:
+        rows = store.read_events(conn, after=0, limit=1000)
+        assert sorted(r.key for r in rows) == sorted(ids)  # one event per key used
+        assert all(store.key_position(conn, "c", k) == next(iter(v)) for k, v in ids.items())
+    pool.close()
+
+
+def test_a_rekey_moves_the_key_and_a_move_raced_in_is_planned_again(pool):
+    """Mercure's ids (`rekey`): a different event under a used key becomes a new event and the
+    key moves to it; the same event again is a duplicate of the newest. If another batch moves
+    the key between the lookup and the move, the move finds it changed and the batch is
+    planned again from a fresh lookup."""
+    store = EventStore()
+
+    def rekeyed(data):
+        r = req(key="m")
+        r.events[0].data = data
+        r.rekey = True
+        return r
+
+    (a,) = write(pool, rekeyed('"a"'))
+    (b,) = write(pool, rekeyed('"b"'))
+    assert not b.results[0].duplicate and b.results[0].id > a.results[0].id
+    (b_again,) = write(pool, rekeyed('"b"'))
+    assert b_again.results[0].duplicate and b_again.results[0].id == b.results[0].id
+
+    class RacedStore(EventStore):
+        raced = False
+
+        def _existing_keys(self, cur, requests, trip=None):
+            seen = super()._existing_keys(cur, requests, trip)
+            if not RacedStore.raced:  # another batch moves the key right after this lookup
+                RacedStore.raced = True
+                write(pool, rekeyed('"c"'))
+            return seen
+
+    d = rekeyed('"d"')
+    with pool.connection() as conn:
+        RacedStore().write_batch(conn, [d])
+    assert RacedStore.raced and not d.results[0].duplicate
+    with pool.connection() as conn:
+        assert store.key_position(conn, "c", "m") == d.results[0].id
+        datas = [r.data for r in store.read_events(conn, after=0, limit=10)]
+    assert datas == ['"a"', '"b"', '"c"', '"d"']
+
+
 def test_commit_order_equals_id_order_under_concurrent_writers(database_url):
     """A reader tailing with `after=<last id seen>` must receive every event exactly once.
 
@@ -126,8 +250,8 @@ def test_commit_order_equals_id_order_under_concurrent_writers(database_url):
     sequence, a later id could commit first and the tail would skip the earlier one for good.
     """
     class SlowStore(EventStore):
-        def _write_sql(self, *, locked):
-            return super()._write_sql(locked=locked).replace(
+        def _write_sql(self, *, keyed):
+            return super()._write_sql(keyed=keyed).replace(
                 "SELECT set_config(", f"SELECT pg_sleep({random.uniform(0, 0.01):.4f}), set_config(")
 
     pool = Pool(database_url, 6, timeout_s=30)
