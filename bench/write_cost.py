@@ -2,16 +2,21 @@
 
     python bench/write_cost.py [--batches 250] [--rounds 3] [--only NAME,...]
 
-The batch statement runs under the position counter's row lock, so one backend's time per
-event bounds batched ingest however many connections there are. This runs the store's own
-statement (`SQL_FINISH_KNOWN`, every key new) on one connection with the realistic shape
-(2,000-event batches, every event keyed with a random 32-hex key, ~120-byte data, streams
-drawn from 1,000) and then variants of the layout, each on a fresh embedded database
-(fsync on), rounds alternated. Reports the median events/s of the statement, the backend's
-CPU per event (from /proc) and WAL bytes per event. Loopback only; stops by itself.
+A batch's write has two parts: the claim of its new idempotency keys, made before the position
+lock, and the serial statement, which holds the position counter's row lock to COMMIT. One
+backend's time per event in the serial statement bounds batched ingest however many
+connections there are. This runs the store's own statements (`SQL_CLAIM_KEYS`, then
+`SQL_FINISH_KEYED`, every key new) on one connection with the realistic shape (2,000-event
+batches, every event keyed with a random 32-hex key, ~120-byte data, streams drawn from 1,000)
+and then variants of the layout, each on a fresh embedded database (fsync on), rounds
+alternated. Reports the median events/s of the serial statement (the ceiling), the claim's and
+the serial statement's time per event, the backend's CPU per event (from /proc) and WAL bytes
+per event. Loopback only; stops by itself.
 
-Variants (each is today's layout with one thing taken away or swapped):
-  today         the statement as Sluice runs it
+Variants (each is today's layout with one thing moved, taken away or swapped):
+  today         the claim, then the serial statement, as Sluice runs them
+  keys-in-lock  the keys written inside the serial statement with their positions (the layout
+                before key batches)
   no-upsert     without the streams' newest-position upsert
   no-client-idx without the events (client_id, id) index
   hash-key      the key table with a hash index on `key` instead of its (client_id, key)
@@ -38,24 +43,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from embedded.servers import EmbeddedPostgres  # noqa: E402
-from ingest.store import SQL_FINISH_KNOWN, EventStore  # noqa: E402
+from ingest.store import SQL_CLAIM_KEYS, SQL_FINISH_KEYED, EventStore  # noqa: E402
 
 BATCH = 2000
+SERIAL = SQL_FINISH_KEYED
 
 
 def cte(name: str) -> str:
-    """One named part of the store's batch statement, as the store writes it."""
-    start = SQL_FINISH_KNOWN.index(f"{name} AS (")
+    """One named part of the store's serial statement, as the store writes it."""
+    start = SERIAL.index(f"{name} AS (")
     depth = 0
-    for i in range(start + len(name) + 4, len(SQL_FINISH_KNOWN)):
-        depth += {"(": 1, ")": -1}.get(SQL_FINISH_KNOWN[i], 0)
+    for i in range(start + len(name) + 4, len(SERIAL)):
+        depth += {"(": 1, ")": -1}.get(SERIAL[i], 0)
         if depth == 0:
-            return SQL_FINISH_KNOWN[start:i + 1]
+            return SERIAL[start:i + 1]
     raise ValueError(name)
 
 
-HEAD = SQL_FINISH_KNOWN[:SQL_FINISH_KNOWN.index("e AS (")]  # the counter and the parsed rows
-TAIL = SQL_FINISH_KNOWN[SQL_FINISH_KNOWN.index(" SELECT set_config"):]
+HEAD = SERIAL[:SERIAL.index("e AS (")]  # the counter and the parsed rows
+TAIL = SERIAL[SERIAL.index(" SELECT set_config"):]
+KEYS_IN_LOCK = ("k AS (INSERT INTO event_keys (client_id, key, id, stream) "
+                "SELECT c, k, i, s FROM r WHERE k IS NOT NULL)")
 
 
 def statement(*parts: str, extra: str = "") -> str:
@@ -66,17 +74,17 @@ def statement(*parts: str, extra: str = "") -> str:
 
 DROP_EVENT_INDEXES = ["DROP INDEX events_id", "DROP INDEX events_stream_id",
                       "DROP INDEX events_client_id"]
-# name: (setup statements, the batch statement)
-VARIANTS: dict[str, tuple[list[str], str]] = {
-    "today": ([], SQL_FINISH_KNOWN),
-    "no-upsert": ([], statement(cte("e"), cte("k"))),
-    "no-client-idx": (["DROP INDEX events_client_id"], SQL_FINISH_KNOWN),
+# name: (setup statements, claims keys first, the serial statement)
+VARIANTS: dict[str, tuple[list[str], bool, str]] = {
+    "today": ([], True, SERIAL),
+    "keys-in-lock": ([], False, statement(cte("e"), KEYS_IN_LOCK, cte("u"))),
+    "no-upsert": ([], True, statement(cte("e"), cte("b"))),
+    "no-client-idx": (["DROP INDEX events_client_id"], True, SERIAL),
     "hash-key": (["ALTER TABLE event_keys DROP CONSTRAINT event_keys_pkey",
-                  "CREATE INDEX event_keys_key ON event_keys USING hash (key)"],
-                 SQL_FINISH_KNOWN),
-    "no-key-table": ([], statement(cte("e"), cte("u"))),
-    "bare": (DROP_EVENT_INDEXES, statement(cte("e"))),
-    "parse": ([], statement("x AS (SELECT count(*) FROM r)", extra=", x")),
+                  "CREATE INDEX event_keys_key ON event_keys USING hash (key)"], True, SERIAL),
+    "no-key-table": ([], False, statement(cte("e"), cte("u"))),
+    "bare": (DROP_EVENT_INDEXES, False, statement(cte("e"))),
+    "parse": ([], False, statement("x AS (SELECT count(*) FROM r)", extra=", x")),
 }
 
 
@@ -85,14 +93,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def batch_rows(data: str) -> str:
-    return orjson.dumps([{"i": i + 1, "s": f"s/{random.randrange(1000)}", "t": "message",
-                          "d": data, "c": "bench", "k": os.urandom(16).hex()}
-                         for i in range(BATCH)]).decode()
+def batch_rows(data: str) -> tuple[str, str]:
+    """A batch's rows, and its keys as the claim takes them (in the store's order)."""
+    rows = [{"i": i + 1, "s": f"s/{random.randrange(1000)}", "t": "message", "d": data,
+             "c": "bench", "k": os.urandom(16).hex()} for i in range(BATCH)]
+    keys = [{"c": r["c"], "k": r["k"], "i": r["i"], "s": r["s"]} for r in rows]
+    return orjson.dumps(rows).decode(), orjson.dumps(keys).decode()
 
 
 def run(name: str, batches: int) -> dict[str, float]:
-    setup, sql = VARIANTS[name]
+    setup, claims, sql = VARIANTS[name]
+    keyed_serial = "key_batches" in sql
     pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="sluice-write-cost-")) / "pg").start()
     try:
         conn = psycopg2.connect(pg.url)
@@ -107,12 +118,18 @@ def run(name: str, batches: int) -> dict[str, float]:
         backend, lsn = cur.fetchone()
         data = orjson.dumps({"payload": "x" * 100}).decode()
         bodies = [batch_rows(data) for _ in range(batches)]  # made before the clock starts
-        cpu0, spent = cpu_seconds(backend), 0.0
-        for body in bodies:
+        cpu0, serial, claim = cpu_seconds(backend), 0.0, 0.0
+        for rows, keys in bodies:
             started = time.perf_counter()
-            cur.execute("BEGIN; " + sql, (BATCH, BATCH, body))
+            if claims:
+                cur.execute("BEGIN; " + SQL_CLAIM_KEYS, (keys,))
+            else:
+                cur.execute("BEGIN; SELECT nextval('key_batch_tickets')")
+            locked = time.perf_counter()
+            cur.execute(sql, (BATCH, BATCH, rows) + ((BATCH,) if keyed_serial else ()))
             cur.fetchone()
-            spent += time.perf_counter() - started
+            serial += time.perf_counter() - locked
+            claim += locked - started
         cpu = cpu_seconds(backend) - cpu0
         cur.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (lsn,))
         wal = float(cur.fetchone()[0])
@@ -120,7 +137,9 @@ def run(name: str, batches: int) -> dict[str, float]:
     finally:
         pg.remove()
     events = BATCH * batches
-    return {"events_per_s": events / spent, "cpu_us": cpu / events * 1e6, "wal_b": wal / events}
+    return {"events_per_s": events / serial, "serial_us": serial / events * 1e6,
+            "claim_us": claim / events * 1e6, "cpu_us": cpu / events * 1e6,
+            "wal_b": wal / events}
 
 
 def main() -> None:
@@ -138,18 +157,23 @@ def main() -> None:
         for name in names:
             res = run(name, args.batches)
             results[name].append(res)
-            print(f"round {r + 1} {name:14s} {res['events_per_s']:9,.0f} events/s "
-                  f"{res['cpu_us']:5.1f} µs/event {res['wal_b']:5.0f} WAL B/event",
+            print(f"round {r + 1} {name:14s} {res['events_per_s']:9,.0f} events/s serial "
+                  f"{res['serial_us']:5.1f} µs/event, claim {res['claim_us']:5.1f}, "
+                  f"CPU {res['cpu_us']:5.1f}, {res['wal_b']:5.0f} WAL B/event",
                   file=sys.stderr, flush=True)
-    print(f"\nBatch statement, one connection, {BATCH:,}-event realistic batches, "
+    print(f"\nBatch write, one connection, {BATCH:,}-event realistic batches, "
           f"{args.batches * BATCH:,} events per run, medians of {args.rounds} rounds\n")
-    print("| variant | events/s | backend CPU µs/event | WAL bytes/event |")
-    print("|---|---:|---:|---:|")
+    print("| variant | serial statement events/s | serial µs/event | claim µs/event | "
+          "backend CPU µs/event | WAL bytes/event |")
+    print("|---|---:|---:|---:|---:|---:|")
+
+    def med(rs: list[dict[str, float]], k: str) -> float:
+        return statistics.median(x[k] for x in rs)
+
     for name in names:
         rs = results[name]
-        print(f"| {name} | {statistics.median(x['events_per_s'] for x in rs):,.0f} | "
-              f"{statistics.median(x['cpu_us'] for x in rs):.1f} | "
-              f"{statistics.median(x['wal_b'] for x in rs):.0f} |")
+        print(f"| {name} | {med(rs, 'events_per_s'):,.0f} | {med(rs, 'serial_us'):.1f} | "
+              f"{med(rs, 'claim_us'):.1f} | {med(rs, 'cpu_us'):.1f} | {med(rs, 'wal_b'):.0f} |")
 
 
 if __name__ == "__main__":
