@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import requests
@@ -34,10 +35,9 @@ SECRET = "bench-secret-0123456789abcdef0123456789"
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "config" / "gunicorn.py")]
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children that are still running (gunicorn's workers)."""
+def proc_cpu_seconds(pids: Iterable[int]) -> float:
+    """User and kernel CPU time of these processes (those still running), from /proc."""
     total = 0.0
-    pids = [pid, *child_pids(pid)]
     for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
@@ -45,6 +45,11 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children that are still running (gunicorn's workers)."""
+    return proc_cpu_seconds([pid, *child_pids(pid)])
 
 
 class Proc:
