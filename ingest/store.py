@@ -113,7 +113,7 @@ SQL_KEY_BATCH = ("b AS (INSERT INTO key_batches (ticket, first, upto) "
                  "SELECT currval('key_batch_tickets'), first, first + %s FROM p), ")
 SQL_FINISH = SQL_WRITE_ROWS.format(key_batch="")            # no keys claimed
 SQL_FINISH_KEYED = SQL_WRITE_ROWS.format(key_batch=SQL_KEY_BATCH)
-KEY_RACE_ATTEMPTS = 5   # plans of one batch whose keys another batch stored in between
+KEY_RACE_ATTEMPTS = 5   # plans of one batch beyond one per key (see `write_batch`)
 # One stream's page: an index range scan on (stream, id) in each slice, in slice order.
 SQL_STREAM_PAGE = (
     "SELECT {cols} FROM events WHERE stream = %s AND id > %s AND id <= %s ORDER BY id LIMIT %s"
@@ -260,7 +260,14 @@ class EventStore:
         """
         if any(r.rekey for r in requests):
             known = None  # moving a key needs what it names now
-        for attempt in range(1, KEY_RACE_ATTEMPTS + 1):
+        # A raced plan means another batch stored one of this batch's keys, which the next plan
+        # finds stored: so each of its distinct keys can race it once at most (unless keys are
+        # dropped meanwhile). A fixed bound would give up, under heavy overlap, on a batch that
+        # the next plan would write; so once the fixed bound is spent, it grows by the keys.
+        attempts = KEY_RACE_ATTEMPTS
+        attempt = 0
+        while attempt < attempts:
+            attempt += 1
             try:
                 if prepared is None:
                     if before_prepare is not None:
@@ -271,6 +278,9 @@ class EventStore:
                 return self.finish(conn, requests, prepared)
             except (psycopg2.errors.UniqueViolation, psycopg2.errors.DeadlockDetected, KeyRaced):
                 if attempt == KEY_RACE_ATTEMPTS:
+                    attempts += len({(r.client_id, ev.key) for r in requests
+                                     for ev in r.events if ev.key is not None})
+                if attempt == attempts:
                     raise  # keys stored under it again and again: let the batcher isolate it
             except psycopg2.errors.CheckViolation as exc:
                 if "no partition" not in str(exc):

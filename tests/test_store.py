@@ -203,6 +203,53 @@ def test_concurrent_batches_with_overlapping_keys_store_each_key_once(database_u
     pool.close()
 
 
+def test_a_batch_raced_on_each_of_its_keys_in_turn_is_still_written(pool):
+    """Every plan of one batch loses a race on another of its keys (another batch claims it
+    before this one's claim and commits while the claim waits): more races than the fixed
+    bound of plans, yet each one stores a key that the next plan finds, so the batch commits
+    and each of its keys names the event the other batch wrote."""
+    from ingest.store import KEY_RACE_ATTEMPTS
+
+    store = EventStore()
+    keys = [f"r{i}" for i in range(KEY_RACE_ATTEMPTS + 3)]
+    batch = [req(key=k) for k in keys]
+    raced: list[int] = []
+    with pool.connection() as conn, pool.connection() as other:
+        store.write_batch(conn, [req()])  # the first slice exists before any race
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            pid = cur.fetchone()[0]
+
+        def blocked() -> bool:  # this batch's claim waits for the other batch's uncommitted key
+            with pool.connection() as probe, probe.cursor() as cur:
+                cur.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
+                return cur.fetchone()[0] == "Lock"
+
+        def race() -> None:  # before each plan: another batch claims the next key, uncommitted
+            if len(raced) == len(keys) - 1:
+                return  # the last plan goes through unraced
+            theirs = [req(key=keys[len(raced)])]
+            prepared = store.prepare(other, theirs, {})
+            raced.append(1)
+
+            def commit_once_waited_on() -> None:
+                wait_until(blocked, timeout=10)
+                store.finish(other, theirs, prepared)
+                raced[-1] = theirs[0].results[0].id
+
+            gevent.spawn(commit_once_waited_on)
+
+        after, upto = store.write_batch(conn, batch, None, before_prepare=race)
+    assert len(raced) == len(keys) - 1 > KEY_RACE_ATTEMPTS
+    results = [r.results[0] for r in batch]
+    assert [w.id for w in results[:-1]] == raced and all(w.duplicate for w in results[:-1])
+    mine = results[-1]
+    assert not mine.duplicate and max(raced) <= after < mine.id <= upto
+    with pool.connection() as conn:
+        assert [store.key_position(conn, "c", k) for k in keys] == raced + [mine.id]
+        assert [r.key for r in store.read_events(conn, after=after, limit=10)] == [keys[-1]]
+
+
 def test_a_rekey_moves_the_key_and_a_move_raced_in_is_planned_again(pool):
     """Mercure's ids (`rekey`): a different event under a used key becomes a new event and the
     key moves to it; the same event again is a duplicate of the newest. If another batch moves
