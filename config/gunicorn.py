@@ -53,11 +53,13 @@ def on_starting(server: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """The worker stopped serving: drain it if SIGTERM did not already (see web.wsgi)."""
+    from web.requestlog import STDOUT
     from web.wsgi import drain_worker
 
     services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("sluice")
     if services is not None:
         drain_worker(worker, services)
+    STDOUT.flush()  # the request lines still waiting for their write
 
 
 def child_exit(server: Any, worker: Any) -> None:

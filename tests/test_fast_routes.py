@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import EVENTS, auth, token
+from tests.helpers import EVENTS, auth, token, wait_until
 from web.fast import FastRoutes
 
 FLASK = {"Origin": "http://other.example"}  # no CORS configured: only the route differs
@@ -71,8 +71,12 @@ def test_the_fast_route_counts_and_logs_like_the_others(module_server):
         return float(line.split()[-1]) if line else 0.0
 
     assert count(after) == count(before) + 1
-    lines = [json.loads(x) for x in module_server.log().splitlines() if x.startswith("{")]
-    mine = [x for x in lines if x.get("route") == "/api/v1/events" and x["status"] == 201]
+
+    def logged():  # request lines are written together, within LineBuffer.FLUSH_S
+        lines = [json.loads(x) for x in module_server.log().splitlines() if x.startswith("{")]
+        return [x for x in lines if x.get("route") == "/api/v1/events" and x["status"] == 201]
+
+    mine = wait_until(logged, timeout=10, message="the request's log line")
     assert mine and {"time", "method", "path", "ip", "pid", "ms"} <= set(mine[-1])
     assert mine[-1]["path"] == "/api/v1/events" and mine[-1]["method"] == "POST"
 

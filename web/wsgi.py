@@ -13,7 +13,8 @@ and a fifth that matters at 10,000 held streams.
    holding a greenlet forever. pywsgi alone waits as long as the client likes.
 5. One `send` for the headers and a first body chunk of up to 64 KiB (`OneSend`): pywsgi makes
    two, and a small answer (an ingest acknowledgement, a long-poll page) then costs two
-   syscalls and, with TCP_NODELAY, two packets.
+   syscalls and, with TCP_NODELAY, two packets. Every write tries one plain non-blocking `send`
+   before gevent's `sendall`, which costs a `getsockopt` per call.
 6. Parking (`Parking.park`): an event stream whose headers are out may take its socket over, so
    the handler, its greenlet, the request environ and the framework's objects are all freed
    while the stream waits (streaming/connection.py writes the rest of the response).
@@ -181,6 +182,9 @@ class OneSend:
     response_use_chunked: bool
     status: bytes               # latin-1 bytes, as start_response stored them
     response_headers: list[tuple[bytes, bytes]]
+    socket: Any
+    code: int
+    response_length: int
 
     def _write_with_headers(self, data: bytes) -> None:  # pywsgi's
         if len(data) > self.ONE_SEND_MAX:
@@ -204,7 +208,29 @@ class OneSend:
                 out += b"\r\n"
             else:
                 out += data
-        self._sendall(out)  # type: ignore[attr-defined]
+        self._sendall(out)
+
+    def _sendall(self, data: bytes | bytearray) -> None:  # pywsgi's
+        """One non-blocking `send` first, the cooperative `sendall` only for what it did not
+        take. gevent's `sendall` asks the kernel for the socket's send buffer size
+        (`getsockopt`) on every call, which for a small answer is a second system call."""
+        sock = self.socket
+        raw = getattr(sock, "_sock", None)
+        try:
+            sent = 0
+            if raw is not None and type(sock).__module__ == "gevent._socket3":
+                try:
+                    sent = raw.send(data)
+                except BlockingIOError:
+                    sent = 0
+            if sent < len(data):
+                sock.sendall(memoryview(data)[sent:] if sent else data)
+        except OSError as ex:  # as pywsgi's: the status names the error, the code turns negative
+            self.status = f"socket error: {ex}"  # type: ignore[assignment]  # a str, as pywsgi
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data)
 
 
 class Parking:
