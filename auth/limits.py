@@ -13,6 +13,7 @@ could not update are rewritten from its own counts once Redis answers again.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
@@ -40,6 +41,7 @@ return total + 1
 """
 
 
+@functools.lru_cache(maxsize=4096)  # a poller sends the same token every few seconds
 def token_key(token: str) -> str:
     """What MAX_CONNECTIONS_PER_TOKEN counts by: a digest, never the token itself."""
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]

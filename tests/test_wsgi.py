@@ -113,3 +113,49 @@ def test_headers_and_a_small_first_chunk_go_out_in_one_send(size, chunked, sends
     else:
         assert rest == body
         assert len(writes) == sends
+
+
+@pytest.mark.parametrize("own_date", [False, True])
+def test_a_body_larger_than_one_send_arrives_whole_with_one_date_header(own_date):
+    """A write the kernel takes only part of at once (32 MB, past any loopback socket's
+    buffers, to a client that reads after a pause) is finished by the cooperative sendall; every answer carries one `Date`,
+    the handler's (formatted once a second) or the application's own."""
+    import time
+
+    import gevent
+    from gevent.pywsgi import WSGIServer
+
+    from web.wsgi import SluiceHandler, http_date
+
+    body = bytes(range(256)) * (32 * 4096)
+
+    def app(environ, start_response):
+        headers = [("Content-Type", "application/octet-stream"),
+                   ("Content-Length", str(len(body)))]
+        if own_date:
+            headers.append(("Date", "Thu, 01 Jan 1970 00:00:00 GMT"))
+        start_response("200 OK", headers)
+        return [body]
+
+    server = WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=SluiceHandler)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            gevent.sleep(0.2)  # the server's first send fills the buffers and returns short
+            parts = []
+            while chunk := s.recv(1 << 20):
+                parts.append(chunk)
+    finally:
+        server.stop()
+    head, _, rest = b"".join(parts).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and rest == body
+    dates = [line for line in head.split(b"\r\n") if line.lower().startswith(b"date:")]
+    assert len(dates) == 1
+    if own_date:
+        assert dates[0] == b"Date: Thu, 01 Jan 1970 00:00:00 GMT"
+    else:
+        from email.utils import parsedate_to_datetime
+
+        sent = parsedate_to_datetime(dates[0].split(b": ", 1)[1].decode()).timestamp()
+        assert abs(sent - time.time()) < 60 and http_date().endswith(b" GMT")

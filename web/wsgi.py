@@ -14,7 +14,8 @@ and a fifth that matters at 10,000 held streams.
 5. One `send` for the headers and a first body chunk of up to 64 KiB (`OneSend`): pywsgi makes
    two, and a small answer (an ingest acknowledgement, a long-poll page) then costs two
    syscalls and, with TCP_NODELAY, two packets. Every write tries one plain non-blocking `send`
-   before gevent's `sendall`, which costs a `getsockopt` per call.
+   before gevent's `sendall`, which costs a `getsockopt` per call; the `Date` header is
+   formatted once a second.
 6. Parking (`Parking.park`): an event stream whose headers are out may take its socket over, so
    the handler, its greenlet, the request environ and the framework's objects are all freed
    while the stream waits (streaming/connection.py writes the rest of the response).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import _socket
 import os
 import socket
+import time
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -172,6 +174,19 @@ class HeaderDeadline:
                 self._deadline.cancel()  # headers are in: the application has no deadline here
 
 
+_date: dict[int, bytes] = {}  # the whole second last formatted for `Date` -> its text
+
+
+def http_date() -> bytes:
+    """Now as an HTTP `Date` value (RFC 9110's IMF-fixdate), formatted once a second."""
+    now = int(time.time())
+    text = _date.get(now)
+    if text is None:
+        _date.clear()
+        text = _date[now] = pywsgi.format_date_time(now)
+    return text
+
+
 class OneSend:
     """Mixin for pywsgi handlers: the status line, the headers and the first body chunk (up to
     `ONE_SEND_MAX` bytes) in one `send`. Larger first chunks keep pywsgi's two writes, which
@@ -185,13 +200,14 @@ class OneSend:
     socket: Any
     code: int
     response_length: int
+    provided_date: str | None
 
     def _write_with_headers(self, data: bytes) -> None:  # pywsgi's
         if len(data) > self.ONE_SEND_MAX:
             super()._write_with_headers(data)  # type: ignore[misc]
             return
         self.headers_sent = True
-        self.finalize_headers()  # type: ignore[attr-defined]
+        self.finalize_headers()
         out = bytearray(b"HTTP/1.1 ")
         out += self.status
         out += b"\r\n"
@@ -209,6 +225,13 @@ class OneSend:
             else:
                 out += data
         self._sendall(out)
+
+    def finalize_headers(self) -> None:  # pywsgi's
+        """pywsgi's, with the `Date` header formatted once a second instead of per response."""
+        if self.provided_date is None:
+            self.response_headers.append((b"Date", http_date()))
+            self.provided_date = "set"
+        super().finalize_headers()  # type: ignore[misc]
 
     def _sendall(self, data: bytes | bytearray) -> None:  # pywsgi's
         """One non-blocking `send` first, the cooperative `sendall` only for what it did not
