@@ -81,19 +81,19 @@ class AppMetrics:
         key = (route, status)
         if self._batched:
             self._unsent[key] = self._unsent.get(key, 0) + 1
-            return
+        else:
+            self._counter(key).inc()
+
+    def _counter(self, key: tuple[str, int]) -> Any:
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self.responses.labels(route, str(status))
-        child.inc()
+            child = self._children[key] = self.responses.labels(key[0], str(key[1]))
+        return child
 
     def _send_counts(self) -> None:
         unsent, self._unsent = self._unsent, {}
-        for (route, status), n in unsent.items():
-            child = self._children.get((route, status))
-            if child is None:
-                child = self._children[(route, status)] = self.responses.labels(route, str(status))
-            child.inc(n)
+        for key, n in unsent.items():
+            self._counter(key).inc(n)
 
     def refresh(self, services: Any, greenlets: bool = True) -> None:
         """Copy point-in-time values into gauges, and the responses counted meanwhile."""

@@ -118,8 +118,9 @@ def test_headers_and_a_small_first_chunk_go_out_in_one_send(size, chunked, sends
 @pytest.mark.parametrize("own_date", [False, True])
 def test_a_body_larger_than_one_send_arrives_whole_with_one_date_header(own_date):
     """A write the kernel takes only part of at once (32 MB, past any loopback socket's
-    buffers, to a client that reads after a pause) is finished by the cooperative sendall; every answer carries one `Date`,
-    the handler's (formatted once a second) or the application's own."""
+    buffers, to a client that reads after a pause) is finished by the cooperative sendall;
+    every answer carries one `Date`, the handler's (formatted once a second) or the
+    application's own."""
     import time
 
     import gevent
