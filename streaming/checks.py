@@ -51,8 +51,11 @@ def new_sid() -> str:
     return "".join(secrets.choice(SID_ALPHABET) for _ in range(10))
 
 
+_SID_CHARS = frozenset(SID_ALPHABET)
+
+
 def valid_sid(sid: str) -> bool:
-    return 0 < len(sid) <= SID_MAX and all(c in SID_ALPHABET for c in sid)
+    return 0 < len(sid) <= SID_MAX and _SID_CHARS.issuperset(sid)
 
 
 def parse_last_event_id(raw: str) -> tuple[str | None, int]:

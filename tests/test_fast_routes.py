@@ -127,3 +127,19 @@ def test_the_fast_poll_answers_as_the_flask_route_does(module_server):
         assert fast == slow, name
     statuses = [seen(server.get("/api/v1/poll", **kw))[0] for _, kw in polls]
     assert statuses == [200, 200, 400, 401, 200, 403, 404, 400]
+
+
+def test_the_plain_header_view_answers_as_werkzeugs():
+    from werkzeug.datastructures import EnvironHeaders
+
+    from web.fast import PlainHeaders
+
+    environ = {"HTTP_AUTHORIZATION": "Bearer t", "HTTP_LAST_EVENT_ID": "abc.7",
+               "CONTENT_TYPE": "application/json", "HTTP_X_MULTI_PART_NAME": "v",
+               "CONTENT_LENGTH": "", "QUERY_STRING": "a=1", "REQUEST_METHOD": "GET"}
+    plain, werkzeug = PlainHeaders(environ), EnvironHeaders(environ)
+    for name in ("Authorization", "authorization", "Last-Event-ID", "last-event-id",
+                 "Content-Type", "Content-Length", "X-Multi-Part-Name", "Cookie", "Origin"):
+        assert plain.get(name) == werkzeug.get(name), name
+        assert plain.get(name, "d") == werkzeug.get(name, "d"), name
+    assert list(plain.items()) == list(werkzeug.items())

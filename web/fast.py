@@ -76,6 +76,25 @@ class QueryArgs:
                 yield name, value
 
 
+class PlainHeaders:
+    """The request's headers as werkzeug's `EnvironHeaders` answers `get` (a plain environ
+    look-up, without its general `__getitem__` path); `items` is werkzeug's own."""
+
+    __slots__ = ("environ",)
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self.environ = environ
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = name.upper().replace("-", "_")
+        if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+            return self.environ.get(key, default)
+        return self.environ.get("HTTP_" + key, default)
+
+    def items(self) -> Iterable[tuple[str, str]]:
+        return EnvironHeaders(self.environ).items()
+
+
 class PlainRequest:
     """What `answer_poll` reads of a request (args, headers, cookies, the address and the raw
     query string), straight from the environ."""
@@ -85,7 +104,7 @@ class PlainRequest:
     def __init__(self, environ: dict[str, Any]) -> None:
         self.environ = environ
         self.args = QueryArgs(environ.get("QUERY_STRING", ""))
-        self.headers = EnvironHeaders(environ)
+        self.headers = PlainHeaders(environ)
         self._cookies: dict[str, str] | None = None
 
     @property
