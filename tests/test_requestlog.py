@@ -64,3 +64,13 @@ def test_the_time_is_iso_8601_utc_with_milliseconds():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", text)
     parsed = dt.datetime.fromisoformat(text)
     assert before <= parsed <= dt.datetime.now(dt.UTC)
+
+
+def test_a_per_second_value_is_computed_once_a_second():
+    from common.clock import PerSecond
+
+    calls: list[int] = []
+    clock = PerSecond(lambda whole: calls.append(whole) or f"s{whole}")
+    assert [clock(t) for t in (100.0, 100.2, 100.999, 101.0, 101.5, 99.9)] == \
+        ["s100", "s100", "s100", "s101", "s101", "s99"]
+    assert calls == [100, 101, 99]

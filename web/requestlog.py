@@ -18,6 +18,7 @@ import orjson
 from flask import Flask, Response, request
 from gevent import get_hub
 
+from common.clock import PerSecond
 from streaming.connection import PARKED_KEY
 
 START_KEY = "sluice.started"
@@ -39,18 +40,15 @@ def write_line(fields: dict[str, Any], started: float, sid: str | None = None,
     STDOUT.add(orjson.dumps(line) + b"\n")
 
 
-_second = [0, ""]  # the whole second last formatted, and its text
+_UTC_SECOND = PerSecond(
+    lambda whole: dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def utc_now_ms() -> str:
     """ISO 8601 UTC with milliseconds, as `datetime.isoformat(timespec="milliseconds")` writes
     it: the date and time are formatted once a second, the milliseconds each call."""
     now = time.time()
-    whole = int(now)
-    if whole != _second[0]:
-        _second[0] = whole
-        _second[1] = dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_second[1]}.{int((now - whole) * 1000):03d}+00:00"
+    return f"{_UTC_SECOND(now)}.{int((now - int(now)) * 1000):03d}+00:00"
 
 
 class LineBuffer:

@@ -37,6 +37,8 @@ import gevent.event
 from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
 
+from common.clock import PerSecond
+
 if TYPE_CHECKING:  # gunicorn's master imports this module before its workers patch: no stack
     from runtime.services import Services
 
@@ -174,17 +176,12 @@ class HeaderDeadline:
                 self._deadline.cancel()  # headers are in: the application has no deadline here
 
 
-_date: dict[int, bytes] = {}  # the whole second last formatted for `Date` -> its text
+_HTTP_DATE = PerSecond(pywsgi.format_date_time)
 
 
 def http_date() -> bytes:
     """Now as an HTTP `Date` value (RFC 9110's IMF-fixdate), formatted once a second."""
-    now = int(time.time())
-    text = _date.get(now)
-    if text is None:
-        _date.clear()
-        text = _date[now] = pywsgi.format_date_time(now)
-    return text
+    return _HTTP_DATE(time.time())
 
 
 class OneSend:
