@@ -1,8 +1,9 @@
 """Stream patterns and the grants made of them: the one place a pattern is matched.
 
 `*` matches within one `/`-separated segment, a trailing `/**` matches any depth below, and
-`**` alone matches every stream. A pattern compiles to a regex valid in both Python and
-PostgreSQL (`~`), so reads can filter by the same rule in SQL.
+`**` alone matches every stream. A pattern compiles to a regex valid in both RE2 (Python side,
+common/linear.py: linear time whatever the pattern) and PostgreSQL (`~`), so reads can filter
+by the same rule in SQL. A pattern holds at most MAX_WILDCARDS `*`s; more is refused.
 """
 from __future__ import annotations
 
@@ -10,28 +11,43 @@ import re
 from collections.abc import Sequence
 
 from common.cache import BoundedCache
+from common.linear import LinearRegex, compile_linear
 
 PATTERN_RE = re.compile(r"^[A-Za-z0-9._:/*-]{1,200}$")
+MAX_WILDCARDS = 8  # `*`s in one pattern (a trailing `/**` counts as one)
 # Patterns match native stream names only (they start with a letter or digit): a stream that
 # another door keeps to itself (`.mercure`) is never matched by `*` or `**`.
-NATIVE = "^(?=[A-Za-z0-9])"
+FIRST = "[A-Za-z0-9]"
+NOTHING = "^$"  # no stream name is empty: what a pattern that can match no native name becomes
+
+
+def _segment_regex(text: str) -> str:
+    """A pattern piece without `**`, as an unanchored regex (`*` is `[^/]*`)."""
+    return "[^/]*".join(re.escape(p).replace("\\/", "/").replace("\\-", "-").replace("\\:", ":")
+                        for p in text.split("*"))
 
 
 def pattern_to_regex(pattern: str) -> str:
-    """Compile a stream pattern to a regex valid in both Python and PostgreSQL (`~`).
+    """Compile a stream pattern to an anchored regex valid in RE2 and PostgreSQL (`~`).
 
     `*` matches within one `/`-separated segment, a trailing `/**` matches any depth below,
-    and `**` alone matches every (native) stream.
+    and `**` alone matches every (native) stream. No look-around: RE2 has none.
     """
     if pattern == "**":
-        return NATIVE + ".*$"
+        return "^" + FIRST + ".*$"
     deep = pattern.endswith("/**")
     body = pattern[:-3] if deep else pattern
     if "**" in body:
         raise ValueError(f"`**` may only stand alone or end a pattern: {pattern!r}")
-    parts = [re.escape(p) if p != "*" else "[^/]*" for p in re.split(r"(\*)", body) if p]
-    regex = NATIVE + "".join(parts).replace("\\/", "/").replace("\\-", "-").replace("\\:", ":")
-    return regex + ("/.+$" if deep else "$")
+    if body.count("*") + deep > MAX_WILDCARDS:
+        raise ValueError(f"a pattern holds at most {MAX_WILDCARDS} wildcards: {pattern!r}")
+    if body.startswith("*"):  # the first segment of a native name starts with a letter or digit
+        regex = FIRST + _segment_regex(body)
+    elif body[:1].isascii() and body[:1].isalnum():
+        regex = _segment_regex(body)
+    else:
+        return NOTHING
+    return "^" + regex + ("/.+$" if deep else "$")
 
 
 class Grants:
@@ -41,7 +57,7 @@ class Grants:
         self.patterns = tuple(patterns)
         self.everything = "**" in self.patterns
         self.regexes = [pattern_to_regex(p) for p in self.patterns]
-        self._compiled = [re.compile(r) for r in self.regexes]
+        self._compiled = [compile_linear(r) for r in self.regexes]
         self._memo: BoundedCache[str, bool] = BoundedCache(4096)
 
     def allows(self, stream: str) -> bool:
@@ -89,7 +105,7 @@ def _split(pattern: str) -> tuple[list[str], bool]:
 def _segment_covers(grant: str, seg: str) -> bool:
     if grant == "*" or grant == seg:
         return True
-    return "*" not in seg and re.fullmatch(pattern_to_regex(grant)[len(NATIVE):-1], seg) is not None
+    return "*" not in seg and compile_linear(_segment_regex(grant)).fullmatch(seg) is not None
 
 
 def pattern_covers(grant: str, pattern: str) -> bool:
@@ -108,12 +124,33 @@ def pattern_covers(grant: str, pattern: str) -> bool:
     return all(_segment_covers(g, p) for g, p in zip(g_segs, p_segs, strict=True))
 
 
+def literal_prefix(pattern: str) -> str:
+    """The whole segments a pattern starts with before its first wildcard (`a/b` for
+    `a/b/c*/d`, `` for `*/x` and `**`): every stream the pattern matches starts with them."""
+    head = pattern.split("*", 1)[0]
+    return head[: head.rfind("/")] if "/" in head else ""
+
+
+def _prefixes(stream: str) -> list[str]:
+    """The literal prefixes a pattern matching `stream` can have: ``, then each run of whole
+    segments (`a`, `a/b`, ... for `a/b/c`)."""
+    found = [""]
+    at = stream.find("/")
+    while at != -1:
+        found.append(stream[:at])
+        at = stream.find("/", at + 1)
+    found.append(stream)
+    return found
+
+
 class PatternIndex:
     """Live patterns, and for each stream name the patterns it matches, decided once per
-    (pattern set, stream) and cached, so fan-out never tests every pattern per event."""
+    (pattern set, stream) and cached, so fan-out never tests every pattern per event. A new
+    stream name is tested only against the patterns whose literal prefix it starts with."""
 
     def __init__(self, cache_size: int = 100_000) -> None:
-        self._compiled: dict[str, re.Pattern[str]] = {}
+        self._compiled: dict[str, LinearRegex] = {}
+        self._by_prefix: dict[str, dict[str, LinearRegex]] = {}
         self._counts: dict[str, int] = {}
         self._cache: BoundedCache[str, tuple[int, tuple[str, ...]]] = BoundedCache(cache_size)
         self.generation = 0
@@ -121,7 +158,9 @@ class PatternIndex:
     def add(self, pattern: str) -> None:
         self._counts[pattern] = self._counts.get(pattern, 0) + 1
         if pattern not in self._compiled:
-            self._compiled[pattern] = re.compile(pattern_to_regex(pattern))
+            compiled = compile_linear(pattern_to_regex(pattern))
+            self._compiled[pattern] = compiled
+            self._by_prefix.setdefault(literal_prefix(pattern), {})[pattern] = compiled
             self.generation += 1
 
     def remove(self, pattern: str) -> None:
@@ -131,15 +170,26 @@ class PatternIndex:
             return
         self._counts.pop(pattern, None)
         if self._compiled.pop(pattern, None) is not None:
+            prefix = literal_prefix(pattern)
+            bucket = self._by_prefix.get(prefix, {})
+            bucket.pop(pattern, None)
+            if not bucket:
+                self._by_prefix.pop(prefix, None)
             self.generation += 1
 
     def __bool__(self) -> bool:
         return bool(self._compiled)
 
+    def candidates(self, stream: str) -> int:
+        """How many patterns a new `stream` is tested against (what the prefix index saves)."""
+        return sum(len(self._by_prefix.get(p, ())) for p in _prefixes(stream))
+
     def matching(self, stream: str) -> tuple[str, ...]:
         cached = self._cache.get(stream)
         if cached is not None and cached[0] == self.generation:
             return cached[1]
-        found = tuple(p for p, r in self._compiled.items() if r.fullmatch(stream))
+        found = tuple(pattern for prefix in _prefixes(stream)
+                      for pattern, regex in self._by_prefix.get(prefix, {}).items()
+                      if regex.fullmatch(stream))
         self._cache.put(stream, (self.generation, found))
         return found

@@ -20,6 +20,7 @@ from ingest.pool import DatabaseUnavailable
 from mercure.connection import MercureConnection
 from mercure.door import MercureDoor
 from mercure.fanout import MercureSubscription
+from mercure.selectors import selector_problem
 from mercure.tokens import ANONYMOUS, MercureClaims
 from mercure.updates import MERCURE_CLIENT, TOPIC_MAX, parse_update
 from runtime.services import Services
@@ -114,6 +115,10 @@ def _selectors(svc: Services) -> tuple[str, ...]:
                       limit=svc.settings.subscribe_max_streams)
     if not all(0 < len(s) <= TOPIC_MAX for s in selectors):
         raise invalid_parameter("topic", f"a topic selector is 1 to {TOPIC_MAX} characters")
+    for selector in selectors:
+        problem = selector_problem(selector)
+        if problem is not None:
+            raise invalid_parameter("topic", problem)
     return tuple(dict.fromkeys(selectors))
 
 

@@ -2,9 +2,11 @@
 selector is matched against a topic.
 
 A template compiles once to a regex (each expression becomes what its expansion can produce),
-and every (selector, topic) answer is cached, so fan-out and authorization never compile or run
-a regex per delivery. A selector that is not a valid template (an unbalanced brace, say) only
-matches itself.
+run by RE2 (common/linear.py: time linear in the topic, whatever the template), and every
+(selector, topic) answer is cached, so fan-out and authorization never compile or run a regex
+per delivery. A selector that is not a valid template (an unbalanced brace, say) only matches
+itself. A template holds at most MAX_EXPRESSIONS expressions: a subscriber asking for more is
+refused (`400`); a token claim with more matches only itself (it grants less, never more).
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import re
 from collections.abc import Iterable
 
 from common.cache import BoundedCache
+from common.linear import InvalidPattern, LinearRegex, compile_linear
 
 ANY = "*"
+MAX_EXPRESSIONS = 10  # `{...}` expressions in one template
 _VARSPEC = re.compile(r"^[A-Za-z0-9_%][A-Za-z0-9_.%]*(?::[1-9][0-9]{0,3}|\*)?$")
 # What each expression operator's expansion may produce (RFC 6570 section 3.2).
 _UNRESERVED = r"[^/?#&=,;.{}\s]"
@@ -29,9 +33,13 @@ _OPERATORS: dict[str, str] = {
 }
 
 
-def compile_template(selector: str) -> re.Pattern[str] | None:
+class TemplateTooComplex(ValueError):
+    """A URI template with more expressions than MAX_EXPRESSIONS (or too large for RE2)."""
+
+
+def compile_template(selector: str) -> LinearRegex | None:
     """The regex a URI template matches, or None if `selector` is not a valid template (or has
-    no expression, so only equality can match it)."""
+    no expression, so only equality can match it). Raises TemplateTooComplex past the bounds."""
     parts: list[str] = []
     pos, expressions = 0, 0
     for m in re.finditer(r"\{([^{}]*)\}", selector):
@@ -49,15 +57,29 @@ def compile_template(selector: str) -> re.Pattern[str] | None:
     tail = selector[pos:]
     if "{" in tail or "}" in tail or not expressions:
         return None
+    if expressions > MAX_EXPRESSIONS:
+        raise TemplateTooComplex(f"a topic selector holds at most {MAX_EXPRESSIONS} expressions")
     parts.append(re.escape(tail))
-    return re.compile("^" + "".join(parts) + "$")
+    try:
+        return compile_linear("^" + "".join(parts) + "$")
+    except InvalidPattern as exc:
+        raise TemplateTooComplex(str(exc)) from None
+
+
+def selector_problem(selector: str) -> str | None:
+    """Why a subscriber may not ask for `selector` (None: it may)."""
+    try:
+        compile_template(selector)
+    except TemplateTooComplex as exc:
+        return str(exc)
+    return None
 
 
 class Selectors:
     """Decides `matches(selector, topic)` once per pair (bounded caches)."""
 
     def __init__(self, cache_size: int = 100_000) -> None:
-        self._templates: BoundedCache[str, tuple[re.Pattern[str] | None]] = BoundedCache(10_000)
+        self._templates: BoundedCache[str, tuple[LinearRegex | None]] = BoundedCache(10_000)
         self._answers: BoundedCache[tuple[str, str], bool] = BoundedCache(cache_size)
 
     def matches(self, selector: str, topic: str) -> bool:
@@ -68,7 +90,10 @@ class Selectors:
         if answer is None:
             compiled = self._templates.get(selector)
             if compiled is None:
-                compiled = (compile_template(selector),)
+                try:
+                    compiled = (compile_template(selector),)
+                except TemplateTooComplex:  # a claim past the bounds: only itself (equality)
+                    compiled = (None,)
                 self._templates.put(selector, compiled)
             regex = compiled[0]
             answer = regex is not None and regex.fullmatch(topic) is not None

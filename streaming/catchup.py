@@ -1,7 +1,7 @@
 """Catch-up: the committed history a subscriber missed, read in pages in its own greenlet."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import gevent
 
@@ -12,13 +12,16 @@ from ingest.store import EventStore
 
 
 def streams_for(pool: Pool, store: EventStore, streams: Sequence[str],
-                patterns: Sequence[str]) -> list[str]:
-    """The exact streams of a subscription, and those its patterns match now (streams created
-    later reach it live, through the hub)."""
+                patterns: Sequence[str],
+                admits: Callable[[str], bool] | None = None) -> list[str]:
+    """The exact streams of a subscription, and those its patterns match now that `admits`
+    lets it see (streams created later reach it live, through the hub)."""
     if not patterns:
         return list(streams)
     with pool.connection() as conn:
         matched = store.streams_matching(conn, [pattern_to_regex(p) for p in patterns])
+    if admits is not None:
+        matched = [stream for stream in matched if admits(stream)]
     return list(dict.fromkeys([*streams, *matched]))
 
 

@@ -6,7 +6,7 @@ gets a status and a body instead of a stream; SSE and long-poll share it all.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from auth.grants import is_pattern, valid_pattern
@@ -45,6 +45,9 @@ class Checked:
     jti: str | None = None            # the token's id, for revocation by jti
     issued_at: float | None = None    # the token's iat, for revocation by subject
     patterns: list[str] = field(default_factory=list)  # `room/*`: matching streams, even later
+    # With patterns: may this credential subscribe to a stream a pattern matched? (The same
+    # grant a direct subscribe asks; memoised per stream name by the grant.)
+    admits: Callable[[str], bool] | None = None
 
 
 def new_sid() -> str:
@@ -129,4 +132,4 @@ def check_subscribe(svc: StreamingServices, req: SubscribeRequest) -> Checked:
                    expires_at=principal.expires_at + leeway if principal.expires_at else 0.0,
                    jti=jti if isinstance(jti, str) else None,
                    issued_at=float(iat) if isinstance(iat, (int, float)) else None,
-                   patterns=patterns)
+                   patterns=patterns, admits=principal.subscribe.allows if patterns else None)

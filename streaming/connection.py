@@ -344,7 +344,7 @@ class SSEConnection(StreamWriter):
         self.sub, self.seam = svc.hub.subscribe(
             checked.streams, svc.settings.subscriber_queue_max, expires_at=checked.expires_at,
             jti=checked.jti, subject=checked.subject, issued_at=checked.issued_at,
-            patterns=checked.patterns)
+            patterns=checked.patterns, admits=checked.admits)
         self.sub.envelope = envelope
         self.start = self.seam if checked.resume is None else checked.resume
         svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)
@@ -404,7 +404,7 @@ class SSEConnection(StreamWriter):
         """History pages up to the seam; returns True if the subscription closed meanwhile."""
         sub = self.sub
         streams = streams_for(self.svc.pool, self.svc.store, self.checked.streams,
-                              self.checked.patterns) if self.start < self.seam else []
+                              self.checked.patterns, self.checked.admits) if self.start < self.seam else []
         for rows in catch_up(self.svc.pool, self.svc.store, streams, self.start,
                              self.seam, self.svc.settings.catchup_page):
             if sub.closed and not sub.overflowed:

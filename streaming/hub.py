@@ -142,7 +142,8 @@ class Hub:
     # -- subscribers --------------------------------------------------------------------------
     def subscribe(self, streams: Iterable[str], maxsize: int, *, expires_at: float = 0.0,
                   jti: str | None = None, subject: str = "", issued_at: float | None = None,
-                  patterns: Iterable[str] = ()) -> tuple[Subscription, int]:
+                  patterns: Iterable[str] = (),
+                  admits: Callable[[str], bool] | None = None) -> tuple[Subscription, int]:
         """Register a subscriber; returns it and the position live delivery starts after.
 
         Everything with id <= that position must come from the store (catch-up); everything
@@ -150,7 +151,8 @@ class Hub:
         subscription ends when its credential expires (`expires_at`, unix time) or is revoked.
         """
         sub = Subscription(frozenset(streams), Mailbox(maxsize), frozenset(patterns),
-                           expires_at=expires_at, jti=jti, subject=subject, issued_at=issued_at)
+                           expires_at=expires_at, jti=jti, subject=subject, issued_at=issued_at,
+                           admits=admits)
         return sub, self.add(sub)
 
     def add(self, sub: Subscription) -> int:
@@ -398,7 +400,10 @@ class Hub:
             found = set(self._by_stream.get(stream, ()))
             if patterns:
                 for pattern in patterns.matching(stream):  # cached per stream name
-                    found.update(self._by_pattern.get(pattern, ()))
+                    # a pattern delivers only what a direct subscribe would admit (`user/42/*`
+                    # matches `user/42/`, which the grant `user/42/**` does not)
+                    found.update(s for s in self._by_pattern.get(pattern, ())
+                                 if s.admits is None or s.admits(stream))
             targets = list(found)  # a set: a stream matched twice by one subscriber counts once
             count = len(lives)
             done = 0

@@ -44,7 +44,7 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
     sub, seam = svc.hub.subscribe(checked.streams, svc.settings.subscriber_queue_max,
                                   expires_at=checked.expires_at, jti=checked.jti,
                                   subject=checked.subject, issued_at=checked.issued_at,
-                                  patterns=checked.patterns)
+                                  patterns=checked.patterns, admits=checked.admits)
     svc.presence.join(sub, sid, checked.subject, takeover=False)
     reset = None
     try:
@@ -61,7 +61,8 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
                 start = max(seam, svc.store.last_position(conn))
         cursor = max(start, seam)
         events: list[dict[str, Any]] = []
-        streams = streams_for(svc.pool, svc.store, checked.streams, checked.patterns) \
+        streams = streams_for(svc.pool, svc.store, checked.streams, checked.patterns,
+                          checked.admits) \
             if start < seam else []
         for rows in catch_up(svc.pool, svc.store, streams, start, seam, page):
             events = [poll_event(r.position, r.stream, r.type, r.data) for r in rows]

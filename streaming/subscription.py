@@ -131,6 +131,7 @@ class Subscription:
     streams: frozenset[str]
     queue: Mailbox
     patterns: frozenset[str] = frozenset()  # `room/*`-style: every matching stream, even later
+    admits: Callable[[str], bool] | None = None  # with patterns: the grant each match must pass
     overflowed: bool = False
     closed: bool = False
     active_at: float = field(default_factory=time.monotonic)

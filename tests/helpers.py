@@ -237,3 +237,33 @@ def argv(command: str) -> list[str]:
     elif words[0] == "gunicorn":
         words[:1] = [sys.executable, "-m", "gunicorn"]
     return words
+
+
+class HealthProbe:
+    """Asks `/healthz` every `interval` s in a greenlet while the block runs; `worst` is the
+    slowest answer seen (seconds), `answers` how many came (a frozen process answers none)."""
+
+    def __init__(self, server: SluiceServer, interval: float = 0.02) -> None:
+        self.server, self.interval = server, interval
+        self.worst, self.answers, self._stop = 0.0, 0, False
+        self._greenlet: Any = None
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self._stop:
+            began = time.monotonic()
+            session.get(self.server.url + "/healthz", timeout=30).raise_for_status()
+            self.worst = max(self.worst, time.monotonic() - began)
+            self.answers += 1
+            time.sleep(self.interval)
+
+    def __enter__(self) -> HealthProbe:
+        import gevent
+
+        self._greenlet = gevent.spawn(self._run)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._greenlet.join(timeout=60)
+        self._greenlet.get(block=False)  # re-raises what the probe hit (a refused connection)

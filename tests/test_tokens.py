@@ -23,7 +23,8 @@ def test_patterns(pattern, stream, allowed):
 
 
 def test_pattern_regexes_are_anchored_and_escaped():
-    assert pattern_to_regex("a.b/*") == "^(?=[A-Za-z0-9])a\\.b/[^/]*$"
+    assert pattern_to_regex("a.b/*") == "^a\\.b/[^/]*$"
+    assert pattern_to_regex("*/x") == "^[A-Za-z0-9][^/]*/x$"  # native names only
     with pytest.raises(ValueError):
         pattern_to_regex("a/**/b")
 
