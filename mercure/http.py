@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 from flask import Blueprint, Response, request
 
 from auth.limits import token_key
+from common.headers import header_text, header_value
 from common.problems import Problem, invalid_parameter, unauthorized
 from ingest.events import IngestRequest
 from ingest.pool import DatabaseUnavailable
@@ -93,7 +94,8 @@ def publish() -> Response:
 
 def _resume(svc: Services) -> tuple[int | None, str | None]:
     """Where to start (a position; None: from now) and the `Last-Event-ID` to answer with."""
-    wanted = request.headers.get("Last-Event-ID") or request.args.get("lastEventID")
+    header = request.headers.get("Last-Event-ID")
+    wanted = header_text(header) if header else request.args.get("lastEventID")
     if not wanted:
         return None, None
     if wanted == EARLIEST:
@@ -157,6 +159,11 @@ def subscribe() -> Response:
         _, retry = svc.backoff.connect(pace_key)
     else:
         retry = svc.backoff.jittered_ms(1)
+    headers = dict(SSE_HEADERS)  # every header decided, and encodable, before anything registers
+    if answer_id is not None:
+        headers["Last-Event-ID"] = header_value(answer_id)
+    if request.args.get("authorization"):
+        headers["Cache-Control"] = "private, no-cache"
     release = svc.limits.acquire(credential, request.remote_addr, "sse")
     svc.metrics.retry_ms.observe(retry)
     leeway = door.subscribers.leeway_s
@@ -165,13 +172,12 @@ def subscribe() -> Response:
         expires_at=claims.expires_at + leeway if claims.expires_at else 0.0, jti=claims.jti,
         subject=claims.subject, issued_at=claims.issued_at, selectors=selectors,
         allowed=claims.subscribe)
-    connection = MercureConnection(svc, door.fanout, sub, start, retry, pace_key,
-                                   request.environ, release)
-    headers = dict(SSE_HEADERS)
-    if answer_id is not None:
-        headers["Last-Event-ID"] = answer_id
-    if request.args.get("authorization"):
-        headers["Cache-Control"] = "private, no-cache"
+    try:
+        connection = MercureConnection(svc, door.fanout, sub, start, retry, pace_key,
+                                       request.environ, release)
+    except BaseException:
+        release()
+        raise
     response = Response(connection.stream(), status=200, mimetype=framing.content_type,
                         headers=headers)
     response.call_on_close(connection.response_closed)

@@ -115,8 +115,11 @@ class StreamWriter:
 
     def response_closed(self) -> None:
         """pywsgi is done with the response: the connection ends now, unless it parked (then
-        its own writer ends it, later)."""
+        its own writer ends it, later). The body may never have started (the headers failed,
+        the client left first): the disconnect watch goes too, before pywsgi closes the socket
+        it watches."""
         if not self.parked:
+            self._unwatch()
             self.end()
 
     def at_end(self, callback: Callable[[], None]) -> None:

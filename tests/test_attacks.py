@@ -149,3 +149,120 @@ def test_a_pattern_delivers_only_streams_the_grant_admits_live_and_from_history(
         sse.close()
     assert [e[2] for e in got] == ["1", "3"]
     assert [e["data"] for e in polled["events"]] == [1, 3]
+
+
+# -- 31.1 no request can crash the process ----------------------------------------------------
+
+def _gauge(server, name: str, label: str = "") -> float:
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(name + (label or " ")) and not line.startswith("#"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{label} in /metrics")
+
+
+MERCURE_KEYS = {"MERCURE_PUBLISHER_JWT_KEY": "p" * 40, "MERCURE_SUBSCRIBER_JWT_KEY": "s" * 40}
+
+
+def _mercure_publisher() -> str:
+    import jwt
+
+    return jwt.encode({"mercure": {"publish": ["*"]}}, "p" * 40, algorithm="HS256")
+
+
+def test_a_non_ascii_resume_id_neither_crashes_nor_leaks(make_server, database_url):
+    server = make_server(database_url, MERCURE_ANONYMOUS="1", **MERCURE_KEYS)
+    r = server.post(HUB, data={"topic": "x", "data": "1", "id": "price-€"},
+                    headers={"Authorization": f"Bearer {_mercure_publisher()}"})
+    assert r.status_code == 200 and r.text == "price-€"
+    for _attempt in range(3):
+        via_query = Stream(server.url + HUB, params={"topic": "x", "lastEventID": "price-€"})
+        via_header = Stream(server.url + HUB, params={"topic": "x"},
+                            headers={"Last-Event-ID": "price-€"})  # sent as UTF-8
+        try:
+            for s in (via_query, via_header):
+                assert s.response.status_code == 200
+                # the id, percent-encoded as UTF-8 (a header is Latin-1 at most)
+                assert s.response.headers["Last-Event-ID"] == "price-%E2%82%AC"
+                s.next(("retry",))
+        finally:
+            via_query.close()
+            via_header.close()
+        assert server.get("/healthz").status_code == 200
+    from tests.helpers import wait_until
+
+    wait_until(lambda: _gauge(server, "sluice_subscribers") == 0)
+    wait_until(lambda: _gauge(server, "sluice_connections", '{transport="sse"}') == 0)
+    assert server.proc.poll() is None
+
+
+def _fds(server) -> int:
+    import os
+
+    return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+
+def _abort(server, request: bytes) -> None:
+    """Send `request` on a raw socket and close it before (or while) the answer comes."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(request)
+        sock.recv(1)  # the answer has started (or the server closed): go away mid-response
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def test_streams_opened_failed_and_aborted_on_every_door_leak_nothing(make_server, database_url):
+    server = make_server(database_url, MERCURE_ANONYMOUS="1", MAX_CONNECTIONS_PER_TOKEN="2",
+                         **MERCURE_KEYS)
+    tok = token("leaky")
+    server.post(HUB, data={"topic": "x", "data": "1", "id": "ünï"},
+                headers={"Authorization": f"Bearer {_mercure_publisher()}"})
+    publish_ok = server.post(EVENTS, json={"stream": "s", "data": 1}, headers=auth())
+    assert publish_ok.status_code == 201
+    from tests.helpers import wait_until
+
+    wait_until(lambda: _gauge(server, "sluice_subscribers") == 0)
+    greenlets_before, fds_before = _gauge(server, "sluice_greenlets"), _fds(server)
+    bearer = f"Authorization: Bearer {tok}"
+
+    def req(target: str, *headers: str) -> bytes:
+        lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{server.port}", *headers]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()  # UTF-8, as a client may send
+
+    shapes = [
+        req("/api/v1/sse?stream=s", bearer),
+        req("/api/v1/sse?stream=s&lastEventId=0", bearer),
+        req("/api/v1/sse?stream=s", "Authorization: Bearer x.y.z"),
+        req("/api/v1/sse?stream=nope", bearer),
+        req("/api/v1/sse?stream=s", bearer, "Last-Event-ID: \u00ff\u00fe.12"),
+        req("/api/v1/poll?stream=s&timeout=5", bearer),
+        req("/api/v1/poll?stream=s&cursor=0&timeout=5", bearer),
+        req("/.well-known/mercure?topic=x"),
+        req("/.well-known/mercure?topic=x", "Last-Event-ID: ünï"),
+        req("/.well-known/mercure?topic=x&lastEventID=%C3%BCn%C3%AF"),
+        req("/.well-known/mercure?topic=x&lastEventID=earliest"),
+        req("/.well-known/mercure?topic=x", "Authorization: Bearer bad"),
+        req("/.well-known/mercure?topic=x", "Last-Event-ID: "),
+    ]
+    for _ in range(3):
+        for shape in shapes:
+            _abort(server, shape)
+    assert server.get("/healthz").status_code == 200
+    wait_until(lambda: _gauge(server, "sluice_subscribers") == 0)
+    wait_until(lambda: _gauge(server, "sluice_connections", '{transport="sse"}') == 0)
+    wait_until(lambda: _gauge(server, "sluice_connections", '{transport="poll"}') == 0)
+    wait_until(lambda: _gauge(server, "sluice_greenlets") <= greenlets_before + 2)
+    wait_until(lambda: _fds(server) <= fds_before + 2)
+    # every limit slot came back: the token's two connections are admitted again
+    both = [Stream(server.url + SSE, params={"stream": "s"},
+                   headers={"Authorization": f"Bearer {tok}"}) for _ in range(2)]
+    try:
+        assert [s.response.status_code for s in both] == [200, 200]
+    finally:
+        for s in both:
+            s.close()
+    assert server.proc.poll() is None

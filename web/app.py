@@ -7,6 +7,7 @@ from flask import Flask, Response, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from auth.http import bp as auth_bp
+from common.headers import header_value
 from ingest.http import bp as ingest_bp
 from mercure.http import bp as mercure_bp
 from runtime.services import Services
@@ -50,6 +51,15 @@ def create_app(services: Services) -> Flask:
     def _close_when_draining(response: Response) -> Response:
         if services.draining:
             response.headers["Connection"] = "close"  # do not keep a stopping process busy
+        return response
+
+    @app.after_request
+    def _encodable_headers(response: Response) -> Response:
+        """A header the server cannot encode would fail the response after its stream had
+        registered (a door's own headers are encoded where they are made; this is the net)."""
+        for name, value in response.headers.items():
+            if not value.isascii():
+                response.headers[name] = header_value(value)
         return response
 
     @app.after_request
