@@ -266,3 +266,86 @@ def test_streams_opened_failed_and_aborted_on_every_door_leak_nothing(make_serve
         for s in both:
             s.close()
     assert server.proc.poll() is None
+
+
+# -- 31.2 one reading of every request --------------------------------------------------------
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"  # a 404, if it is ever read as a request
+AS_CHUNKED = b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+LAST = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def _conversation(server, head: bytes, body: bytes,
+                  first: bytes = b"POST /healthz HTTP/1.1\r\nHost: x\r\n") -> list[bytes]:
+    """Send one request (`head` holds its header lines) with `body`, then a last request that
+    closes; return the status lines of everything that came back."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(first + head + b"\r\n" + body + LAST)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    import re
+
+    return re.findall(rb"HTTP/1\.[01] [0-9]{3} [^\r\n]*", got)
+
+
+@pytest.mark.parametrize("head, body", [
+    (b"Content-Length: 0\r\nContent-Length: %d\r\n" % len(SMUGGLED), SMUGGLED),
+    (b"Content-Length: %d\r\nContent-Length: 0\r\n" % len(SMUGGLED), SMUGGLED),
+    (b"Transfer-Encoding : chunked\r\n", AS_CHUNKED),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", AS_CHUNKED),
+    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", AS_CHUNKED),
+    (b"Transfer-Encoding: gzip, chunked\r\n", AS_CHUNKED),
+    (b"Transfer-Encoding: chunked, gzip\r\n", AS_CHUNKED),
+    (b"X-Pad: a\r\n Transfer-Encoding: chunked\r\n", AS_CHUNKED),
+    (b"Transfer-Encoding:\r\n chunked\r\n", AS_CHUNKED),
+    (b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(AS_CHUNKED), AS_CHUNKED),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n", AS_CHUNKED),
+    (b"Content-Length: 1_0\r\n", SMUGGLED),
+    (b"Content-Length: +%d\r\n" % len(SMUGGLED), SMUGGLED),
+    (b"Content-Length: 0x%x\r\n" % len(SMUGGLED), SMUGGLED),
+    (b"Content-Length: \xb2\r\n", SMUGGLED),
+    (b"Content-Length: -1\r\n", SMUGGLED),
+    (b"Content-Length : %d\r\n" % len(SMUGGLED), SMUGGLED),
+    (b"Host: y\r\n", b""),
+])
+def test_each_smuggling_shape_is_400_with_connection_close(module_server, head, body):
+    statuses = _conversation(module_server, head, body)
+    assert statuses == [b"HTTP/1.1 400 Bad Request"], statuses  # and the connection closed
+
+
+def test_plain_framing_still_reads_one_body(module_server):
+    ingest = (b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Authorization: {auth()['Authorization']}\r\n".encode())
+    for head, body in [(b"Content-Length: %d\r\n" % len(SMUGGLED), SMUGGLED),
+                       (b"Content-Length: %d, %d\r\n" % (len(SMUGGLED), len(SMUGGLED)), SMUGGLED),
+                       (b"Transfer-Encoding: chunked\r\n", AS_CHUNKED),
+                       (b"Transfer-Encoding: Chunked\r\n", AS_CHUNKED)]:
+        statuses = _conversation(module_server, head, body, first=ingest)
+        # the body is read as the ingest's (not JSON: 400), then the last request is answered
+        assert statuses == [b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 200 OK"], (head, statuses)
+
+
+_FRAMING_LINES = st.sampled_from([
+    b"Content-Length: %d" % len(SMUGGLED), b"Content-Length: 0", b"Content-Length: 10",
+    b"Content-Length: %d" % len(AS_CHUNKED), b"Content-Length: 1_0", b"Content-Length:  7 ",
+    b"Transfer-Encoding: chunked", b"Transfer-Encoding : chunked", b"Transfer-Encoding: gzip",
+    b"Transfer-Encoding: identity", b"Transfer-Encoding: gzip, chunked", b"Transfer-encoding: CHUNKED",
+    b" chunked", b"\tTransfer-Encoding: chunked", b"X-Other: 1", b"Transfer-Encoding:\x0bchunked",
+])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from([(b"Content-Length: %d" % len(SMUGGLED), SMUGGLED),
+                        (b"Transfer-Encoding: chunked", AS_CHUNKED)]),
+       st.lists(_FRAMING_LINES, max_size=3), st.integers(0, 3))
+def test_no_mix_of_framing_headers_lets_a_body_be_read_as_a_request(module_server, framing,
+                                                                    noise, at):
+    """The body holds a request under its true framing; whatever framing lines are mixed in,
+    that request is never answered (400, or read as the body it is)."""
+    true_line, body = framing
+    lines = [*noise[:at], true_line, *noise[at:]]
+    statuses = _conversation(module_server, b"".join(line + b"\r\n" for line in lines), body)
+    assert statuses and not any(b" 404 " in s for s in statuses), (lines, statuses)

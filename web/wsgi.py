@@ -6,7 +6,11 @@ and a fifth that matters at 10,000 held streams.
 2. A lean request-header parser in place of the stdlib `email` machinery pywsgi uses (12
    `email.message.get` calls and a feedparser pass per request were its largest non-I/O cost),
    with limits: at most 100 headers, at most `MAX_HEADER_BYTES` in all (32 KiB by default; a
-   line can never be longer than that).
+   line can never be longer than that). It reads framing as RFC 9112 does and refuses what two
+   readers could read two ways (`400` with `Connection: close`): a header name that is not a
+   token (whitespace before the colon), obs-fold, `Content-Length` that is not plain digits or
+   repeats with another value, `Transfer-Encoding` other than one `chunked`, and both. So
+   pywsgi, which decides framing from what this parser hands it, reads one body, one way.
 3. No access-log formatting (pywsgi formats a line per request even with log=None).
 4. A deadline on the request line and headers (`HEADER_TIMEOUT_S`): a client that sends them a
    byte at a time (slowloris), or a keep-alive connection left idle, is closed instead of
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import _socket
 import os
+import re
 import socket
 import time
 import weakref
@@ -44,8 +49,31 @@ if TYPE_CHECKING:  # gunicorn's master imports this module before its workers pa
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
+_DIGITS = re.compile(r"[0-9]+")
+_FRAMING = ("content-length", "transfer-encoding")
 MAX_HEADER_BYTES = 32768
 READ_BUFFER = 1024
+
+
+def _framing_problem(framing: list[tuple[str, str]]) -> str:
+    """Why these Content-Length / Transfer-Encoding values frame the body ambiguously ("" if
+    they do not): exactly one reading, or a 400."""
+    lengths = {v for k, v in framing if k == "content-length"}
+    codings = [v for k, v in framing if k == "transfer-encoding"]
+    if codings:
+        if lengths:
+            return "Both Content-Length and Transfer-Encoding"
+        if len(codings) > 1 or codings[0].lower() != "chunked":
+            return "Transfer-Encoding other than one chunked"
+        return ""
+    values = {part.strip() for v in lengths for part in v.split(",")}
+    if len(values) != 1:
+        return "Content-Length values differ"
+    (value,) = values
+    if not _DIGITS.fullmatch(value) or len(value) > 18:
+        return "Content-Length is not plain digits"
+    return ""
 
 
 class RequestHeaders:
@@ -55,8 +83,16 @@ class RequestHeaders:
 
     def __init__(self, fp: BinaryIO, max_bytes: int = MAX_HEADER_BYTES) -> None:
         self.status = ""
-        self._lines: list[str] = []          # raw "Name: value\r\n" lines, continuations kept
+        self._lines: list[str] = []          # raw "Name: value\r\n" lines
         self._index: dict[str, str] = {}     # lower-cased name -> first value
+        framing: list[tuple[str, str]] = []  # every Content-Length / Transfer-Encoding value
+        self._read(fp, max_bytes, framing)
+        if framing and not self.status:
+            self.status = _framing_problem(framing)
+            if not self.status and "content-length" in self._index:  # `10, 10` reads as `10`
+                self._index["content-length"] = self._index["content-length"].split(",")[0].strip()
+
+    def _read(self, fp: BinaryIO, max_bytes: int, framing: list[tuple[str, str]]) -> None:
         left = max_bytes
         while True:
             line = fp.readline(min(MAX_LINE, left) + 1)
@@ -71,13 +107,18 @@ class RequestHeaders:
                 return
             text = line.decode("iso-8859-1")
             self._lines.append(text)
-            if text[:1] in " \t":
-                continue  # obsolete line folding: pywsgi joins it to the previous header
             name, sep, value = text.partition(":")
-            if not sep:
+            if not sep or not _TOKEN.fullmatch(name):  # obs-fold and `Name :` land here too
                 self.status = "Malformed header line"
                 return
-            self._index.setdefault(name.strip().lower(), value.strip())
+            key, value = name.lower(), value.strip()
+            if key in _FRAMING:
+                framing.append((key, value))
+            if key not in self._index:
+                self._index[key] = value  # the first of a repeated header (but framing's) counts
+            elif key == "host":
+                self.status = "Host repeated"
+                return
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return self._index.get(name.lower(), default)
