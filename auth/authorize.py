@@ -27,13 +27,14 @@ from typing import Any
 import orjson
 from gevent.event import AsyncResult
 
-from auth.grants import Grants
+from auth.grants import Grants, valid_pattern
+from auth.revocations import Revocations
 from auth.tokens import Principal
 from common.cache import BoundedCache
 from common.origin import OriginClient, OriginError
 from common.problems import Problem
 
-REDIS_KEY = "sluice:authz:{}"
+REDIS_KEY = "{}:authz:{}"  # namespace (the deployment's), question
 CACHE_MAX = 10000
 MAX_ANSWER_BYTES = 65536
 
@@ -47,17 +48,20 @@ class Grant:
     subject: str
     patterns: tuple[str, ...]
     expires_at: float  # wall clock, as a token's exp
+    granted_at: float = 0.0  # when the origin answered: the grant's `iat` for revocations
 
     def principal(self) -> Principal:
         return Principal(self.subject, Grants(()), Grants(self.patterns), self.expires_at,
-                         {"sub": self.subject, "authorized_by": "origin"})
+                         {"sub": self.subject, "iat": self.granted_at,
+                          "authorized_by": "origin"})
 
 
 class OriginAuthorizer:
     """Asks `url` whether a token-less subscriber may have its streams; caches the grants."""
 
     def __init__(self, url: str, *, forward_headers: Sequence[str], timeout_s: float,
-                 max_ttl_s: float, redis: Any = None, metrics: Any = None) -> None:
+                 max_ttl_s: float, redis: Any = None, metrics: Any = None,
+                 revocations: Revocations | None = None, namespace: str = "sluice") -> None:
         self.origin = OriginClient(url, timeout_s=timeout_s, user_agent="sluice-authorize",
                                    max_answer_bytes=MAX_ANSWER_BYTES)
         self.forward_headers = tuple(forward_headers)
@@ -65,6 +69,8 @@ class OriginAuthorizer:
         self.max_ttl_s = max_ttl_s
         self.redis = redis
         self.metrics = metrics
+        self.revocations = revocations
+        self.ns = namespace
         self._cache: BoundedCache[str, Grant] = BoundedCache(CACHE_MAX)
         self._inflight: dict[str, AsyncResult] = {}
 
@@ -103,26 +109,42 @@ class OriginAuthorizer:
         now = time.time()
         grant = self._cache.get(key)
         if grant is not None:
-            if grant.expires_at > now:
+            if grant.expires_at > now and not self._revoked(key, grant, shared=False):
                 return grant
             self._cache.pop(key)
         if self.redis is None:
             return None
         try:
-            raw = self.redis.get(REDIS_KEY.format(key))
+            raw = self.redis.get(REDIS_KEY.format(self.ns, key))
         except Exception:  # noqa: BLE001 - Redis is only a shared cache here
             return None
         if not raw:
             return None
         try:
             data = orjson.loads(raw)
-            grant = Grant(str(data["sub"]), tuple(data["streams"]), float(data["exp"]))
+            grant = Grant(str(data["sub"]), tuple(data["streams"]), float(data["exp"]),
+                          float(data.get("iat", 0.0)))
         except (ValueError, KeyError, TypeError):
             return None
-        if grant.expires_at <= now:
+        if grant.expires_at <= now or self._revoked(key, grant, shared=True):
             return None
         self._remember(key, grant)
         return grant
+
+    def _revoked(self, key: str, grant: Grant, *, shared: bool) -> bool:
+        """A grant the origin gave before its subject was revoked is dropped (from this
+        process, or from Redis when that is where it was read), so the next subscribe asks
+        the origin again (or uses a grant another process asked for since)."""
+        if self.revocations is None or not self.revocations.revoked(None, grant.subject,
+                                                                     grant.granted_at):
+            return False
+        self._cache.pop(key)
+        if shared and self.redis is not None:
+            try:
+                self.redis.delete(REDIS_KEY.format(self.ns, key))
+            except Exception:  # noqa: BLE001 - every process drops it on sight anyway
+                pass
+        return True
 
     def _remember(self, key: str, grant: Grant) -> None:
         self._cache.put(key, grant)
@@ -158,9 +180,9 @@ class OriginAuthorizer:
             if self.redis is not None:
                 try:
                     ttl_ms = max(1, int((grant.expires_at - time.time()) * 1000))
-                    self.redis.set(REDIS_KEY.format(key), orjson.dumps(
+                    self.redis.set(REDIS_KEY.format(self.ns, key), orjson.dumps(
                         {"sub": grant.subject, "streams": grant.patterns,
-                         "exp": grant.expires_at}), px=ttl_ms)
+                         "exp": grant.expires_at, "iat": grant.granted_at}), px=ttl_ms)
                 except Exception:  # noqa: BLE001 - the process cache still has it
                     pass
         return grant
@@ -175,14 +197,15 @@ class OriginAuthorizer:
         if not isinstance(data, dict):
             return None
         patterns, ttl, subject = data.get("streams"), data.get("ttl", 0), data.get("sub", "origin")
-        if not isinstance(patterns, list) or not all(isinstance(p, str) and 0 < len(p) <= 256
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and valid_pattern(p)
                                                      for p in patterns):
             return None
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 0:
             return None
         if not isinstance(subject, str) or not 0 < len(subject) <= 200:
             return None
-        return Grant(subject, tuple(patterns), time.time() + min(float(ttl), self.max_ttl_s))
+        now = time.time()
+        return Grant(subject, tuple(patterns), now + min(float(ttl), self.max_ttl_s), now)
 
     @staticmethod
     def _refusal(status: int, content_type: str, answer: bytes) -> Problem:

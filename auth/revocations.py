@@ -1,19 +1,25 @@
 """Token revocation ("be paranoid: drop connections and force resubscription").
 
 An origin revokes one token (by `jti`) or every token of a subject issued up to now (by `sub`,
-compared with the token's `iat`). A revocation is written to Redis (two hashes, so a process
-that starts later loads them) and announced on a channel; every process keeps them in memory,
-so checking a token costs a dictionary lookup, and on the announcement ends the live
-connections the revoked tokens admitted (`on_revoke`, the hub's). A jti is remembered for
-`keep_s` (longer than any token should live); a subject's cut-off likewise. Without Redis a
-revocation cannot reach the fleet, so it is refused (503) rather than silently partial.
+compared with the token's `iat`). A revocation is written durably first (the `Ledger`:
+Postgres), then to Redis (two hashes, the fast path) and announced on a channel; every process
+keeps them in memory, so checking a token costs a dictionary lookup, and on the announcement
+ends the live connections the revoked tokens admitted (`on_revoke`, the hub's). A jti is
+remembered for `keep_s` (longer than any token should live); a subject's cut-off likewise.
+
+It fails closed. A process accepts no token until it has loaded the revocations from the
+ledger (until then a check answers `503`). Loading merges, never replaces: a Redis that
+comes back empty erases nothing a process knows, and what it lacks is written back to it.
+Without Redis a revocation cannot reach the fleet at once, so it is refused (503) rather than
+silently partial (it is kept in the ledger all the same, and every process loads it within
+`reload_s`).
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import orjson
@@ -26,25 +32,35 @@ log = logging.getLogger("sluice.revocations")
 RevokeListener = Callable[[str, str, float], object]  # (kind "jti" | "sub", value, at)
 
 
+class Ledger(Protocol):
+    """Where revocations and spent single-use tokens are kept durably (ingest.ledger)."""
+
+    def record(self, kind: str, value: str, at: float) -> None: ...
+
+    def entries(self, jti_after: float, sub_after: float) -> list[tuple[str, str, float]]: ...
+
+    def spend(self, key: str, until: float) -> bool: ...
+
+
 class Revocations:
-    """Revoked jtis and subjects, in memory for every token check, shared through Redis."""
+    """Revoked jtis and subjects, in memory for every token check, shared through Redis and
+    kept in the ledger."""
 
     def __init__(self, redis: Any, *, namespace: str, keep_s: float = 86400.0,
-                 reload_s: float = 30.0) -> None:
+                 reload_s: float = 10.0, ledger: Ledger | None = None) -> None:
         self.redis = redis
         self.ns = namespace
         self.keep_s = keep_s
         self.reload_s = reload_s
+        self.ledger = ledger
         self.jtis: dict[str, float] = {}       # jti -> remembered until (unix time)
         self.subjects: dict[str, float] = {}   # sub -> tokens issued at or before this are out
         self.listeners: list[RevokeListener] = []
+        self.ready = False                     # loaded once from the ledger (or Redis, alone)
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> Revocations:
-        try:
-            self.load()
-        except Exception as exc:  # noqa: BLE001 - loaded again on the next round
-            log.warning("revocations: could not load from redis (%s)", exc)
+        self._reload_quietly()
         self._greenlets = [
             gevent.spawn(subscribe_forever, self.redis, f"{self.ns}:revocations", self._message,
                          on_up=self._reload_quietly),
@@ -56,7 +72,10 @@ class Revocations:
 
     # -- checks -------------------------------------------------------------------------------
     def revoked(self, jti: Any, subject: str, issued_at: Any) -> bool:
-        """Is a token with these claims revoked? (no I/O)"""
+        """Is a token with these claims revoked? (no I/O; 503 until the tables are loaded)"""
+        if not self.ready:
+            raise Unavailable("revocations are not loaded yet, so no token can be checked",
+                              retry_after=2, slug="revocations-unavailable")
         if isinstance(jti, str) and jti in self.jtis:
             return True
         cut = self.subjects.get(subject)
@@ -64,12 +83,24 @@ class Revocations:
             return False
         return not isinstance(issued_at, (int, float)) or issued_at <= cut
 
+    def still_admits(self, jti: Any, subject: str, issued_at: Any) -> bool:
+        """For a subscription that has just registered (no I/O, never raises): not revoked,
+        and the tables are loaded. Checked after registering, so a revocation that lands
+        between a connection's token check and its registration still ends it."""
+        return self.ready and not self.revoked(jti, subject, issued_at)
+
     # -- revoking -----------------------------------------------------------------------------
     def revoke(self, kind: str, value: str) -> float:
         """Revoke a jti or a subject in every process; returns the time it took effect."""
         now = time.time()
         field = f"{self.ns}:revoked-{kind}"
         stored = now + self.keep_s if kind == "jti" else now
+        if self.ledger is not None:
+            try:
+                self.ledger.record(kind, value, stored)
+            except Exception as exc:
+                raise Unavailable("revocations need the database, which is unreachable",
+                                  retry_after=2, slug="database-unavailable") from exc
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(field, value, repr(stored))
@@ -77,6 +108,7 @@ class Revocations:
                              orjson.dumps({"kind": kind, "value": value, "at": stored}))
                 pipe.execute()
         except Exception as exc:
+            self._apply(kind, value, stored)  # kept: here now, everywhere at the next reload
             raise Unavailable("revocations need Redis, which is unreachable", retry_after=2,
                               slug="redis-unavailable") from exc
         self._apply(kind, value, stored)
@@ -88,8 +120,9 @@ class Revocations:
 
     def _apply(self, kind: str, value: str, at: float) -> None:
         table = self.jtis if kind == "jti" else self.subjects
-        if table.get(value) == at:
-            return  # ours, announced back to us
+        known = table.get(value)
+        if known is not None and known >= at:
+            return  # ours announced back to us, or already known (a merge never goes back)
         table[value] = at
         for listener in self.listeners:
             try:
@@ -99,30 +132,79 @@ class Revocations:
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
-        """Replace the in-memory tables with what Redis holds, dropping expired entries."""
+        """Merge what the ledger and Redis hold into the in-memory tables (never dropping what
+        is known, but what has expired), write back to Redis what it lacks, and be ready once
+        the ledger (or, without one, Redis) has been read. Raises if neither could be read."""
         now = time.time()
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(f"{self.ns}:revoked-jti")
-            pipe.hgetall(f"{self.ns}:revoked-sub")
-            jtis, subjects = pipe.execute()
-        self.jtis = {k.decode(): float(v) for k, v in jtis.items() if float(v) > now}
-        self.subjects = {k.decode(): float(v) for k, v in subjects.items()
-                         if float(v) + self.keep_s > now}
-        stale_jti = [k for k, v in jtis.items() if float(v) <= now]
-        stale_sub = [k for k, v in subjects.items() if float(v) + self.keep_s <= now]
-        if stale_jti or stale_sub:
+        found: list[tuple[str, str, float]] = []
+        errors: list[Exception] = []
+        ledger_read = False
+        if self.ledger is not None:
+            try:
+                found += self.ledger.entries(now, now - self.keep_s)
+                ledger_read = True
+            except Exception as exc:  # noqa: BLE001 - Redis may still answer
+                errors.append(exc)
+        in_redis: set[tuple[str, str]] = set()
+        redis_read = False
+        try:
             with self.redis.pipeline(transaction=False) as pipe:
-                if stale_jti:
-                    pipe.hdel(f"{self.ns}:revoked-jti", *stale_jti)
-                if stale_sub:
-                    pipe.hdel(f"{self.ns}:revoked-sub", *stale_sub)
+                pipe.hgetall(f"{self.ns}:revoked-jti")
+                pipe.hgetall(f"{self.ns}:revoked-sub")
+                jtis, subjects = pipe.execute()
+            stale: dict[str, list[bytes]] = {"jti": [], "sub": []}
+            for kind, table in (("jti", jtis), ("sub", subjects)):
+                for k, v in table.items():
+                    at = float(v)
+                    if (at > now) if kind == "jti" else (at + self.keep_s > now):
+                        found.append((kind, k.decode(), at))
+                        in_redis.add((kind, k.decode()))
+                    else:
+                        stale[kind].append(k)
+            redis_read = True
+            if stale["jti"] or stale["sub"]:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for kind, keys in stale.items():
+                        if keys:
+                            pipe.hdel(f"{self.ns}:revoked-{kind}", *keys)
+                    pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - the ledger may have answered
+            errors.append(exc)
+        for kind, value, at in found:
+            if (at > now) if kind == "jti" else (at + self.keep_s > now):
+                self._apply(kind, value, at)
+        self._expire(now)
+        if redis_read:
+            self._write_back(in_redis)
+        if ledger_read or (self.ledger is None and redis_read):
+            self.ready = True
+        elif errors:
+            raise errors[0]
+
+    def _expire(self, now: float) -> None:
+        self.jtis = {k: v for k, v in self.jtis.items() if v > now}
+        self.subjects = {k: v for k, v in self.subjects.items() if v + self.keep_s > now}
+
+    def _write_back(self, in_redis: set[tuple[str, str]]) -> None:
+        """Give a Redis that lost its hashes (restarted without persistence) what it lacks."""
+        missing = [(kind, value, at) for kind, table in (("jti", self.jtis), ("sub", self.subjects))
+                   for value, at in table.items() if (kind, value) not in in_redis]
+        if not missing:
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for kind, value, at in missing:
+                    pipe.hset(f"{self.ns}:revoked-{kind}", value, repr(at))
                 pipe.execute()
+        except Exception:  # noqa: BLE001 - the next reload tries again
+            pass
 
     def _reload_quietly(self) -> None:
         try:
             self.load()  # announcements may have been missed while the subscription was down
-        except Exception:  # noqa: BLE001 - the next round tries again
-            pass
+        except Exception as exc:  # noqa: BLE001 - the next round tries again
+            log.warning("revocations: could not load (%s)%s", exc,
+                        "" if self.ready else "; tokens are refused (503) until they load")
 
     def _reload_forever(self) -> None:
         while True:

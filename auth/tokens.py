@@ -11,6 +11,7 @@ are cached until they expire.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,6 +154,17 @@ class TokenVerifier:
         except Exception as exc:
             raise Unavailable("cannot check a single-use token right now",
                               slug="redis-unavailable") from exc
+        if not fresh:
+            raise unauthorized("single-use token was already used")
+        ledger = self.revocations.ledger if self.revocations is not None else None
+        if ledger is None:
+            return
+        try:  # Redis may have restarted empty since it was spent: the ledger remembers
+            key = hashlib.sha256((principal.subject + "\x00" + jti).encode("utf-8", "surrogatepass"))
+            fresh = ledger.spend(key.hexdigest(), principal.expires_at + self.leeway_s + 1)
+        except Exception as exc:
+            raise Unavailable("cannot check a single-use token right now",
+                              slug="database-unavailable") from exc
         if not fresh:
             raise unauthorized("single-use token was already used")
 

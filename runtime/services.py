@@ -19,6 +19,7 @@ from auth.revocations import Revocations
 from auth.tokens import TokenVerifier
 from config.settings import Settings, SettingsError
 from ingest.batcher import Batcher
+from ingest.ledger import PgLedger
 from ingest.pending import PendingMirror
 from ingest.pool import Pool
 from ingest.retention import Pruner
@@ -130,7 +131,7 @@ def build_services(settings: Settings) -> Services:
                       max_backlog=settings.ingest_max_backlog, metrics=metrics.batcher).start()
     redis = connect_redis(settings)
     revocations = Revocations(redis, namespace=f"sluice:{identity}",
-                              keep_s=settings.revocation_keep_s).start()
+                              keep_s=settings.revocation_keep_s, ledger=PgLedger(pool)).start()
     tokens = TokenVerifier(settings.secrets, public_keys=settings.public_keys,
                            leeway_s=settings.token_leeway_s, redis=redis, revocations=revocations)
     hub = Hub(store, pool, redis, channel=f"sluice:{identity}:commits",
@@ -139,6 +140,7 @@ def build_services(settings: Settings) -> Services:
               stream_cache_s=settings.stream_cache_s).start()
     batcher.add_listener(hub.on_commit)
     revocations.listeners.append(hub.revoke)
+    hub.admits = revocations.still_admits
     backoff = Backoff(redis, base_ms=settings.retry_base_ms, max_ms=settings.retry_max_ms,
                       window_s=settings.retry_window_s)
     limits = ConnectionLimits(settings.max_connections_per_token, settings.max_connections_per_ip,
@@ -150,7 +152,8 @@ def build_services(settings: Settings) -> Services:
                                       forward_headers=settings.authorize_forward_headers,
                                       timeout_s=settings.authorize_timeout_s,
                                       max_ttl_s=settings.authorize_max_ttl_s, redis=redis,
-                                      metrics=metrics.authorize)
+                                      metrics=metrics.authorize, revocations=revocations,
+                                      namespace=f"sluice:{identity}")
     notifier = None
     if settings.webhook_url and settings.webhook_secret:
         notifier = WebhookNotifier(settings.webhook_url, settings.webhook_secret,

@@ -98,6 +98,8 @@ class Hub:
         self._by_pattern: dict[str, set[Subscription]] = {}
         self._patterns = PatternIndex()  # stream -> matching live patterns, cached
         self._subs: set[Subscription] = set()
+        # (jti, subject, iat) -> may a subscription so admitted stay? (the revocations')
+        self.admits: Callable[[str | None, str, float | None], bool] | None = None
         self._taps: dict[str, Callable[[list[LiveEvent]], None]] = {}
         self.activity = StreamActivity()  # every stream's events in the fleet (dashboard)
         self._known: BoundedCache[str, bool] = BoundedCache(100_000)  # trusted to exist
@@ -166,6 +168,11 @@ class Hub:
         self._subs.add(sub)
         if sub.expires_at:
             heapq.heappush(self._expiry, (sub.expires_at, next(self._order), sub))
+        # Register, then check: a revocation that arrived after the door's token check (and
+        # before this) finds no subscription to end, so the check is made again here, with no
+        # yield since the registration; any later revocation finds it registered.
+        if self.admits is not None and not self.admits(sub.jti, sub.subject, sub.issued_at):
+            sub.close()
         return self.position
 
     def tap(self, stream: str, deliver: Callable[[list[LiveEvent]], None]) -> None:

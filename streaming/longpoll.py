@@ -9,6 +9,7 @@ from typing import Any
 import gevent
 import orjson
 
+from common.problems import unauthorized
 from ingest.ids import format_position
 from ingest.reads import history_gone
 from streaming.catchup import catch_up, streams_for
@@ -37,6 +38,14 @@ def poll_event(position: int, stream: str, event_type: str, data: str) -> dict[s
             "data": orjson.Fragment(data)}
 
 
+def _still_admitted(svc: StreamingServices, checked: Checked) -> None:
+    """A revocation that landed while this poll was checked, registered or waiting: 401, and
+    nothing it gathered is sent."""
+    admits = svc.hub.admits
+    if admits is not None and not admits(checked.jti, checked.subject, checked.issued_at):
+        raise unauthorized("token has been revoked")
+
+
 def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAnswer:
     """Wait up to `hold_s` for events of the checked streams after its resume point."""
     page = svc.settings.catchup_page
@@ -62,13 +71,13 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
         cursor = max(start, seam)
         events: list[dict[str, Any]] = []
         streams = streams_for(svc.pool, svc.store, checked.streams, checked.patterns,
-                          checked.admits) \
-            if start < seam else []
+                              checked.admits) if start < seam else []
         for rows in catch_up(svc.pool, svc.store, streams, start, seam, page):
             events = [poll_event(r.position, r.stream, r.type, r.data) for r in rows]
             if len(rows) == page:
                 cursor = rows[-1].position  # more history to come: continue from here
             break
+        _still_admitted(svc, checked)
         if not events and hold_s > 0:
             with gevent.Timeout(hold_s, False):
                 while not events:
@@ -80,6 +89,7 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
                             if e.position > cursor and len(events) < page:
                                 events.append(poll_event(e.position, e.stream, e.type, e.data))
                                 cursor = e.position
+        _still_admitted(svc, checked)
     finally:
         svc.hub.unsubscribe(sub)
         svc.presence.leave(sub, sid, checked.subject, takeover=False)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 
+import gevent
+import gevent.event
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from auth.grants import MAX_WILDCARDS, Grants, PatternIndex, pattern_covers, valid_pattern
 from mercure.selectors import MAX_EXPRESSIONS, Selectors, TemplateTooComplex, compile_template
-from tests.helpers import EVENTS, SSE, HealthProbe, auth, token
+from tests.helpers import EVENTS, SSE, HealthProbe, auth, token, wait_until
 from tests.sse import Stream
 
 HUB = "/.well-known/mercure"
@@ -188,8 +190,6 @@ def test_a_non_ascii_resume_id_neither_crashes_nor_leaks(make_server, database_u
             via_query.close()
             via_header.close()
         assert server.get("/healthz").status_code == 200
-    from tests.helpers import wait_until
-
     wait_until(lambda: _gauge(server, "sluice_subscribers") == 0)
     wait_until(lambda: _gauge(server, "sluice_connections", '{transport="sse"}') == 0)
     assert server.proc.poll() is None
@@ -223,8 +223,6 @@ def test_streams_opened_failed_and_aborted_on_every_door_leak_nothing(make_serve
                 headers={"Authorization": f"Bearer {_mercure_publisher()}"})
     publish_ok = server.post(EVENTS, json={"stream": "s", "data": 1}, headers=auth())
     assert publish_ok.status_code == 201
-    from tests.helpers import wait_until
-
     wait_until(lambda: _gauge(server, "sluice_subscribers") == 0)
     greenlets_before, fds_before = _gauge(server, "sluice_greenlets"), _fds(server)
     bearer = f"Authorization: Bearer {tok}"
@@ -349,3 +347,97 @@ def test_no_mix_of_framing_headers_lets_a_body_be_read_as_a_request(module_serve
     lines = [*noise[:at], true_line, *noise[at:]]
     statuses = _conversation(module_server, b"".join(line + b"\r\n" for line in lines), body)
     assert statuses and not any(b" 404 " in s for s in statuses), (lines, statuses)
+
+
+# -- 25.3 revocation is atomic with admission --------------------------------------------------
+
+REVOKER = {"Authorization": f"Bearer {token('origin', revoke=True)}"}
+
+
+def _drain(stream, timeout: float = 20) -> list:
+    """Everything a stream sends until it ends (events and `retry:`s)."""
+    items = []
+    with gevent.Timeout(timeout):
+        while (item := stream.next(("event", "retry"), timeout=timeout)) != ("end",):
+            items.append(item)
+    return items
+
+
+def test_hundreds_of_opens_racing_a_jti_revocation_across_two_processes_leave_no_one_in(
+        make_server, database_url):
+    a, b = make_server(database_url), make_server(database_url)
+    a.put("/api/v1/streams/race/1", headers=auth())
+    tokens = [token("racer", subscribe=["race/**"], jti="race-1", n=n) for n in range(300)]
+    streams: list = []
+    revoked = gevent.event.Event()
+
+    def open_one(n: int) -> None:
+        server = (a, b)[n % 2]
+        if n == 150:
+            r = a.post("/api/v1/revocations", json={"jti": "race-1"}, headers=REVOKER)
+            assert r.status_code == 202, r.text
+            revoked.set()
+        streams.append((revoked.is_set(), Stream(server.url + SSE, params={"stream": "race/1"},
+                        headers={"Authorization": f"Bearer {tokens[n]}"})))
+
+    gevent.joinall([gevent.spawn(open_one, n) for n in range(300)], raise_error=True)
+    assert revoked.is_set()
+    r = a.post(EVENTS, json={"stream": "race/1", "data": "after"}, headers=auth())
+    assert r.status_code == 201
+    admitted = deliveries = 0
+    for _, s in streams:
+        if s.response.status_code == 200:
+            admitted += 1
+            items = _drain(s)  # every admitted stream ends by itself (a survivor times out)
+            deliveries += sum(1 for item in items if item[0] == "event")
+        else:
+            assert s.response.status_code == 401
+        s.close()
+    for server in (a, b):  # nothing is left registered
+        wait_until(lambda server=server: _gauge(server, "sluice_subscribers") == 0)
+    late = Stream(b.url + SSE, params={"stream": "race/1"},
+                  headers={"Authorization": f"Bearer {tokens[0]}"})
+    assert late.response.status_code == 401
+    late.close()
+    assert deliveries == 0, (deliveries, admitted)
+
+
+# -- 31.3 revocations and single-use tokens fail closed ----------------------------------------
+
+def _poll_status(server, tok: str) -> int:
+    return server.get("/api/v1/poll", params={"stream": "fc/1", "timeout": "0"},
+                      headers={"Authorization": f"Bearer {tok}"}).status_code
+
+
+def test_revocations_and_spent_tokens_survive_redis_and_process_restarts(
+        make_server, database_url, own_redis):
+    import redis as redis_client
+
+    server = make_server(database_url, REDIS_URL=own_redis.url)
+    server.put("/api/v1/streams/fc/1", headers=auth())
+    victim = token("victim", subscribe=["fc/**"])
+    once = token("single", subscribe=["fc/**"], once=True, jti="only-once")
+    assert _poll_status(server, victim) == 200
+    r = server.get("/api/v1/poll", params={"stream": "fc/1", "timeout": "0"},
+                   headers={"Authorization": f"Bearer {once}"})
+    assert r.status_code == 200, r.text  # spends it
+    assert _poll_status(server, once) == 401
+    r = server.post("/api/v1/revocations", json={"sub": "victim"}, headers=REVOKER)
+    assert r.status_code == 202
+    assert _poll_status(server, victim) == 401
+
+    # Redis stopped, Sluice restarted: the new process reads the revocation from Postgres.
+    own_redis.stop()
+    server.stop()
+    server.start()
+    assert _poll_status(server, victim) == 401
+
+    # Redis back, empty (no persistence): the process erases nothing and writes back what
+    # Redis lacks; the spent single-use token stays spent.
+    own_redis.start()
+    client = redis_client.Redis.from_url(own_redis.url)
+    wait_until(lambda: any(client.hexists(k, "victim") for k in client.keys("*revoked-sub")),
+               timeout=30, message="the revocation written back to the empty Redis")
+    assert _poll_status(server, victim) == 401
+    assert _poll_status(server, once) == 401
+    assert _poll_status(server, token("victim", subscribe=["fc/**"], iat=time.time() + 5)) == 200

@@ -204,3 +204,31 @@ def test_without_an_authorize_url_a_token_is_required(make_server, database_url)
     s.put("/api/v1/streams/room/1", headers=auth())
     r = s.get(POLL, params={"stream": "room/1"}, cookies={"session": "good"})
     assert r.status_code == 401
+
+
+def test_revoking_a_subject_drops_its_cached_grants_so_the_origin_is_asked_again(
+        srv, origin, make_server, database_url):
+    other = make_server(database_url, SLUICE_AUTHORIZE_URL=origin.url,
+                        AUTHORIZE_FORWARD_HEADERS="Cookie,X-Tenant")
+    s = Stream(srv.url + SSE, params={"stream": "room/1"}, cookies={"session": "good"})
+    assert s.response.status_code == 200
+    s.next(("retry",))
+    assert other.get(POLL, params={"stream": "room/1", "timeout": "0"},
+                     cookies={"session": "good"}).status_code == 200
+    assert len(origin.calls) == 1  # the second process used the grant cached in Redis
+    revoker = {"Authorization": f"Bearer {token('origin-app', revoke=True)}"}
+    r = srv.post("/api/v1/revocations", json={"sub": "user-7"}, headers=revoker)
+    assert r.status_code == 202
+    assert s.next(("event",), timeout=15) == ("end",)  # the open stream ends
+    s.close()
+    # Neither process readmits it from a grant given before the revocation: the first asks
+    # the origin again (which still says yes), the other uses that fresh grant from Redis.
+    calls = len(origin.calls)
+    for server in (srv, other):
+        r = server.get(POLL, params={"stream": "room/1", "timeout": "0"},
+                       cookies={"session": "good"})
+        assert r.status_code == 200, r.text
+        assert len(origin.calls) == calls + 1, server.url
+    again = Stream(other.url + SSE, params={"stream": "room/1"}, cookies={"session": "good"})
+    assert again.response.status_code == 200
+    again.close()
