@@ -5,6 +5,8 @@ from `SETTINGS_DOC` below, so the two cannot drift apart.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -15,7 +17,7 @@ from typing import Any
 # name -> (default, description). The README table mirrors this.
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "PORT": ("5000", "HTTP port to listen on."),
-    "HOST": ("0.0.0.0", "Interface to listen on."),
+    "HOST": ("127.0.0.1 (0.0.0.0 on a dyno)", "Interface `python app.py` listens on: loopback unless set (or unless `DYNO` says this is a Heroku dyno). gunicorn (the Procfile) binds `0.0.0.0` unless set."),
     "DATABASE_URL": ("(unset: embedded PostgreSQL)", "PostgreSQL URL."),
     "REDIS_URL": ("(unset: embedded Redis)", "Redis URL."),
     "REDIS_VERIFY_TLS": ("true", "Verify the server certificate of a `rediss://` Redis. Heroku Redis uses self-signed certificates: set `false` there (app.json does)."),
@@ -39,7 +41,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "MAX_QUERY_PARAMS": ("64", "Most query parameters a request may carry (`400` past it)."),
     "MAX_REQUEST_LINE_BYTES": ("8192", "Longest request line (method, URL, version); past it: `414`. At most 8192."),
     "SLUICE_WEBHOOK_URL": ("(unset)", "Where signed, batched `subscribe` / `unsubscribe` notices go (`POST {\"notices\": [...]}` with a `Sluice-Signature` header)."),
-    "SLUICE_WEBHOOK_SECRET": ("(unset: the `SLUICE_SECRET` key)", "Secret the notices are signed with (HMAC-SHA256)."),
+    "SLUICE_WEBHOOK_SECRET": ("(unset: derived from `SLUICE_SECRET`)", "Secret the notices are signed with (HMAC-SHA256). Unset: `HMAC-SHA256(SLUICE_SECRET, \"sluice webhook signing key v1\")` in hex, so a webhook receiver never holds the key tokens are signed with."),
     "WEBHOOK_GRACE_S": ("5", "A client that reconnects (same connection id) within this long is neither reported gone nor back."),
     "WEBHOOK_TIMEOUT_S": ("5", "How long one notice request may take before it is retried."),
     "REQUEST_LOG": ("json", "`json`: one JSON line per request on stdout (no query strings, headers or tokens); `off`: none."),
@@ -81,6 +83,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "MERCURE_SUBSCRIBER_JWT_KEY": ("(unset: the publisher key)", "The key subscriber tokens are verified with (as above); also turns the Mercure door on."),
     "MERCURE_SUBSCRIBER_JWT_ALG": ("HS256", "`HS256`, `RS256` or `ES256`: what `MERCURE_SUBSCRIBER_JWT_KEY` is."),
     "MERCURE_ANONYMOUS": ("false", "Admit Mercure subscribers without a token (they receive public updates only)."),
+    "MERCURE_PUBLISH_ORIGINS": ("(unset: CORS_ORIGINS)", "Origins (comma-separated `https://host[:port]`, or `*`) a Mercure publish authenticated only by the `mercureAuthorization` cookie is accepted from (checked on `Origin`, else `Sec-Fetch-Site`, else `Referer`; the server's own origin always counts). Anything else is `403`, nothing stored. Header-token publishes are unaffected."),
     "WEB_CONCURRENCY": ("2", "gunicorn worker processes (Procfile `web`); each has its own pool."),
     "WORKER_CONNECTIONS": ("10000", "Most concurrent requests per gunicorn worker (a held stream counts until it parks; `MAX_STREAM_CONNECTIONS` caps streams)."),
 }
@@ -164,12 +167,21 @@ def _url(env: Mapping[str, str], name: str) -> str | None:
     return url or None
 
 
-def _cors_origins(env: Mapping[str, str]) -> tuple[str, ...]:
-    raw = env.get("CORS_ORIGINS", "")
+def derived_webhook_secret(token_secret: str | None) -> str | None:
+    """The webhook signing secret when SLUICE_WEBHOOK_SECRET is unset: derived from the token
+    secret (never equal to it, and it does not reveal it)."""
+    if not token_secret:
+        return None
+    return hmac.new(token_secret.encode(), b"sluice webhook signing key v1",
+                    hashlib.sha256).hexdigest()
+
+
+def _cors_origins(env: Mapping[str, str], name: str = "CORS_ORIGINS") -> tuple[str, ...]:
+    raw = env.get(name, "")
     origins = tuple(dict.fromkeys(o.strip().rstrip("/") for o in raw.split(",") if o.strip()))
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
-            raise SettingsError(f"CORS_ORIGINS entries look like `https://app.example.com` "
+            raise SettingsError(f"{name} entries look like `https://app.example.com` "
                                 f"(scheme, host, optional port) or `*`, got {origin!r}")
     return origins
 
@@ -274,6 +286,7 @@ class Settings:
     mercure_publisher_key: tuple[str, str] | None = None
     mercure_subscriber_key: tuple[str, str] | None = None
     mercure_anonymous: bool = False
+    mercure_publish_origins: tuple[str, ...] = ()  # cookie-authenticated publishes; (): CORS's
 
     @property
     def mercure(self) -> bool:
@@ -290,7 +303,7 @@ class Settings:
                                 "SLUICE_SECRETS or a public key")
         settings = cls(
             port=_int(env, "PORT", 0),
-            host=env.get("HOST", "0.0.0.0"),
+            host=env.get("HOST") or ("0.0.0.0" if env.get("DYNO") else "127.0.0.1"),
             database_url=env.get("DATABASE_URL") or None,
             redis_url=env.get("REDIS_URL") or None,
             secrets=secrets,
@@ -340,7 +353,7 @@ class Settings:
             redis_verify_tls=_bool(env, "REDIS_VERIFY_TLS"),
             request_log=_switch(env, "REQUEST_LOG", "json"),
             webhook_url=_url(env, "SLUICE_WEBHOOK_URL"),
-            webhook_secret=env.get("SLUICE_WEBHOOK_SECRET") or (
+            webhook_secret=env.get("SLUICE_WEBHOOK_SECRET") or derived_webhook_secret(
                 secrets.get("default") or next(iter(secrets.values()), None)),
             webhook_grace_s=_float(env, "WEBHOOK_GRACE_S"),
             webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", 0.1),
@@ -354,6 +367,7 @@ class Settings:
             mercure_publisher_key=_mercure_key(env, "PUBLISHER") or _mercure_key(env, "SUBSCRIBER"),
             mercure_subscriber_key=_mercure_key(env, "SUBSCRIBER") or _mercure_key(env, "PUBLISHER"),
             mercure_anonymous=_bool(env, "MERCURE_ANONYMOUS"),
+            mercure_publish_origins=_cors_origins(env, "MERCURE_PUBLISH_ORIGINS"),
         )
         if settings.webhook_url and not settings.webhook_secret and production:
             raise SettingsError("SLUICE_WEBHOOK_URL needs SLUICE_WEBHOOK_SECRET (or a "

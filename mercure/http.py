@@ -29,6 +29,7 @@ from streaming.connection import framing
 from streaming.http import SSE_HEADERS, retry_only
 from streaming.subscription import Mailbox
 from web.http import parse_bearer, read_body, services
+from web.writeorigin import check_write_origin
 
 bp = Blueprint("mercure", __name__)
 PATH = "/.well-known/mercure"
@@ -47,12 +48,18 @@ def _door(svc: Services) -> MercureDoor:
 def _token(allow_query: bool) -> str | None:
     """Authorization header first, then (subscribers) `?authorization=`, then the cookie: the
     protocol's order, the first present wins and the others are ignored."""
+    return _token_and_source(allow_query)[0]
+
+
+def _token_and_source(allow_query: bool) -> tuple[str | None, str]:
+    """The token, and where it came from: `header`, `query` or `cookie` (`` when none)."""
     header = request.headers.get("Authorization")
     if header:
-        return parse_bearer(header)
+        return parse_bearer(header), "header"
     if allow_query and request.args.get("authorization"):
-        return request.args["authorization"]
-    return request.cookies.get(COOKIE) or None
+        return request.args["authorization"], "query"
+    cookie = request.cookies.get(COOKIE) or None
+    return cookie, "cookie" if cookie else ""
 
 
 @bp.post(PATH)
@@ -60,10 +67,13 @@ def publish() -> Response:
     svc = services()
     door = _door(svc)
     settings = svc.settings
-    token = _token(allow_query=False)
+    token, source = _token_and_source(allow_query=False)
     if token is None:
         raise unauthorized("a publisher token is required (Authorization: Bearer, or the "
                            "mercureAuthorization cookie)")
+    if source == "cookie":  # a browser sends the cookie whoever made the form: CSRF
+        check_write_origin(request.headers, settings.mercure_publish_origins
+                           or settings.cors_origins, request.host)
     claims = door.publishers.verify(token)
     if not claims.publish:
         raise Problem(403, "not-granted", "the token's `mercure.publish` claim grants no topic")
