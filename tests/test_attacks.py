@@ -441,3 +441,69 @@ def test_revocations_and_spent_tokens_survive_redis_and_process_restarts(
     assert _poll_status(server, victim) == 401
     assert _poll_status(server, once) == 401
     assert _poll_status(server, token("victim", subscribe=["fc/**"], iat=time.time() + 5)) == 200
+
+
+# -- 25.4 cookies read; writes need the right origin -------------------------------------------
+
+def test_a_cookie_authenticated_publish_needs_an_allowed_origin(make_server, database_url):
+    server = make_server(database_url, MERCURE_PUBLISH_ORIGINS="https://app.example",
+                         **MERCURE_KEYS)
+    import jwt
+
+    watcher = Stream(server.url + HUB, params={"topic": "csrf"},
+                     headers={"Authorization": "Bearer " + jwt.encode(
+                         {"mercure": {"subscribe": ["*"]}}, "s" * 40, algorithm="HS256")})
+    assert watcher.response.status_code == 200
+    watcher.next(("retry",))
+    cookie = {"mercureAuthorization": _mercure_publisher()}
+
+    def form(n: str, **headers) -> int:
+        return server.post(HUB, data={"topic": "csrf", "data": n}, cookies=cookie,
+                           headers=headers).status_code
+
+    refused = [form("evil-origin", Origin="https://evil.example"),
+               form("null-origin", Origin="null"),
+               form("cross-site", **{"Sec-Fetch-Site": "cross-site"}),
+               form("same-site", **{"Sec-Fetch-Site": "same-site"}),
+               form("evil-referer", Referer="https://evil.example/page"),
+               form("nothing-said")]
+    assert refused == [403] * 6
+    accepted = [form("allowed-origin", Origin="https://app.example"),
+                form("same-origin", **{"Sec-Fetch-Site": "same-origin"}),
+                form("own-origin", Origin=server.url),
+                form("allowed-referer", Referer="https://app.example/editor")]
+    assert accepted == [200] * 4
+    r = server.post(HUB, data={"topic": "csrf", "data": "header-token"},  # not a cookie: as before
+                    headers={"Authorization": f"Bearer {_mercure_publisher()}",
+                             "Origin": "https://evil.example"})
+    assert r.status_code == 200
+    got = [e[2] for e in watcher.events(5)]
+    watcher.close()
+    assert got == ["allowed-origin", "same-origin", "own-origin", "allowed-referer",
+                   "header-token"]  # nothing refused was stored or sent
+
+
+# -- 25.9 the development server binds what it says --------------------------------------------
+
+def _listening_addresses(port: int) -> set[str]:
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_python_app_py_binds_loopback_unless_host_says_otherwise(make_server, database_url):
+    server = make_server(database_url, HOST="")
+    assert _listening_addresses(server.port) == {"0100007F"}  # 127.0.0.1, little-endian hex
+    assert f"listening on http://127.0.0.1:{server.port}" in server.log()
+    everywhere = make_server(database_url, HOST="0.0.0.0")
+    assert _listening_addresses(everywhere.port) == {"00000000"}
+    assert "listening on every interface (0.0.0.0)" in everywhere.log()

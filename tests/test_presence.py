@@ -7,6 +7,7 @@ import gevent
 import pytest
 from gevent.pywsgi import WSGIServer
 
+from config.settings import derived_webhook_secret
 from streaming.webhooks import verify_signature
 from tests.helpers import SECRET, auth, wait_until
 from tests.sse import Stream
@@ -81,7 +82,8 @@ class Origin:
         self.requests += 1
         if self.delay:
             gevent.sleep(self.delay)
-        if not verify_signature(SECRET, body, environ.get("HTTP_SLUICE_SIGNATURE", "")):
+        signature = environ.get("HTTP_SLUICE_SIGNATURE", "")
+        if not verify_signature(derived_webhook_secret(SECRET), body, signature):
             self.bad_signatures += 1
         if self.requests <= self.fail:
             start_response("500 Internal Server Error", [])

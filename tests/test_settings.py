@@ -110,3 +110,13 @@ def test_tune_gc_freezes_what_exists_and_collects_young_objects_less_often():
     before, after, wanted, frozen = (int(v) for v in out.stdout.split())
     assert before == 700 and after == wanted == 20_000
     assert frozen > 10_000  # the imported app's objects are no longer walked
+
+
+def test_the_development_server_binds_loopback_and_webhooks_have_their_own_secret():
+    assert Settings.from_env({}).host == "127.0.0.1"
+    assert Settings.from_env({"HOST": "0.0.0.0"}).host == "0.0.0.0"
+    assert Settings.from_env({"DYNO": "web.1", "SLUICE_SECRET": "s"}).host == "0.0.0.0"
+    s = Settings.from_env({"SLUICE_SECRET": "token-secret", "SLUICE_WEBHOOK_URL": "http://o/h"})
+    assert s.webhook_secret and s.webhook_secret != "token-secret"
+    assert "token-secret" not in s.webhook_secret
+    assert Settings.from_env({"SLUICE_SECRET": "t", "SLUICE_WEBHOOK_SECRET": "w"}).webhook_secret == "w"

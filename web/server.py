@@ -57,8 +57,12 @@ def serve() -> None:
     gevent.signal_handler(signal.SIGINT, on_signal)
     tune_gc()
     server.start()
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    print(f"sluice: listening on http://{host}:{server.server_port}", flush=True)
+    if settings.host in ("0.0.0.0", "::"):
+        print(f"sluice: listening on every interface ({settings.host}), port "
+              f"{server.server_port}: http://127.0.0.1:{server.server_port}", flush=True)
+    else:
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        print(f"sluice: listening on http://{shown}:{server.server_port}", flush=True)
     if "dev" in settings.secrets:
         token = mint(settings.secrets["dev"], "client-1", publish=["**"], subscribe=["**"],
                      ttl_s=86400)
