@@ -5,10 +5,15 @@ else `Referer`. A write carrying none of them is refused too (a browser always s
 them on a cross-site POST; other clients send their token in a header instead)."""
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from common.problems import Problem
+
+
+class HeaderSource(Protocol):
+    def get(self, name: str) -> str | None: ...
 
 
 def _origin_of(url: str) -> str | None:
@@ -21,7 +26,7 @@ def _origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
-def check_write_origin(headers: Mapping[str, str], allowed: Collection[str], own_host: str,
+def check_write_origin(headers: HeaderSource, allowed: Collection[str], own_host: str,
                        ) -> None:
     """Raise a 403 problem unless the browser's own account of the write's origin is allowed
     (`allowed`: `https://host[:port]` entries or `*`; `own_host`: this server's Host)."""
