@@ -11,13 +11,17 @@ are cached until they expire.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+import orjson
 
 from auth.grants import PATTERN_RE, Grants
 from auth.revocations import Revocations
@@ -26,6 +30,37 @@ from common.problems import Unavailable, unauthorized
 from config.keys import load_public_key
 
 JTI_KEY = "sluice:jti:{}"  # Redis key remembering a used single-use token until its exp
+
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_compact_jws(token: str) -> None:
+    """One spelling per token: three base64url segments, unpadded and canonical (the unused
+    low bits of the last character zero), so no two strings are the same token (a per-token
+    limit or cache keyed by the string cannot be doubled by `T=` or an altered last char).
+    Raises a 401 problem."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(_SEGMENT.fullmatch(p) for p in parts):
+        raise unauthorized("token is not a compact JWS (three unpadded base64url segments)")
+    for part in parts:
+        if len(part) % 4 == 1:
+            raise unauthorized("token is not canonical base64url")
+        try:
+            raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        except (ValueError, binascii.Error):
+            raise unauthorized("token is not canonical base64url") from None
+        if base64.urlsafe_b64encode(raw).rstrip(b"=") != part.encode("ascii"):
+            raise unauthorized("token is not canonical base64url")
+
+
+def check_claims_text(claims: dict[str, Any]) -> None:
+    """Every string in the claims is valid Unicode (JSON allows a lone surrogate such as
+    `"\\ud800"`, which nothing downstream can encode): else 401, at the door."""
+    try:
+        orjson.dumps(claims)
+    except orjson.JSONEncodeError:
+        raise unauthorized("token claims hold text that is not valid Unicode") from None
 
 
 @dataclass(frozen=True)
@@ -87,15 +122,17 @@ class TokenVerifier:
     def _decode(self, token: str) -> Principal:
         if len(token) > 8192:
             raise unauthorized("token is too long")
+        check_compact_jws(token)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise unauthorized("token is not a valid JWT") from None
-        alg = header.get("alg")
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or not (kid is None or isinstance(kid, str)):
+            raise unauthorized("token header: `alg` and `kid` must be strings")
         if alg not in self.algorithms:
             raise unauthorized(f"token algorithm `{alg}` is not accepted here "
                                f"(accepted: {', '.join(sorted(self.algorithms))})")
-        kid = header.get("kid")
         if kid is not None:
             if kid not in self.keys:
                 raise unauthorized("token is signed with an unknown key (kid)")
@@ -124,6 +161,7 @@ class TokenVerifier:
                 raise unauthorized(f"token is invalid: {exc}") from None
         if claims is None:
             raise unauthorized("token signature does not verify") from error
+        check_claims_text(claims)
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 200 or "\x00" in sub:
             raise unauthorized("token `sub` must be a non-empty string of at most 200 characters")

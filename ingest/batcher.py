@@ -232,6 +232,14 @@ class Batcher:
                 if previous is not None:
                     previous.done.wait()
                 self._flush(batch, known, early, flight)
+        except Exception:  # the batcher outlives anything a batch brings
+            log.exception("a batch failed unexpectedly")
+            if any(b is batch for b in self._inflight):  # it failed before `_flush` took it
+                self._inflight.remove(batch)
+                self.backlog -= sum(len(r.events) for r in batch)
+            for req in batch:
+                if not req.done.ready():
+                    req.done.set_exception(Problem(500, "internal-error", "the write failed"))
         finally:
             flight.claimed.set()
             flight.done.set()
@@ -252,6 +260,8 @@ class Batcher:
             conn = held.enter_context(self.pool.connection())
             return conn, self.store.prepare(conn, batch, known)
         except (DatabaseUnavailable, ReservationFailed, KeyRaced, psycopg2.Error):
+            return None
+        except Exception:  # noqa: BLE001 - a request that cannot be encoded: the write isolates it
             return None
 
     def _take(self) -> list[IngestRequest]:
@@ -319,6 +329,14 @@ class Batcher:
                 batch[0].done.set_exception(Problem(
                     400 if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)) else 500,
                     "rejected-by-database", "the database rejected this request's events"))
+                return []
+        except Exception as exc:  # whatever one request brings fails it alone
+            if len(batch) == 1:
+                log.exception("ingest request could not be written")
+                bad_input = isinstance(exc, (UnicodeError, ValueError, TypeError))
+                batch[0].done.set_exception(Problem(
+                    400 if bad_input else 500, "unwritable-request",
+                    "this request's events could not be written (nothing was stored)"))
                 return []
         # Bad data somewhere in a multi-request batch: isolate it by writing requests alone.
         flight.reclaiming.set()

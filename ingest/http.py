@@ -58,7 +58,7 @@ def accept_events(svc: Services, principal: Principal, body: bytes, content_type
 
 def _limit(settings: Settings) -> int:
     raw = request.args.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= settings.read_max_limit:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= settings.read_max_limit:
         raise invalid_parameter(
             "limit", f"`limit` must be an integer from 1 to {settings.read_max_limit}")
     return int(raw)

@@ -23,6 +23,7 @@ from ingest.schema import (
 )
 
 JSON_TYPES = ("application/json", "")
+MAX_DATA_DEPTH = 254  # orjson's encoder stops there (its parser allows 1024): beyond it, 400
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
 
 
@@ -105,7 +106,11 @@ def _event(item: Any, index: int | None, max_data_bytes: int) -> NewEvent:
         raise bad_event(index, "type", f"`type` must match {TYPE_PATTERN}")
     if "data" not in item:
         raise bad_event(index, "data", "`data` is required (any JSON value, null included)")
-    data = orjson.dumps(item["data"])
+    try:
+        data = orjson.dumps(item["data"])
+    except orjson.JSONEncodeError:  # the one way a parsed value fails to encode: its depth
+        raise bad_event(index, "data", f"`data` may nest at most {MAX_DATA_DEPTH} arrays or "
+                        "objects deep") from None
     if len(data) > max_data_bytes:
         raise Problem(413, "data-too-large",
                       f"`data` is {len(data)} bytes encoded; at most {max_data_bytes} are allowed",

@@ -15,6 +15,7 @@ from typing import Any
 import jwt
 
 from auth.revocations import Revocations
+from auth.tokens import check_claims_text, check_compact_jws
 from common.cache import BoundedCache
 from common.problems import unauthorized
 from config.keys import load_public_key
@@ -87,6 +88,7 @@ class MercureTokens:
     def _decode(self, token: str) -> MercureClaims:
         if len(token) > 8192:
             raise unauthorized("token is too long")
+        check_compact_jws(token)
         try:
             decoded = jwt.decode(token, self.key.key, algorithms=[self.key.alg],
                                  leeway=self.leeway_s, options={"require": []})
@@ -96,6 +98,7 @@ class MercureTokens:
             raise unauthorized(f"token must be signed with {self.key.alg}") from None
         except jwt.PyJWTError as exc:
             raise unauthorized(f"token is invalid: {exc}") from None
+        check_claims_text(decoded)
         claim = decoded.get("mercure")
         if claim is None:
             claim = {}

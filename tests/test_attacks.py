@@ -507,3 +507,109 @@ def test_python_app_py_binds_loopback_unless_host_says_otherwise(make_server, da
     everywhere = make_server(database_url, HOST="0.0.0.0")
     assert _listening_addresses(everywhere.port) == {"00000000"}
     assert "listening on every interface (0.0.0.0)" in everywhere.log()
+
+
+# -- 25.6 / 31.7 one spelling per token, no 5xx, a bad event fails alone -----------------------
+
+def _jws(header: dict, payload: dict, key: str) -> str:
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    # json.dumps escapes a lone surrogate as `\ud800`, as PyJWT's encoder would
+    signing = b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload).encode())
+    return signing + "." + b64(hmac.new(key.encode(), signing.encode(), hashlib.sha256).digest())
+
+
+def _altered_last_bits(tok: str) -> str:
+    """The same bytes, spelled with the signature's unused low bits set (not canonical)."""
+    import base64
+
+    alphabet = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_").decode()
+    head, _, sig = tok.rpartition(".")
+    assert base64.urlsafe_b64decode(sig + "=") and len(sig) % 4 == 3  # 32 bytes: 2 spare bits
+    value = alphabet.index(sig[-1])
+    return head + "." + sig[:-1] + alphabet[value | 0b11 if value & 0b11 == 0 else value & ~0b11]
+
+
+def test_one_spelling_per_token_and_malformed_tokens_are_401(make_server, database_url):
+    from tests.helpers import SECRET
+
+    server = make_server(database_url, MAX_CONNECTIONS_PER_TOKEN="1", **MERCURE_KEYS)
+    server.put("/api/v1/streams/sp/1", headers=auth())
+    tok = token("speller")
+    held = Stream(server.url + SSE, params={"stream": "sp/1"},
+                  headers={"Authorization": f"Bearer {tok}"})
+    assert held.response.status_code == 200
+    now = int(time.time())
+    claims = {"sub": "x", "exp": now + 600, "publish": ["**"], "subscribe": ["**"]}
+    spellings = [tok + "=", tok + "==", _altered_last_bits(tok),
+                 _jws({"alg": ["HS256"], "typ": "JWT"}, claims, SECRET),
+                 _jws({"alg": "HS256", "kid": ["default"]}, claims, SECRET),
+                 _jws({"alg": "HS256"}, {**claims, "sub": "user-\ud800"}, SECRET),
+                 _jws({"alg": "HS256"}, {**claims, "jti": "\udfff"}, SECRET),
+                 "a.b", "a.b.c.d", "." * 2, "é.é.é", tok.replace(".", "..", 1)]
+    for spelled in spellings:
+        for method, path, kw in (("get", SSE, {"params": {"stream": "sp/1"}}),
+                                 ("post", EVENTS, {"json": {"stream": "sp/1", "data": 1}})):
+            r = getattr(server, method)(path, headers={"Authorization": f"Bearer {spelled}"},
+                                        stream=True, **kw)
+            assert r.status_code == 401, (spelled, path, r.status_code)
+            r.close()
+    mercure_bad = [_jws({"alg": ["HS256"]}, {"mercure": {"publish": ["*"]}}, "p" * 40),
+                   _jws({"alg": "HS256"}, {"mercure": {"publish": ["\ud800"]}}, "p" * 40),
+                   _mercure_publisher() + "="]
+    for spelled in mercure_bad:
+        r = server.post(HUB, data={"topic": "t", "data": "x"},
+                        headers={"Authorization": f"Bearer {spelled}"})
+        assert r.status_code == 401, (spelled, r.status_code)
+    held.close()
+
+
+def test_inputs_that_gave_500_get_a_4xx_problem(make_server, database_url):
+    import socket
+
+    server = make_server(database_url)
+    server.put("/api/v1/streams/deep/1", headers=auth())
+    r = server.get(EVENTS, params={"clientId": "client-1", "limit": "²"}, headers=auth())
+    assert r.status_code == 400 and r.json()["field"] == "limit"
+    for depth, status in ((254, 201), (255, 400), (600, 400), (1000, 400)):
+        body = b'{"stream":"deep/1","data":' + b"[" * depth + b"]" * depth + b"}"
+        r = server.post(EVENTS, data=body, headers={**auth(), "Content-Type": "application/json"})
+        assert r.status_code == status, (depth, r.text)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/v1/sse?stream=deep/1 HTTP/1.1\r\nHost: x\r\n"
+                     b"Cookie: session=a\rb\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+    assert server.get("/healthz").status_code == 200
+
+
+_QUERY_VALUE = st.one_of(st.text(max_size=12), st.sampled_from(
+    ["²", "-1", "1e9", "nan", "inf", "0x10", " 1", "1 ", "\u0660", "99999999999999999999999",
+     "1.5", "", "%", "\x00", "earliest", "a.1", "abc.99", "\ud800"]))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from([("/api/v1/events", ("clientId", "after", "limit", "stream")),
+                        ("/api/v1/poll", ("stream", "cursor", "timeout", "sid", "lastEventId")),
+                        ("/api/v1/sse", ("stream", "lastEventId", "sid", "envelope", "token")),
+                        ("/api/v1/stats", ("token", "stream")),
+                        ("/.well-known/mercure", ("topic", "lastEventID", "authorization"))]),
+       st.lists(st.tuples(st.integers(0, 4), _QUERY_VALUE), max_size=4),
+       st.one_of(st.none(), st.text(max_size=40).map(  # what an HTTP client can send at all
+           lambda t: "".join(c for c in t if c not in "\r\n\x00").strip())))
+def test_no_query_or_token_gives_a_5xx(module_server, route, params, raw_token):
+    path, names = route
+    query = [(names[i % len(names)], v.encode("utf-8", "surrogatepass")) for i, v in params]
+    headers = {**auth()} if raw_token is None else {
+        "Authorization": "Bearer " + raw_token.encode("utf-8", "surrogatepass").decode("latin-1")}
+    if path == "/api/v1/poll":
+        query.append(("timeout", b"0"))
+    r = module_server.get(path, params=query, headers=headers, stream=True, timeout=30)
+    status = r.status_code
+    r.close()
+    assert status < 500, (path, query, raw_token, status)

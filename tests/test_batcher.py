@@ -216,3 +216,26 @@ def test_keys_are_not_looked_up_until_a_batch_meets_a_stored_one(pool, monkeypat
     assert info.value.status == 422 and store.known_given[-1] == {}
     assert stored_count(pool) == 2
     batcher.stop()
+
+
+def test_a_request_that_cannot_be_encoded_fails_alone_and_the_batcher_carries_on(pool,
+                                                                                 database_url):
+    """A lone surrogate (which no encoder takes) in one request of a group commit: that request
+    gets a 400, the other five commit, and the batcher keeps writing."""
+    batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=50).start()
+    lock = PositionLock(database_url)  # holds the first batch: the six gather into the next
+    first = gevent.spawn(batcher.commit, req(client="warm-up"), 10)
+    gevent.sleep(0.2)
+    good = [req(client=f"good-{i}", n=200) for i in range(5)]
+    bad = req(client="user-\ud800")
+    waits = [gevent.spawn(batcher.commit, r, 10) for r in [*good[:2], bad, *good[2:]]]
+    gevent.sleep(0.2)
+    lock.release()
+    first.get()
+    gevent.joinall(waits)
+    assert [w.successful() for w in waits] == [True, True, False, True, True, True]
+    assert isinstance(waits[2].exception, Problem) and waits[2].exception.status == 400
+    assert stored_count(pool) == 1 + 5 * 200
+    batcher.commit(req(client="after"), 10)  # still writing
+    assert stored_count(pool) == 1 + 5 * 200 + 1
+    batcher.stop()

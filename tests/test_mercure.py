@@ -234,8 +234,11 @@ def test_token_locations_in_the_protocols_order(make_server, database_url):
     assert hub.get(HUB, params={"topic": "t", "authorization": mtoken(PUB_KEY, subscribe=["*"])},
                    stream=True).status_code == 401  # signed with the publisher's key
     cookie_pub = hub.post(HUB, data={"topic": "t", "data": "c"},
+                          cookies={"mercureAuthorization": PUBLISHER}, headers={"Origin": hub.url})
+    assert cookie_pub.status_code == 200  # a cookie publisher, from the hub's own origin
+    cookie_pub = hub.post(HUB, data={"topic": "t", "data": "c"},
                           cookies={"mercureAuthorization": PUBLISHER})
-    assert cookie_pub.status_code == 200
+    assert cookie_pub.status_code == 403  # saying nothing of where it comes from (CSRF)
 
 
 def test_an_expiring_token_ends_the_stream_and_an_expired_one_is_refused(make_server,

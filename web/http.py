@@ -46,7 +46,8 @@ def read_input(environ: dict[str, Any], limit: int, timeout_s: float | None = No
 
 def _read_body(environ: dict[str, Any], limit: int) -> bytes:
     raw_length = environ.get("CONTENT_LENGTH")
-    length = int(raw_length) if raw_length and raw_length.isdigit() else None
+    length = int(raw_length) if raw_length and raw_length.isascii() and raw_length.isdigit() \
+        else None
     if length is not None and length > limit:
         raise Problem(413, "body-too-large", f"body is {length} bytes; at most {limit} are allowed",
                       limit=limit)

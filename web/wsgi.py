@@ -112,6 +112,9 @@ class RequestHeaders:
                 self.status = "Malformed header line"
                 return
             key, value = name.lower(), value.strip()
+            if "\r" in value or "\x00" in value:  # RFC 9110: never in a field value
+                self.status = "Malformed header value"
+                return
             if key in _FRAMING:
                 framing.append((key, value))
             if key not in self._index:
