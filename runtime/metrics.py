@@ -16,6 +16,7 @@ from greenlet import greenlet
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ingest.batcher import BatcherMetrics
+from runtime.looplag import LoopLag
 
 RETRY_BUCKETS_MS = (500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 120000)
 
@@ -67,6 +68,11 @@ class AppMetrics:
                                "outcome (sent, dropped)", ["outcome"], registry=reg)
         self.pruned = Counter("sluice_retention_removed", "Expired history removed by retention "
                               "(events, and whole storage slices)", ["what"], registry=reg)
+        self.loop_lag = Gauge("sluice_event_loop_lag_seconds", "The worst event-loop lag of the "
+                              "last 10 s: how late a 50 ms ticker woke (a request that holds "
+                              "the loop delays every connection by this much)", registry=reg,
+                              multiprocess_mode="max")
+        self.loop = LoopLag(self.loop_lag)
         self._children: dict[tuple[str, int], Any] = {}
         self._unsent: dict[tuple[str, int], int] = {}  # responses not yet in the counter
         self._batched = not multiprocess_dir()
@@ -112,7 +118,9 @@ class AppMetrics:
             self.greenlets.set(sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet)))
 
     def start(self, services: Any) -> None:
-        """In multiprocess mode, keep this worker's gauges fresh for whichever worker scrapes."""
+        """Measure the event loop's lag; in multiprocess mode, keep this worker's gauges fresh
+        for whichever worker scrapes."""
+        self.loop.start()
         if multiprocess_dir() and self._refresher is None:
             self._refresher = gevent.spawn(self._refresh_forever, services)
 
@@ -127,6 +135,7 @@ class AppMetrics:
             tick += 1
 
     def stop(self) -> None:
+        self.loop.stop()
         if self._refresher is not None:
             self._refresher.kill(block=False)
 

@@ -121,6 +121,32 @@ def test_the_freezing_attacks_leave_healthz_answering(make_server, database_url)
         native.close()
     assert probe.answers > 0
     assert probe.worst < HEALTHZ_BUDGET_S, probe.worst
+    assert _gauge(server, "sluice_event_loop_lag_seconds") < HEALTHZ_BUDGET_S  # the server's view
+
+
+# -- 25.2 nothing holds the event loop unseen --------------------------------------------------
+
+def test_the_loop_lag_is_measured_and_a_block_is_logged_with_its_greenlet(caplog):
+    import logging
+
+    from runtime.looplag import LoopLag
+
+    lag = LoopLag(interval_s=0.01).start()
+    try:
+        gevent.sleep(0.05)
+
+        def hog_the_loop() -> None:
+            until = time.perf_counter() + 0.3
+            while time.perf_counter() < until:  # no yield: every other greenlet waits
+                pass
+
+        with caplog.at_level(logging.WARNING, logger="sluice.loop"):
+            gevent.spawn(hog_the_loop).join()
+            wait_until(lambda: "hog_the_loop" in caplog.text, timeout=10)
+        assert lag.worst() >= 0.25  # the ticker woke that late
+        assert "the event loop was held" in caplog.text
+    finally:
+        lag.stop()
 
 
 # -- 7. a pattern delivers only what a direct subscribe admits --------------------------------
