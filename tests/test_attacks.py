@@ -639,3 +639,58 @@ def test_no_query_or_token_gives_a_5xx(module_server, route, params, raw_token):
     status = r.status_code
     r.close()
     assert status < 500, (path, query, raw_token, status)
+
+
+# -- 31.4 deadlines on bodies too ---------------------------------------------------------------
+
+def _answer_then_closed(server, head: bytes, trickle: bytes = b"", every: float = 0.2,
+                        wait_s: float = 20.0) -> bytes:
+    """Send `head`, then trickle bytes; return the answer once the server has closed the
+    connection (a connection still open after `wait_s` fails the test)."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=wait_s)
+    sock.setblocking(False)
+    got, closed, deadline, sent = b"", False, time.monotonic() + wait_s, 0
+    try:
+        sock.sendall(head)
+        while time.monotonic() < deadline and not closed:
+            gevent.sleep(every)
+            if sent < len(trickle):
+                try:
+                    sock.send(trickle[sent:sent + 1])
+                    sent += 1
+                except OSError:
+                    pass
+            try:
+                while chunk := sock.recv(65536):
+                    got += chunk
+                closed = True
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+    finally:
+        sock.close()
+    assert closed, f"still open after {wait_s} s; got {got[:80]!r}"
+    return got
+
+
+def test_unread_slow_and_missing_bodies_do_not_hold_connections(make_server, database_url):
+    server = make_server(database_url, HEADER_TIMEOUT_S="2", BODY_TIMEOUT_S="1")
+    ingest = b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + \
+        f"Authorization: {auth()['Authorization']}\r\n".encode()
+    missing = _answer_then_closed(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                          b"Content-Length: 100\r\n\r\n")
+    assert missing.startswith(b"HTTP/1.1 200")
+    slow = _answer_then_closed(server, ingest + b"Content-Length: 100\r\n\r\n{",
+                               trickle=b"x" * 99)
+    assert slow.startswith(b"HTTP/1.1 408")
+    big = _answer_then_closed(server, ingest + b"Content-Length: 99999999999\r\n\r\n",
+                              trickle=b"x" * 200)
+    assert big.startswith(b"HTTP/1.1 413")
+    chunked = _answer_then_closed(server, b"POST /healthz HTTP/1.1\r\nHost: x\r\n"
+                                          b"Transfer-Encoding: chunked\r\n\r\n5\r\nab",
+                                  trickle=b"cdefghijklmnop")
+    assert chunked.startswith(b"HTTP/1.1 405")
+    assert server.get("/healthz").status_code == 200

@@ -219,6 +219,21 @@ class HeaderDeadline:
             if self._deadline is not None:
                 self._deadline.cancel()  # headers are in: the application has no deadline here
 
+    def run_application(self) -> Any:  # pywsgi's
+        """A body the application left unread is not drained (pywsgi reads it to the end, with
+        no deadline: a client that trickles it, or never sends it, would hold the connection):
+        the connection closes after the answer instead. A body the application reads has its
+        own deadline (`BODY_TIMEOUT_S`, web/http.py)."""
+        try:
+            return super().run_application()  # type: ignore[misc]
+        finally:
+            body = getattr(self, "wsgi_input", None)
+            if body is not None and (body.chunk_length != 0 if body.chunked_input
+                                     else body.position < (body.content_length or 0)):
+                self.close_connection = True
+                body.chunked_input = False  # so pywsgi's discard finds nothing left to read
+                body.content_length = body.position
+
 
 _HTTP_DATE = PerSecond(pywsgi.format_date_time)
 
