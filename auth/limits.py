@@ -9,7 +9,10 @@ up the fields of live processes, refuses at the limit and otherwise increments t
 field, atomically, so N processes together allow the limit, not N times it. A process that dies
 stops renewing, and its fields stop counting within `lease_s`. Without Redis, or while it is
 unreachable, each process counts alone (the limit then holds per process), and the fields it
-could not update are rewritten from its own counts once Redis answers again.
+could not update are rewritten from its own counts once Redis answers again. A process's field
+is always written as its own count (never incremented blindly), so a slot taken while Redis was
+away is counted when it returns and given back when it closes, and a Redis that restarted empty
+is made whole by the next admission, release or renewal.
 """
 from __future__ import annotations
 
@@ -27,15 +30,19 @@ from common.problems import Problem
 
 log = logging.getLogger("sluice.limits")
 
-# KEYS[1] = the key's hash; ARGV = this process, the limit, now, then the processes to count.
+# KEYS[1] = the key's hash; ARGV = this process, the limit, this process's own count now (its
+# field is rewritten from that, so a field a Redis restart lost is whole again), then the other
+# processes to count.
 ADMIT = """
-local total = 0
+local total = tonumber(ARGV[3])
 for i = 4, #ARGV do
-  local v = redis.call('HGET', KEYS[1], ARGV[i])
-  if v then total = total + tonumber(v) end
+  if ARGV[i] ~= ARGV[1] then
+    local v = redis.call('HGET', KEYS[1], ARGV[i])
+    if v then total = total + tonumber(v) end
+  end
 end
 if total >= tonumber(ARGV[2]) then return -1 end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('HSET', KEYS[1], ARGV[1], tonumber(ARGV[3]) + 1)
 redis.call('PEXPIRE', KEYS[1], 86400000)
 return total + 1
 """
@@ -100,7 +107,7 @@ class ConnectionLimits:
         taken: list[tuple[str, dict[str, int], str, bool]] = []
         try:
             for which, lease, counts, key, limit, detail in checks:
-                shared = self._admit_fleet(lease, limit)
+                shared = self._admit_fleet(lease, limit, counts.get(key, 0))
                 if shared is None and counts.get(key, 0) >= limit:  # Redis down: count alone
                     shared = False
                 if shared is False:
@@ -126,7 +133,7 @@ class ConnectionLimits:
         return release
 
     # -- Redis ----------------------------------------------------------------------------------
-    def _admit_fleet(self, lease: str, limit: int) -> bool | None:
+    def _admit_fleet(self, lease: str, limit: int, own: int) -> bool | None:
         """True: admitted and counted in Redis; False: the fleet is at the limit; None: Redis
         is unreachable (count locally)."""
         if self._admit is None:
@@ -134,7 +141,7 @@ class ConnectionLimits:
         try:
             live = self._live()
             answer = self._admit(keys=[f"{self.ns}:limit:{lease}"],
-                                 args=[self.process_id, limit, time.time(), *live])
+                                 args=[self.process_id, limit, own, *live])
         except Exception as exc:  # noqa: BLE001 - fall back to counting in this process
             if self.fleet:
                 log.warning("connection limits: redis unreachable (%s); counting per process", exc)
@@ -151,13 +158,21 @@ class ConnectionLimits:
         return live if self.process_id in live else [*live, self.process_id]
 
     def _give_back(self, lease: str, counts: dict[str, int], key: str, in_redis: bool) -> None:
+        """One slot back: this process's field becomes its count (taken in Redis or not: a
+        slot taken while Redis was away was written there by the renewal since)."""
         _decrement(counts, key)
-        if not in_redis or self.redis is None:
+        if self.redis is None:
             return
         try:
-            self.redis.hincrby(f"{self.ns}:limit:{lease}", self.process_id, -1)
+            self._write_count(self.redis, lease, counts.get(key, 0))
         except Exception:  # noqa: BLE001 - rewritten from the local count later
             self._dirty.add(lease)
+
+    def _write_count(self, target: Any, lease: str, count: int) -> None:
+        if count > 0:
+            target.hset(f"{self.ns}:limit:{lease}", self.process_id, count)
+        else:
+            target.hdel(f"{self.ns}:limit:{lease}", self.process_id)
 
     def _renew_forever(self) -> None:
         while True:
@@ -177,8 +192,8 @@ class ConnectionLimits:
             dirty, self._dirty = self._dirty, set()
             for lease in dirty:
                 kind, _, key = lease.partition(":")
-                count = (self.by_token if kind == "t" else self.by_ip).get(key, 0)
-                pipe.hset(f"{self.ns}:limit:{lease}", self.process_id, count)
+                self._write_count(pipe, lease, (self.by_token if kind == "t" else self.by_ip
+                                                ).get(key, 0))
             try:
                 pipe.execute()
             except Exception:

@@ -694,3 +694,49 @@ def test_unread_slow_and_missing_bodies_do_not_hold_connections(make_server, dat
                                   trickle=b"cdefghijklmnop")
     assert chunked.startswith(b"HTTP/1.1 405")
     assert server.get("/healthz").status_code == 200
+
+
+# -- 31.5 limits that heal --------------------------------------------------------------------
+
+def test_slots_taken_while_redis_was_away_are_counted_and_given_back(make_server, database_url,
+                                                                    own_redis):
+    import redis as redis_client
+
+    server = make_server(database_url, REDIS_URL=own_redis.url, MAX_CONNECTIONS_PER_TOKEN="3",
+                         MAX_CONNECTIONS_PER_IP="5")
+    server.put("/api/v1/streams/lim/1", headers=auth())
+    tok = token("limited")
+
+    def open_one(t: str = tok) -> Stream:
+        return Stream(server.url + SSE, params={"stream": "lim/1"},
+                      headers={"Authorization": f"Bearer {t}"})
+
+    own_redis.stop()
+    held = [open_one() for _ in range(3)]  # counted by this process alone
+    assert [s.response.status_code for s in held] == [200, 200, 200]
+    extra = open_one()
+    assert extra.response.status_code == 429
+    extra.close()
+    others = [open_one(token(f"other-{n}")) for n in range(2)]  # the address: 5 of 5
+    assert [s.response.status_code for s in others] == [200, 200]
+    own_redis.start()  # back, and empty
+    client = redis_client.Redis.from_url(own_redis.url)
+    wait_until(lambda: sorted(int(v) for k in client.keys("*:limit:t:*")
+                              for v in client.hgetall(k).values()) == [1, 1, 3], timeout=30,
+               message="the renewal to write the slots taken meanwhile")
+    refused = open_one(token("sixth"))
+    assert refused.response.status_code == 429  # the address holds 5, counted in Redis now
+    refused.close()
+    for s in held + others:
+        s.close()
+    wait_until(lambda: _gauge(server, "sluice_connections", '{transport="sse"}') == 0)
+    again = []
+    try:
+        wait_until(lambda: (again.append(open_one()) or again[-1].response.status_code == 200),
+                   timeout=15, message="the token admitted again once its slots came back")
+        more = [open_one() for _ in range(2)]
+        again += more
+        assert [s.response.status_code for s in more] == [200, 200]  # all three slots healed
+    finally:
+        for s in again:
+            s.close()
