@@ -92,3 +92,16 @@ def cluster_snapshot(svc: Any) -> dict[str, Any]:
                      "retention": retention.get(name)})
     total["streams"] = rows
     return total
+
+
+OPERATOR_CLAIM = "operator"  # a token with `"operator": true` sees the whole fleet
+
+
+def scoped_snapshot(full: dict[str, Any], operator: bool, may_see: Any) -> dict[str, Any]:
+    """What one token may see of `cluster_snapshot`: everything for an operator; otherwise
+    only the stream rows it may subscribe to (`may_see(name)`), and no hosts, pids or
+    fleet-wide numbers."""
+    if operator:
+        return {**full, "scope": "fleet"}
+    return {"scope": "streams", "time": full["time"],
+            "streams": [row for row in full["streams"] if may_see(row["name"])]}

@@ -152,6 +152,13 @@
   }
 
   function onStats(s) {
+    if (s.scope === "streams") {  // not an operator token: only the streams it may subscribe to
+      streamsTable(s, previous ? Math.max(0.001, s.time - previous.time) : 1);
+      previous = s;
+      $("status").textContent = "live · the streams this token may subscribe to (fleet numbers need an operator token)";
+      $("status").className = "live";
+      return;
+    }
     var dt = previous ? Math.max(0.001, s.time - previous.time) : 1;
     CHARTS.forEach(function (c) {
       var v = c.rate ? (previous ? Math.max(0, (s[c.rate] - previous[c.rate]) / dt) : 0)

@@ -24,7 +24,7 @@ def test_dashboard_shows_live_numbers_and_tails_granted_streams(make_server, dat
     server = make_server(database_url)
     for name in ("dash/1", "secret/1"):
         server.put(f"/api/v1/streams/{name}", headers=auth())
-    viewer = token("viewer", publish=(), subscribe=["dash/*"])
+    viewer = token("viewer", publish=(), subscribe=["dash/*"], operator=True)  # fleet numbers
     page = Dashboard(server, viewer)
     assert page.read()["step"] == "live"
     listeners = [Stream(server.url + "/api/v1/sse", headers=auth(), params={"stream": "dash/1"})
@@ -68,7 +68,7 @@ def test_dashboard_tables_axes_and_publish_form(make_server, database_url):
     a.put("/api/v1/streams/dash/2", json={"retention": {"maxEvents": 500}}, headers=auth())
     listeners = [Stream(b.url + "/api/v1/sse", headers=auth(), params={"stream": "dash/2"})
                  for _ in range(3)]  # on the other process
-    page = Dashboard(a, token("viewer", publish=["dash/*"], subscribe=["dash/*"]))
+    page = Dashboard(a, token("viewer", publish=["dash/*"], subscribe=["dash/*"], operator=True))
     assert page.read()["step"] == "live"
     sent_ids: list[str] = []
     stop = gevent.event.Event()
@@ -136,7 +136,7 @@ def test_stats_need_a_valid_token(server):
 
 def test_stats_streams_count_against_the_token_limit(make_server, database_url):
     server = make_server(database_url, MAX_CONNECTIONS_PER_TOKEN="1")
-    mine = auth("watcher")
+    mine = auth("watcher", operator=True)
     first = Stream(server.url + "/api/v1/stats", headers=mine)
     try:
         assert first.response.status_code == 200
@@ -162,7 +162,7 @@ def test_explorer_shows_that_history_is_gone(make_server, database_url):
         return len(r.json()["events"]) == 2
 
     wait_until(pruned, 30, message="the count limit to prune")
-    page = Dashboard(server, token("viewer", publish=(), subscribe=["dash/*"]))
+    page = Dashboard(server, token("viewer", publish=(), subscribe=["dash/*"], operator=True))
     assert page.read()["step"] == "live"
     page.command("tail dash/short")
     report = wait_until(lambda: (r := page.command("report")) and len(r["tail"]) >= 2 and r,
@@ -170,3 +170,27 @@ def test_explorer_shows_that_history_is_gone(make_server, database_url):
     page.finish()
     assert [row["id"] for row in report["tail"]] == [ids[3], ids[2]]
     assert report["resets"] == [f"history before #{ids[2]} is gone (history-gone: dash/short)"]
+
+
+def test_stats_show_a_token_only_its_streams_and_fleet_numbers_only_to_an_operator(
+        make_server, database_url):
+    server = make_server(database_url)
+    for name in ("mine/1", "theirs/1"):
+        server.post("/api/v1/events", json={"stream": name, "data": 1}, headers=auth())
+    views = {}
+    for who, claims in (("user", {"subscribe": ["mine/**"]}),
+                        ("nobody", {"subscribe": []}),
+                        ("operator", {"subscribe": [], "operator": True})):
+        s = Stream(server.url + "/api/v1/stats", headers=auth(who, publish=(), **claims))
+        try:
+            assert s.response.status_code == 200
+            views[who] = wait_until(lambda s=s: (v := json.loads(s.next()[3])) and (
+                v["scope"] == "streams" or v["streams"]) and v, 15)
+        finally:
+            s.close()
+    assert set(views["user"]) == {"scope", "time", "streams"}  # no hosts, pids, fleet numbers
+    assert [row["name"] for row in views["user"]["streams"]] == ["mine/1"]
+    assert views["nobody"]["streams"] == []
+    operator = views["operator"]
+    assert {row["name"] for row in operator["streams"]} == {"mine/1", "theirs/1"}
+    assert operator["process_list"][0]["pid"] == server.proc.pid and "deliveries" in operator

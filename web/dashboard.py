@@ -17,7 +17,7 @@ from flask import Blueprint, Response, request, send_from_directory
 
 from auth.limits import token_key
 from common.problems import unauthorized
-from runtime.stats import cluster_snapshot
+from runtime.stats import OPERATOR_CLAIM, cluster_snapshot, scoped_snapshot
 from streaming.sse import EventStreamFraming
 from web.http import bearer_token, services
 
@@ -40,14 +40,16 @@ def stats() -> Response:
     token = bearer_token(allow_query=True, allow_cookie=True)
     if token is None:
         raise unauthorized("a token is required")
-    svc.tokens.verify(token)  # any valid token may watch
+    principal = svc.tokens.verify(token)  # any valid token may watch what it may subscribe to
+    operator = principal.claims.get(OPERATOR_CLAIM) is True
     release = svc.limits.acquire(token_key(token), request.remote_addr, "stats")
 
     def stream() -> Iterator[bytes]:
         try:
             yield framing.preamble(svc.settings.retry_base_ms, "stats")
             while not svc.draining:
-                yield framing.body("stats", orjson.dumps(cluster_snapshot(svc)).decode())
+                view = scoped_snapshot(cluster_snapshot(svc), operator, principal.subscribe.allows)
+                yield framing.body("stats", orjson.dumps(view).decode())
                 gevent.sleep(INTERVAL_S)
             yield framing.retry_only(svc.settings.retry_base_ms)
         finally:
