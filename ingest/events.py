@@ -49,6 +49,10 @@ class IngestRequest:
     # A key already naming a different event moves to this request's event instead of refusing
     # it (Mercure update ids: the newest update with an id is the one a resume finds).
     rekey: bool = False
+    # With `rekey`: who publishes (stored in the event's data as `publisher`); only its own
+    # keys move; another's is refused with 409 (one publisher cannot move another's resume
+    # point).
+    owner: str | None = None
     done: AsyncResult = field(default_factory=AsyncResult)
 
 

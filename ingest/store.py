@@ -395,7 +395,8 @@ class EventStore:
         place = 0
         rows: list[dict[str, Any]] = []
         for req in requests:
-            conflict = None if req.rekey else self._key_conflict(req, existing)
+            conflict = self._foreign_key(req, existing) if req.rekey \
+                else self._key_conflict(req, existing)
             if conflict is not None:
                 req.error = conflict
                 req.results = None
@@ -418,6 +419,27 @@ class EventStore:
                              "k": ev.key})
             req.results = results
         return rows
+
+    @staticmethod
+    def _foreign_key(req: IngestRequest,
+                     existing: dict[tuple[str, str], KeyedEvent]) -> Problem | None:
+        """409 if a `rekey` request with an owner would move a key that names another owner's
+        event (or one stored before owners were: it cannot be told apart from another's)."""
+        if req.owner is None:
+            return None
+        for ev in req.events:
+            seen = existing.get((req.client_id, ev.key)) if ev.key is not None else None
+            if seen is None or seen.same_event(ev.stream, ev.type, ev.data):
+                continue
+            try:
+                doc = orjson.loads(seen.data) if seen.data is not None else None
+            except orjson.JSONDecodeError:
+                doc = None
+            owner = doc.get("publisher") if isinstance(doc, dict) else None
+            if owner is None or owner != req.owner:
+                return Problem(409, "id-in-use", f"the id `{ev.key}` names another "
+                               "publisher's update; choose another id", key=ev.key)
+        return None
 
     @staticmethod
     def _key_conflict(req: IngestRequest,

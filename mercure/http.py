@@ -95,7 +95,11 @@ def publish() -> Response:
         if not any(matcher.matches(s, topic) for s in claims.publish):
             raise Problem(403, "not-granted", f"the token may not publish to `{topic}`",
                           topic=topic)
-    req = IngestRequest(MERCURE_CLIENT, [update.to_event()], rekey=True)
+    # Ids are scoped by publisher: its own it may give a new update (a resume then starts
+    # after the newest); another's is refused (409), so none can move another's resume point.
+    publisher = "sub:" + claims.subject if claims.subject else token_key(token)
+    req = IngestRequest(MERCURE_CLIENT, [update.to_event(publisher)], rekey=True,
+                        owner=publisher)
     svc.batcher.commit(req, timeout=settings.ingest_commit_timeout_s)
     if any(not w.duplicate for w in req.results or []):
         svc.metrics.events_in.inc()

@@ -39,9 +39,9 @@ class Update:
     type: str | None = None
     retry: int | None = None
 
-    def to_event(self) -> NewEvent:
+    def to_event(self, publisher: str | None = None) -> NewEvent:
         doc = {"topics": list(self.topics), "data": self.data, "private": self.private,
-               "id": self.id, "type": self.type, "retry": self.retry}
+               "id": self.id, "type": self.type, "retry": self.retry, "publisher": publisher}
         return NewEvent(MERCURE_STREAM, self.type or DEFAULT_TYPE, orjson.dumps(doc).decode(),
                         key=self.id)
 

@@ -740,3 +740,40 @@ def test_slots_taken_while_redis_was_away_are_counted_and_given_back(make_server
     finally:
         for s in again:
             s.close()
+
+
+# -- 25.8 Mercure ids cannot be hijacked --------------------------------------------------------
+
+def test_a_publisher_cannot_reuse_another_publishers_update_id(make_server, database_url):
+    import jwt
+
+    server = make_server(database_url, **MERCURE_KEYS)
+
+    def publisher(sub: str, selectors: list[str]) -> dict:
+        tok = jwt.encode({"sub": sub, "mercure": {"publish": selectors}}, "p" * 40,
+                         algorithm="HS256")
+        return {"Authorization": f"Bearer {tok}"}
+
+    owner, other = publisher("owner", ["*"]), publisher("intruder", ["public/{x}"])
+    subscriber = {"Authorization": "Bearer " + jwt.encode(
+        {"mercure": {"subscribe": ["*"]}}, "s" * 40, algorithm="HS256")}
+    first = server.post(HUB, data={"topic": "public/1", "data": "a", "id": "u-1"}, headers=owner)
+    secret = server.post(HUB, data={"topic": "private/1", "data": "s", "private": "on"},
+                         headers=owner)
+    assert first.status_code == 200 and secret.status_code == 200
+    hijack = server.post(HUB, data={"topic": "public/2", "data": "b", "id": "u-1"}, headers=other)
+    assert hijack.status_code == 409 and hijack.json()["type"].endswith("/id-in-use")
+    # its own ids a publisher may reuse (the newest update with the id is where a resume starts)
+    assert server.post(HUB, data={"topic": "public/3", "data": "c", "id": "mine"},
+                       headers=other).status_code == 200
+    assert server.post(HUB, data={"topic": "public/4", "data": "d", "id": "mine"},
+                       headers=other).status_code == 200
+    resumed = Stream(server.url + HUB, params={"topic": "*", "lastEventID": "u-1"},
+                     headers=subscriber)
+    try:
+        assert resumed.response.status_code == 200
+        got = [(e[0], e[2]) for e in resumed.events(3)]
+    finally:
+        resumed.close()
+    assert got[0] == (secret.text, "s")  # the resume point stayed where the owner put it
+    assert [data for _, data in got] == ["s", "c", "d"] and "b" not in [d for _, d in got]
