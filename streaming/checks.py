@@ -5,6 +5,7 @@ gets a status and a body instead of a stream; SSE and long-poll share it all.
 """
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,12 @@ class Checked:
     # With patterns: may this credential subscribe to a stream a pattern matched? (The same
     # grant a direct subscribe asks; memoised per stream name by the grant.)
     admits: Callable[[str], bool] | None = None
+
+
+def unpaced_key(subject: str, address: str | None) -> str:
+    """What a long-poll without a `sid` is paced by: its subject and address together."""
+    digest = hashlib.sha256(f"{subject}\x00{address or '-'}".encode("utf-8", "surrogatepass"))
+    return "a" + digest.hexdigest()[:24]
 
 
 def new_sid() -> str:

@@ -32,7 +32,7 @@ from streaming.checks import Checked
 from streaming.deps import StreamingServices
 from streaming.direct import DirectSink, Unsent
 from streaming.sse import EventStreamFraming, envelope_body, envelope_reset, http_chunk
-from streaming.subscription import HEARTBEAT, LiveEvent, StreamEnded, Subscription
+from streaming.subscription import HEARTBEAT, LiveEvent, StreamEnded, Subscription, bound_sid
 
 log = logging.getLogger("sluice.stream")
 framing = EventStreamFraming()
@@ -351,7 +351,8 @@ class SSEConnection(StreamWriter):
         self.sub.envelope = envelope
         self.start = self.seam if checked.resume is None else checked.resume
         svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)
-        self.sink_sid = self.pace_key = sid
+        self.sink_sid = sid
+        self.pace_key = bound_sid(checked.subject, sid)
         self._watch()
 
     def _leave(self) -> None:

@@ -15,9 +15,16 @@ from auth.authorize import OriginUnavailable
 from common.problems import Problem, invalid_parameter
 from ingest.pool import DatabaseUnavailable
 from runtime.services import Services
-from streaming.checks import SubscribeRequest, check_subscribe, new_sid, sid_of
+from streaming.checks import (
+    SubscribeRequest,
+    check_subscribe,
+    new_sid,
+    sid_of,
+    unpaced_key,
+)
 from streaming.connection import SSEConnection, framing
 from streaming.longpoll import long_poll
+from streaming.subscription import bound_sid
 from web.http import RequestView, bearer_token, json_response, services
 
 bp = Blueprint("streaming", __name__)
@@ -70,7 +77,7 @@ def sse() -> Response:
     except (DatabaseUnavailable, OriginUnavailable):
         return retry_only(svc.backoff.retry_ms(4))
     sid = checked.sid or new_sid()
-    connects, retry = svc.backoff.connect(sid)
+    connects, retry = svc.backoff.connect(bound_sid(checked.subject, sid))
     if checked.sid and connects > settings.max_reconnects:
         svc.metrics.limited.labels("reconnects").inc()
         raise Problem(429, "reconnecting-too-fast", f"connection `{sid}` reconnected {connects} "
@@ -121,9 +128,11 @@ def answer_poll(svc: Services, req: RequestView) -> tuple[dict[str, Any], dict[s
     except OriginUnavailable:
         raise Problem(503, "origin-unavailable", "the origin did not authorize this subscription "
                       "in time; try again", headers={"Retry-After": "2"}) from None
-    retry_after, refused = 0, False
-    if checked.sid:  # each answer hands out a sid; a client that passes it back is paced by it
-        retry_after, refused = svc.backoff.poll(checked.sid, settings.longpoll_max_rate)
+    # Each answer hands out a sid; a client that passes it back is paced by it (within its
+    # subject), one that does not by its subject and address together.
+    pace = bound_sid(checked.subject, checked.sid) if checked.sid \
+        else unpaced_key(checked.subject, req.remote_addr)
+    retry_after, refused = svc.backoff.poll(pace, settings.longpoll_max_rate)
     if refused:
         raise Problem(429, "polling-too-fast", "this client polls far faster than allowed; "
                       "wait for Retry-After", headers={"Retry-After": str(retry_after)},

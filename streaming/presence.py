@@ -29,7 +29,7 @@ import orjson
 
 from common.pubsub import subscribe_forever
 from streaming.hub import Hub
-from streaming.subscription import Subscription
+from streaming.subscription import Subscription, bound_sid
 
 FLUSH_S = 1.0
 HEARTBEAT_TTL_S = 10
@@ -65,23 +65,24 @@ class Presence:
     def join(self, sub: Subscription, sid: str, subject: str, *, takeover: bool) -> None:
         """A subscriber connected. With `takeover`, older connections with its sid are closed."""
         self._dirty.update(sub.streams)
-        if takeover:
-            now = time.time()
-            for older, _ in self._by_sid.get(sid, ()):
+        if takeover:  # keyed by the sid within its subject: another subject's cannot take over
+            key, now = bound_sid(subject, sid), time.time()
+            for older, _ in self._by_sid.get(key, ()):
                 older.close()
-            self._by_sid[sid] = [(sub, now)]
-            self._publish_takeover(sid, now)
+            self._by_sid[key] = [(sub, now)]
+            self._publish_takeover(key, now)
         if self.notifier is not None:
             self._joined(sid, subject, sub.streams)
 
     def leave(self, sub: Subscription, sid: str, subject: str, *, takeover: bool) -> None:
         self._dirty.update(sub.streams)
         if takeover:
-            held = [(s, t) for s, t in self._by_sid.get(sid, ()) if s is not sub]
+            key = bound_sid(subject, sid)
+            held = [(s, t) for s, t in self._by_sid.get(key, ()) if s is not sub]
             if held:
-                self._by_sid[sid] = held
+                self._by_sid[key] = held
             else:
-                self._by_sid.pop(sid, None)
+                self._by_sid.pop(key, None)
         if self.notifier is not None:
             self._left(sid, subject, sub.streams)
 
@@ -221,3 +222,4 @@ class Presence:
             sid, subject, stream = orjson.loads(member)
             if self.redis.delete(self._leaving_key(sid, stream)):
                 self.notifier.notify("unsubscribe", stream, subject, sid)  # nobody came back
+

@@ -2,6 +2,7 @@
 that queue carries: deliveries of `LiveEvent`s, `HEARTBEAT`, `StreamEnded`, or None (closed)."""
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -166,3 +167,11 @@ class Subscription:
             self.overflowed = True
             self.closed = True
             return False
+
+
+def bound_sid(subject: str, sid: str) -> str:
+    """What pacing and takeover key a connection id by: the id within its subject, so another
+    subject reusing a victim's sid neither spends the victim's reconnect budget nor takes its
+    connection over."""
+    digest = hashlib.sha256(f"{subject}\x00{sid}".encode("utf-8", "surrogatepass"))
+    return "s" + digest.hexdigest()[:24]

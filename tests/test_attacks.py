@@ -777,3 +777,39 @@ def test_a_publisher_cannot_reuse_another_publishers_update_id(make_server, data
         resumed.close()
     assert got[0] == (secret.text, "s")  # the resume point stayed where the owner put it
     assert [data for _, data in got] == ["s", "c", "d"] and "b" not in [d for _, d in got]
+
+
+# -- 25.9 / 31.8 pacing without a sid; a sid is bound to its subject ----------------------------
+
+def test_a_sid_is_bound_to_its_subject_and_polls_without_one_are_paced(make_server, database_url):
+    server = make_server(database_url, MAX_RECONNECTS="5", LONGPOLL_MAX_RATE="1")
+    server.put("/api/v1/streams/pace/1", headers=auth())
+    victim = {"Authorization": f"Bearer {token('victim')}"}
+    held = Stream(server.url + SSE, params={"stream": "pace/1", "sid": "victimsid"}, headers=victim)
+    assert held.response.status_code == 200
+    held.next(("retry",))
+    attacker = {"Authorization": f"Bearer {token('attacker')}"}
+    for _ in range(8):  # past MAX_RECONNECTS for that sid, as another subject
+        s = Stream(server.url + SSE, params={"stream": "pace/1", "sid": "victimsid"},
+                   headers=attacker)
+        s.close()
+    r = server.post(EVENTS, json={"stream": "pace/1", "data": "still here"}, headers=auth())
+    assert r.status_code == 201
+    assert held.events(1)[0][2] == '"still here"'  # no one else took its connection over
+    held.close()
+    again = Stream(server.url + SSE, params={"stream": "pace/1", "sid": "victimsid"},
+                   headers=victim)
+    try:
+        assert again.response.status_code == 200  # the victim's own budget is untouched
+    finally:
+        again.close()
+    # Without a sid, polls are paced by subject and address: fast ones are slowed, then 429.
+    statuses, slowed = [], 0
+    for _ in range(60):
+        r = server.get("/api/v1/poll", params={"stream": "pace/1", "timeout": "0"},
+                       headers=attacker)
+        statuses.append(r.status_code)
+        slowed += "Retry-After" in r.headers
+    assert 429 in statuses and slowed > 0
+    other = server.get("/api/v1/poll", params={"stream": "pace/1", "timeout": "0"}, headers=victim)
+    assert other.status_code == 200  # another subject is paced apart
