@@ -15,12 +15,15 @@ from typing import Any
 import psycopg2.extensions
 
 from auth.grants import Grants
+from common.problems import Problem
 from ingest.batcher import Batcher, pending_events
 from ingest.events import StoredEvent
 from ingest.ids import format_position
 from ingest.pending import PendingMirror, RemotePending
 from ingest.pool import Pool
 from ingest.store import EventStore
+
+READ_BY_CLIENT_MAX_STREAMS = 1000  # granted streams a read by client may cover (else 400)
 
 log = logging.getLogger("sluice.reads")
 
@@ -62,9 +65,18 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
         except Exception as exc:  # noqa: BLE001 - Redis down: this process's pending only
             log.warning("pending events of other processes unavailable: %s", exc)
     with pool.connection() as conn:
-        rows = store.read_events(conn, after=after, limit=limit, client_id=client_id,
-                                 streams=None if stream is None else [stream],
-                                 stream_regexes=grants.sql_filter())
+        streams = None if stream is None else [stream]
+        if streams is None and client_id is not None and not grants.everything:
+            # By client, within a grant: the granted streams (a pass over stream names), then
+            # an index range per stream, never a walk of the client's whole history.
+            streams = [s for s in store.streams_matching(conn, grants.regexes) if grants.allows(s)]
+            if len(streams) > READ_BY_CLIENT_MAX_STREAMS:
+                raise Problem(400, "grant-too-wide", f"this token's grant covers more than "
+                              f"{READ_BY_CLIENT_MAX_STREAMS} streams: read by `stream` instead",
+                              field="clientId", limit=READ_BY_CLIENT_MAX_STREAMS)
+        rows = [] if streams == [] else store.read_events(
+            conn, after=after, limit=limit, client_id=client_id, streams=streams,
+            stream_regexes=grants.sql_filter())
         reset = history_gone(store, conn, [stream], after) if stream is not None and after \
             else None
     next_position = rows[-1].position if rows else after

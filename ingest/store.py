@@ -125,6 +125,14 @@ SQL_STREAMS_PAGE = (
     " SELECT {cols} FROM events e WHERE e.stream = s.name AND e.id > %s AND e.id <= %s"
     " ORDER BY e.id LIMIT %s) AS p ORDER BY p.id LIMIT %s"
 )
+# Several streams of one client: one range per stream on (stream, id), the client a filter
+# (`|| ''` keeps the planner off (client_id, id), which would walk the client's whole history,
+# streams the reader may not see included).
+SQL_STREAMS_CLIENT_PAGE = (
+    "SELECT p.* FROM unnest(%s::text[]) AS s(name) CROSS JOIN LATERAL ("
+    " SELECT {cols} FROM events e WHERE e.stream = s.name AND e.client_id || '' = %s"
+    " AND e.id > %s AND e.id <= %s ORDER BY e.id LIMIT %s) AS p ORDER BY p.id LIMIT %s"
+)
 # A deleted stream's events, and the keys that name them: found through the events' rows, so
 # the cost follows the stream's own history, never the whole key table.
 SQL_DELETE_STREAM_EVENTS = (
@@ -506,11 +514,11 @@ class EventStore:
         if streams is not None:
             names = list(dict.fromkeys(streams))
             if client_id is not None:
-                sql = SQL_STREAM_PAGE.replace("stream = %s", "stream = ANY(%s) AND client_id = %s")
-                params: list[Any] = [names, client_id, after, high, limit]
+                sql = SQL_STREAMS_CLIENT_PAGE
+                params: list[Any] = [names, client_id, after, high, limit, limit]
                 if len(names) == 1:
                     sql = SQL_STREAM_PAGE.replace("stream = %s", "stream = %s AND client_id = %s")
-                    params[0] = names[0]
+                    params = [names[0], client_id, after, high, limit]
             elif len(names) == 1:
                 sql, params = SQL_STREAM_PAGE, [names[0], after, high, limit]
             else:

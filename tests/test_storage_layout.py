@@ -93,6 +93,61 @@ def test_client_and_position_reads_are_index_ranges(big_db):
             assert index in scan["Index Name"], scan
 
 
+def test_a_read_by_client_within_a_grant_costs_what_the_grant_covers(big_db):
+    """31.6: client c3 wrote 30,000 events, none in s/4 or s/5; a reader granted only those
+    two streams reads by client c3: an index range per granted stream (their 600 rows at
+    most), never c3's whole history."""
+    pool, _ = big_db
+    from auth.grants import Grants
+    from ingest.batcher import Batcher
+    from ingest.reads import read_history
+
+    class Recording(EventStore):  # the real store; it keeps the statements it builds
+        queries: list = []
+
+        def read_query(self, **query):
+            built = super().read_query(**query)
+            self.queries.append(built)
+            return built
+
+    store = Recording(WIDTH)
+    page = read_history(store, pool, Batcher(store, pool), Grants(["s/4", "s/5"]),
+                        client_id="c3", stream=None, after=0, limit=100)
+    assert page.events == [] and len(store.queries) == 1
+    sql, params = store.queries[0]
+    with pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params)
+        root = cur.fetchone()[0][0]["Plan"]
+        cur.execute(sql, params)
+        assert cur.fetchall() == []
+    scans = event_scans(root)
+    assert scans and all("stream" in scan.get("Index Name", "") or scan["Plan Rows"] <= 1
+                         for scan in scans), scans  # (empty slices aside)
+    read = sum((n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0))
+               * n.get("Actual Loops", 1) for n in scans)
+    assert read <= 2 * ROWS // 1000, read  # the two streams' own rows, not c3's 30,000
+
+
+def test_a_read_by_client_within_a_grant_of_too_many_streams_is_refused(big_db):
+    from auth.grants import Grants
+    from common.problems import Problem
+    from ingest.batcher import Batcher
+    from ingest.reads import READ_BY_CLIENT_MAX_STREAMS, read_history
+
+    pool, store = big_db
+    assert READ_BY_CLIENT_MAX_STREAMS == 1000
+    with pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO streams (name, last_id) VALUES ('s/extra', 0)")
+    try:
+        with pytest.raises(Problem) as info:  # s/* now covers 1,001 streams
+            read_history(store, pool, Batcher(store, pool), Grants(["s/*"]), client_id="c3",
+                         stream=None, after=0, limit=10)
+        assert info.value.status == 400 and info.value.slug == "grant-too-wide"
+    finally:
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("DELETE FROM streams WHERE name = 's/extra'")
+
+
 def test_deleting_a_stream_finds_its_keys_through_its_own_events(big_db):
     """The key table holds every kept key: a stream's delete must not walk it."""
     pool, store = big_db
@@ -142,7 +197,7 @@ def test_migration_0002_converts_a_0001_database(pg_admin_url):
     pool = Pool(url, 1, timeout_s=30)
     store = EventStore(100)
     with pool.connection() as conn:
-        assert store.migrate(conn) == ["0002_slices", "0003_key_batches"]
+        assert store.migrate(conn) == ["0002_slices", "0003_key_batches", "0004_revocations"]
         rows = store.read_events(conn, after=0, limit=2000)
         assert [r.id for r in rows] == list(range(1, 1001))
         assert [r.data for r in rows[:3]] == ["1", "2", "3"]
