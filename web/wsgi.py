@@ -183,6 +183,14 @@ class HeaderTimeout(socket.timeout):
     """The request line and headers did not arrive in time (pywsgi closes on socket errors)."""
 
 
+def body_unread(body: Any) -> bool:
+    """Has the request body (pywsgi's Input) bytes the application has not read?"""
+    if body is None:
+        return False
+    return bool(body.chunk_length != 0) if body.chunked_input \
+        else bool(body.position < (body.content_length or 0))
+
+
 class HeaderDeadline:
     """Mixin for pywsgi handlers: the request line and headers must arrive within
     `header_timeout_s` of the handler starting to wait for them."""
@@ -228,8 +236,7 @@ class HeaderDeadline:
             return super().run_application()  # type: ignore[misc]
         finally:
             body = getattr(self, "wsgi_input", None)
-            if body is not None and (body.chunk_length != 0 if body.chunked_input
-                                     else body.position < (body.content_length or 0)):
+            if body is not None and body_unread(body):
                 self.close_connection = True
                 body.chunked_input = False  # so pywsgi's discard finds nothing left to read
                 body.content_length = body.position
@@ -257,6 +264,7 @@ class OneSend:
     code: int
     response_length: int
     provided_date: str | None
+    close_connection: bool
 
     def _write_with_headers(self, data: bytes) -> None:  # pywsgi's
         if len(data) > self.ONE_SEND_MAX:
@@ -287,6 +295,11 @@ class OneSend:
         if self.provided_date is None:
             self.response_headers.append((b"Date", http_date()))
             self.provided_date = "set"
+        if body_unread(getattr(self, "wsgi_input", None)) and not self.close_connection:
+            # answered before its body was read: the connection closes after this answer (the
+            # body is not drained), and says so, so that no client reuses it
+            self.close_connection = True
+            self.response_headers.append((b"Connection", b"close"))
         super().finalize_headers()  # type: ignore[misc]
 
     def _sendall(self, data: bytes | bytearray) -> None:  # pywsgi's
