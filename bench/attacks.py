@@ -86,33 +86,25 @@ def raw(port: int, payload: bytes, read: bool = True, timeout: float = 5.0) -> b
         return got
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=3.0)
-    a = ap.parse_args()
+ATTACK_ENV = {"MERCURE_ANONYMOUS": "1", "MERCURE_PUBLISHER_JWT_KEY": PUB,
+              "MERCURE_SUBSCRIBER_JWT_KEY": SUB, "MERCURE_PUBLISH_ORIGINS": "https://app.example",
+              "HEADER_TIMEOUT_S": "2", "BODY_TIMEOUT_S": "3", "REQUEST_LOG": "off"}
+Row = tuple[str, str, list[float]]
 
+
+def run_all(url: str, port: int, secret: str, seconds: float) -> tuple[list[Row], int]:
+    """Every attack class against the server at `url` (started with ATTACK_ENV and `secret`)
+    while /healthz is probed: (name, what it was answered, /healthz latencies) per class, and
+    how many probes failed."""
     import jwt
     import requests
 
     from auth.grants import MAX_WILDCARDS
     from auth.tokens import mint
-    from bench.ingest import Proc
-    from embedded.servers import EmbeddedPostgres, EmbeddedRedis, free_port
     from mercure.selectors import MAX_EXPRESSIONS
 
-    work = Path(tempfile.mkdtemp(prefix="sluice-attacks-"))
-    pg = EmbeddedPostgres(work / "pg").start()
-    rd = EmbeddedRedis(work / "redis").start()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg.url,
-           "REDIS_URL": rd.url, "SLUICE_SECRET": SECRET, "SLUICE_DATA_DIR": str(work / "data"),
-           "MERCURE_ANONYMOUS": "1", "MERCURE_PUBLISHER_JWT_KEY": PUB,
-           "MERCURE_SUBSCRIBER_JWT_KEY": SUB, "MERCURE_PUBLISH_ORIGINS": "https://app.example",
-           "HEADER_TIMEOUT_S": "2", "BODY_TIMEOUT_S": "3", "REQUEST_LOG": "off"}
-    server = Proc([sys.executable, str(ROOT / "app.py")], env, work / "sluice.log",
-                  url + "/healthz")
-    admin = {"Authorization": "Bearer " + mint(SECRET, "admin", publish=["**"],
+    a = argparse.Namespace(seconds=seconds)
+    admin = {"Authorization": "Bearer " + mint(secret, "admin", publish=["**"],
                                                 subscribe=["**"], revoke=True)}
     publisher = {"Authorization": "Bearer " + jwt.encode({"mercure": {"publish": ["*"]}}, PUB,
                                                          algorithm="HS256")}
@@ -156,7 +148,7 @@ def main() -> None:
     ).status_code))
 
     def patterns() -> str:
-        tok = mint(SECRET, "u", subscribe=["user/42/**"])
+        tok = mint(secret, "u", subscribe=["user/42/**"])
         pattern = "user/42/" + "*a" * (MAX_WILDCARDS - 1) + "*b"
         held = stream(f"/api/v1/sse?stream={pattern}", {"Authorization": f"Bearer {tok}"})
         try:
@@ -168,7 +160,7 @@ def main() -> None:
 
     # 3. revocation racing admission
     def race() -> str:
-        toks = [mint(SECRET, "racer", subscribe=["**"], jti="race", n=n) for n in range(300)]
+        toks = [mint(secret, "racer", subscribe=["**"], jti="race", n=n) for n in range(300)]
         socks: list[socket.socket] = []
 
         def open_one(t: str) -> None:
@@ -202,7 +194,7 @@ def main() -> None:
         cookies={"mercureAuthorization": publisher["Authorization"][7:]},
         headers={"Origin": "https://evil.example"}).status_code))
     def stats_view() -> str:
-        nobody = "Bearer " + mint(SECRET, "nobody", subscribe=[])
+        nobody = "Bearer " + mint(secret, "nobody", subscribe=[])
         with s.get(url + "/api/v1/stats", stream=True, timeout=10,
                    headers={"Authorization": nobody}) as r:
             text = b""
@@ -214,9 +206,9 @@ def main() -> None:
         return f"{r.status_code}; hosts, pids or fleet numbers shown: {shown}"
     run("stats with a token that may subscribe to nothing", stats_view)
     spelled = [admin["Authorization"] + "=",
-               "Bearer " + jws({"alg": ["HS256"]}, {"sub": "x", "exp": time.time() + 60}, SECRET),
+               "Bearer " + jws({"alg": ["HS256"]}, {"sub": "x", "exp": time.time() + 60}, secret),
                "Bearer " + jws({"alg": "HS256"}, {"sub": "u-\ud800", "exp": time.time() + 60},
-                               SECRET)]
+                               secret)]
     run("padded token, JOSE `alg` list, lone-surrogate `sub`", lambda: repeat(lambda: s.post(
         url + "/api/v1/events", json={"stream": "t/1", "data": 1},
         headers={"Authorization": spelled[int(time.monotonic() * 10) % 3]}).status_code))
@@ -263,7 +255,7 @@ def main() -> None:
         for _ in range(50):
             s.post(url + "/api/v1/events", headers=admin, json=[
                 {"stream": "b/big", "data": n} for n in range(1000)])
-        reader = {"Authorization": "Bearer " + mint(SECRET, "r", subscribe=["a/**"])}
+        reader = {"Authorization": "Bearer " + mint(secret, "r", subscribe=["a/**"])}
         took = []
         for _ in range(20):
             began = time.perf_counter()
@@ -273,11 +265,35 @@ def main() -> None:
     run("read by another client's id within a grant", big_client)
 
     probe.stop()
-    server.stop()
-    rd.stop()
-    pg.stop()
+    return rows, probe.failures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    a = ap.parse_args()
+
+    from bench.ingest import Proc
+    from embedded.servers import EmbeddedPostgres, EmbeddedRedis, free_port
+
+    work = Path(tempfile.mkdtemp(prefix="sluice-attacks-"))
+    pg = EmbeddedPostgres(work / "pg").start()
+    rd = EmbeddedRedis(work / "redis").start()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg.url,
+           "REDIS_URL": rd.url, "SLUICE_SECRET": SECRET, "SLUICE_DATA_DIR": str(work / "data"),
+           **ATTACK_ENV}
+    server = Proc([sys.executable, str(ROOT / "app.py")], env, work / "sluice.log",
+                  url + "/healthz")
+    try:
+        rows, failures = run_all(url, port, SECRET, a.seconds)
+    finally:
+        server.stop()
+        rd.stop()
+        pg.stop()
     print(f"\nSluice {url}, /healthz every 20 ms, ~{a.seconds:g} s per class; probe failures: "
-          f"{probe.failures}\n")
+          f"{failures}\n")
     print("| attack | answered | /healthz worst | /healthz p50 | probes |")
     print("|---|---|---:|---:|---:|")
     for name, answered, lat in rows:

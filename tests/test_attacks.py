@@ -2,6 +2,7 @@
 request that froze, crashed or fooled the landed server, and what it gets now."""
 from __future__ import annotations
 
+import re
 import time
 
 import gevent
@@ -813,3 +814,22 @@ def test_a_sid_is_bound_to_its_subject_and_polls_without_one_are_paced(make_serv
     assert 429 in statuses and slowed > 0
     other = server.get("/api/v1/poll", params={"stream": "pace/1", "timeout": "0"}, headers=victim)
     assert other.status_code == 200  # another subject is paced apart
+
+
+# -- 25.2 every attack class against one live server, /healthz probed throughout ---------------
+
+def test_every_attack_class_leaves_healthz_answering_within_250_ms(make_server, database_url):
+    """bench/attacks.py's classes, half a second each (the bench prints the figures)."""
+    from bench.attacks import ATTACK_ENV, run_all
+    from tests.helpers import SECRET
+
+    server = make_server(database_url, **ATTACK_ENV)
+    rows, failures = run_all(server.url, server.port, SECRET, 0.5)
+    assert failures == 0
+    assert len(rows) >= 12
+    for name, answered, latencies in rows:
+        assert latencies, name  # the probe was answered during the class
+        assert max(latencies) < HEALTHZ_BUDGET_S, (name, max(latencies))
+        statuses = [int(code) for code in re.findall(r"× ([0-9]{3})", answered)]
+        assert all(code < 500 for code in statuses), (name, answered)
+    assert server.proc.poll() is None
