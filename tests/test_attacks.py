@@ -311,8 +311,6 @@ def _conversation(server, head: bytes, body: bytes,
         got = b""
         while chunk := sock.recv(65536):
             got += chunk
-    import re
-
     return re.findall(rb"HTTP/1\.[01] [0-9]{3} [^\r\n]*", got)
 
 
