@@ -12,8 +12,12 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
+import gevent
+
+from ingest.events import StoredEvent
 from ingest.pool import DatabaseUnavailable
 from mercure.fanout import MercureFanout, MercureSubscription
+from mercure.selectors import exact_topic
 from mercure.updates import MERCURE_STREAM, Update
 from streaming.catchup import catch_up
 from streaming.connection import StreamWriter, framing
@@ -69,12 +73,16 @@ class MercureConnection(StreamWriter):
 
     def _catch_up(self) -> Generator[bytes, None, bool]:
         """The retained updates in (start, seam] this subscriber may see, page by page; True if
-        the subscription closed meanwhile. Pages hold every Mercure update, filtered here."""
+        the subscription closed meanwhile. Exact-topic selectors read through the topic index
+        (only the updates naming them); templates and `*` read every update, filtered here."""
         sub, matcher = self.sub, self.fanout.matcher
         if self.start >= self.seam:
             return False
-        for rows in catch_up(self.svc.pool, self.svc.store, [MERCURE_STREAM], self.start,
-                             self.seam, self.svc.settings.catchup_page):
+        pages = catch_up(self.svc.pool, self.svc.store, [MERCURE_STREAM], self.start,
+                         self.seam, self.svc.settings.catchup_page)
+        if all(exact_topic(s) for s in sub.selectors):  # by the topic index
+            pages = self._by_topics(list(sub.selectors))
+        for rows in pages:
             if sub.closed and not sub.overflowed:
                 return True
             updates = (Update.from_data(row.data) for row in rows)
@@ -83,6 +91,21 @@ class MercureConnection(StreamWriter):
                 yield from self._write(out)
             sub.last = rows[-1].position
         return False
+
+    def _by_topics(self, topics: list[str]) -> Iterator[list[StoredEvent]]:
+        """Pages of the updates in (start, seam] that name one of `topics`."""
+        after, page = self.start, self.svc.settings.catchup_page
+        while after < self.seam:
+            with self.svc.pool.connection() as conn:
+                rows = self.svc.store.read_with_topics(conn, MERCURE_STREAM, topics, after=after,
+                                                       upto=self.seam, limit=page)
+            if not rows:
+                return
+            yield rows
+            if len(rows) < page:
+                return
+            after = rows[-1].position
+            gevent.sleep(0)  # let live delivery to other clients run between pages
 
     def _framed(self, event: LiveEvent) -> bytes:
         return event.body  # the update's SSE bytes, its own id included

@@ -33,6 +33,11 @@ _OPERATORS: dict[str, str] = {
 }
 
 
+def exact_topic(selector: str) -> bool:
+    """A selector that matches only itself (not `*`, no template expression)."""
+    return selector != ANY and "{" not in selector and "}" not in selector
+
+
 class TemplateTooComplex(ValueError):
     """A URI template with more expressions than MAX_EXPRESSIONS (or too large for RE2)."""
 

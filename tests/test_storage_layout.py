@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 
 from ingest.pool import Pool
-from ingest.store import MIGRATIONS_DIR, SQL_DELETE_STREAM_EVENTS, EventStore
+from ingest.store import MIGRATIONS_DIR, SQL_DELETE_STREAM_EVENTS, SQL_TOPICS_PLAN, EventStore
 from tests.helpers import admin_execute, ingest_request, with_database
 
 ROWS = 300_000
@@ -148,6 +148,41 @@ def test_a_read_by_client_within_a_grant_of_too_many_streams_is_refused(big_db):
             cur.execute("DELETE FROM streams WHERE name = 's/extra'")
 
 
+def test_a_mercure_resume_on_exact_topics_reads_only_the_updates_naming_them(big_db):
+    """31.8: 30,000 Mercure updates over 100 topics; a resume on a topic none names reads
+    nothing, and one on a topic reads that topic's updates, through the topic index."""
+    pool, store = big_db
+    with pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO events (id, stream, type, data, client_id) SELECT %s + g, "
+                    "'.mercure', 'message', json_build_object('topics', json_build_array("
+                    "'https://ex.net/t/' || (g %% 100)), 'data', 'x')::text, 'mercure' "
+                    "FROM generate_series(1, 30000) g", (ROWS,))
+        cur.execute("ANALYZE events")
+    try:
+        for topics, expected in ((["https://ex.net/none"], 0), (["https://ex.net/t/7"], 300)):
+            params = (".mercure", topics, 0, ROWS + 30_000, 1000)
+            with pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("BEGIN")
+                cur.execute(SQL_TOPICS_PLAN)  # as read_with_topics runs it
+                cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + store.topics_query(".mercure"),
+                            params)
+                root = cur.fetchone()[0][0]["Plan"]
+                cur.execute("ROLLBACK")
+                rows = store.read_with_topics(conn, ".mercure", topics, after=0,
+                                              upto=ROWS + 30_000, limit=1000)
+            assert len(rows) == expected
+            bitmap = [n for n in nodes(root) if n["Node Type"] == "Bitmap Index Scan"]
+            assert bitmap and all(n["Index Cond"].find("topics") >= 0 for n in bitmap), root
+            assert all(n["Actual Rows"] == 0 for n in event_scans(root)
+                       if n["Node Type"] == "Seq Scan"), root  # empty slices aside
+            heap = sum(n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0)
+                       for n in event_scans(root))
+            assert heap <= expected, heap  # the matching updates, never the 30,000
+    finally:
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("DELETE FROM events WHERE stream = '.mercure'")
+
+
 def test_deleting_a_stream_finds_its_keys_through_its_own_events(big_db):
     """The key table holds every kept key: a stream's delete must not walk it."""
     pool, store = big_db
@@ -197,7 +232,8 @@ def test_migration_0002_converts_a_0001_database(pg_admin_url):
     pool = Pool(url, 1, timeout_s=30)
     store = EventStore(100)
     with pool.connection() as conn:
-        assert store.migrate(conn) == ["0002_slices", "0003_key_batches", "0004_revocations"]
+        assert store.migrate(conn) == ["0002_slices", "0003_key_batches", "0004_revocations",
+                                       "0005_mercure_topics"]
         rows = store.read_events(conn, after=0, limit=2000)
         assert [r.id for r in rows] == list(range(1, 1001))
         assert [r.data for r in rows[:3]] == ["1", "2", "3"]
