@@ -186,8 +186,9 @@ class TokenVerifier:
             raise unauthorized("a single-use token needs a `jti`")
         if self.redis is None:
             raise Unavailable("single-use tokens need Redis", slug="redis-unavailable")
+        redis_key = JTI_KEY.format(principal.subject + "\x00" + jti)
         try:
-            fresh = self.redis.set(JTI_KEY.format(principal.subject + "\x00" + jti), b"1", nx=True,
+            fresh = self.redis.set(redis_key, b"1", nx=True,
                                    exat=int(principal.expires_at + self.leeway_s) + 1)
         except Exception as exc:
             raise Unavailable("cannot check a single-use token right now",
@@ -201,6 +202,10 @@ class TokenVerifier:
             key = hashlib.sha256((principal.subject + "\x00" + jti).encode("utf-8", "surrogatepass"))
             fresh = ledger.spend(key.hexdigest(), principal.expires_at + self.leeway_s + 1)
         except Exception as exc:
+            try:  # not recorded durably: not spent either (the client may try again)
+                self.redis.delete(redis_key)
+            except Exception:  # noqa: BLE001 - it stays refused: closed, not open
+                pass
             raise Unavailable("cannot check a single-use token right now",
                               slug="database-unavailable") from exc
         if not fresh:

@@ -831,3 +831,22 @@ def test_every_attack_class_leaves_healthz_answering_within_250_ms(make_server, 
         statuses = [int(code) for code in re.findall(r"× ([0-9]{3})", answered)]
         assert all(code < 500 for code in statuses), (name, answered)
     assert server.proc.poll() is None
+
+
+def test_with_postgres_stopped_revocations_and_single_use_tokens_are_refused_not_lost(
+        make_server, own_postgres):
+    server = make_server(own_postgres.url)
+    server.put("/api/v1/streams/fc/1", headers=auth())
+    victim = token("pg-victim", subscribe=["fc/**"])
+    own_postgres.stop()
+    r = server.post("/api/v1/revocations", json={"sub": "pg-victim"}, headers=REVOKER)
+    assert r.status_code == 503  # it could not be kept: never reported done
+    once = token("pg-single", subscribe=["fc/**"], once=True, jti="pg-once")
+    assert _poll_status(server, once) == 503  # cannot be checked durably: not accepted
+    own_postgres.start()
+    wait_until(lambda: server.post("/api/v1/revocations", json={"sub": "pg-victim"},
+                                   headers=REVOKER).status_code == 202, timeout=30,
+               message="the revocation kept once Postgres is back")
+    assert _poll_status(server, victim) == 401
+    assert _poll_status(server, once) == 200  # its first use, now that it can be recorded
+    assert _poll_status(server, once) == 401
