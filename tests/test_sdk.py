@@ -22,8 +22,10 @@ from sluice_client import (
     mint_token,
     signature,
     verify_webhook,
+    webhook_secret,
 )
 
+from config.settings import derived_webhook_secret
 from tests.helpers import EVENTS, SECRET, wait_until
 
 
@@ -158,12 +160,15 @@ def test_webhook_signatures(make_server, database_url):
         origin.stop(timeout=1)
     body, header = received[0]
     assert json.loads(body)["notices"][0]["event"] == "subscribe"
-    assert verify_webhook(SECRET, body, header)
-    assert not verify_webhook(SECRET, body + b" ", header)          # tampered body
+    secret = webhook_secret(SECRET)  # SLUICE_WEBHOOK_SECRET is unset: derived from SLUICE_SECRET
+    assert secret == derived_webhook_secret(SECRET)  # the SDK and the server agree
+    assert verify_webhook(secret, body, header)
+    assert not verify_webhook(SECRET, body, header)                  # never the token key
+    assert not verify_webhook(secret, body + b" ", header)          # tampered body
     assert not verify_webhook("other-secret", body, header)          # wrong secret
-    assert not verify_webhook(SECRET, body, header, now=time.time() + 3600)  # replayed late
-    assert not verify_webhook(SECRET, body, None)
-    assert not verify_webhook(SECRET, body, "t=abc,v1=00")
+    assert not verify_webhook(secret, body, header, now=time.time() + 3600)  # replayed late
+    assert not verify_webhook(secret, body, None)
+    assert not verify_webhook(secret, body, "t=abc,v1=00")
     assert verify_webhook("s", b"b", signature("s", b"b", 1000), now=1100, tolerance_s=300)
 
 

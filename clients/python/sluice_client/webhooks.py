@@ -7,6 +7,13 @@ import hmac
 import time
 
 
+def webhook_secret(sluice_secret: str) -> str:
+    """The secret Sluice signs notices with when `SLUICE_WEBHOOK_SECRET` is not set: derived
+    from `SLUICE_SECRET` (never the token key itself)."""
+    return hmac.new(sluice_secret.encode(), b"sluice webhook signing key v1",
+                    hashlib.sha256).hexdigest()
+
+
 def signature(secret: str, body: bytes, timestamp: int) -> str:
     """The header value Sluice sends for `body` at `timestamp` (for tests of your endpoint)."""
     mac = hmac.new(secret.encode(), b"%d." % timestamp + body, hashlib.sha256).hexdigest()
