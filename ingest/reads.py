@@ -77,8 +77,9 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
         rows = [] if streams == [] else store.read_events(
             conn, after=after, limit=limit, client_id=client_id, streams=streams,
             stream_regexes=grants.sql_filter())
-        reset = history_gone(store, conn, [stream], after) if stream is not None and after \
-            else None
+        # The resume rule, as SSE and long-poll apply it: `after=0` on a pruned stream is told
+        # its history is gone too.
+        reset = history_gone(store, conn, [stream], after) if stream is not None else None
     next_position = rows[-1].position if rows else after
     if len(rows) < limit:
         committed_ids = {row.id for row in rows}

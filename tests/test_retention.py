@@ -152,6 +152,18 @@ def test_history_gone_is_signalled_on_sse_poll_and_history(make_server, database
                                                    "timeout": 0}, headers=auth()).json()
     page = datas(server, "g", after=str(ids[0]))[1]
     assert page["reset"] == notice and [e["data"] for e in page["events"]] == [4, 5]
+    for resume in ("0", None):  # from the start, as SSE's lastEventId=0 and poll's cursor=0
+        page = datas(server, "g", **({"after": resume} if resume else {}))[1]
+        assert page["reset"] == notice, resume
+    poll = server.get(POLL, params={"stream": "g", "cursor": "0", "timeout": 0},
+                      headers=auth()).json()
+    assert poll["reset"] == notice
+    stream = open_stream(server, ["g"], lastEventId="0")
+    try:
+        first = stream.next()
+        assert first[2] == "reset" and json.loads(first[3]) == notice
+    finally:
+        stream.close()
     assert "reset" not in datas(server, "g", after=str(ids[4]))[1]
 
     # Deleted and re-created: an old resume point is told its history is gone.
