@@ -8,6 +8,7 @@ gevent patches the standard library, and psycogreen makes psycopg2 cooperative, 
 else is imported: a blocking call then parks only its own greenlet. The services are built in
 runtime/services.py, the Flask app in web/app.py, the server in web/server.py.
 """
+
 from gevent import monkey
 
 monkey.patch_all()
@@ -63,8 +64,7 @@ def token_command(argv: list[str]) -> None:
     parser.add_argument("--publish", action="append", default=[], help="stream pattern (repeat)")
     parser.add_argument("--subscribe", action="append", default=[], help="stream pattern (repeat)")
     parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
-    parser.add_argument("--revoke", action="store_true",
-                        help="may revoke tokens (POST /api/v1/revocations)")
+    parser.add_argument("--revoke", action="store_true", help="may revoke tokens (POST /api/v1/revocations)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     if settings.secrets:
@@ -72,8 +72,17 @@ def token_command(argv: list[str]) -> None:
     else:
         kid, key = "dev", dev_secret(Path(settings.data_dir))
     extra = {"revoke": True} if args.revoke else {}
-    print(mint(key, args.sub, publish=args.publish, subscribe=args.subscribe, ttl_s=args.ttl,
-               kid=kid if kid != "default" else None, **extra))
+    print(
+        mint(
+            key,
+            args.sub,
+            publish=args.publish,
+            subscribe=args.subscribe,
+            ttl_s=args.ttl,
+            kid=kid if kid != "default" else None,
+            **extra,
+        )
+    )
 
 
 def main(argv: list[str]) -> None:

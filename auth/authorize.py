@@ -16,6 +16,7 @@ is sent to the client. The origin answers:
 
 Concurrent checks for the same headers and streams share one origin request.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,19 +52,33 @@ class Grant:
     granted_at: float = 0.0  # when the origin answered: the grant's `iat` for revocations
 
     def principal(self) -> Principal:
-        return Principal(self.subject, Grants(()), Grants(self.patterns), self.expires_at,
-                         {"sub": self.subject, "iat": self.granted_at,
-                          "authorized_by": "origin"})
+        return Principal(
+            self.subject,
+            Grants(()),
+            Grants(self.patterns),
+            self.expires_at,
+            {"sub": self.subject, "iat": self.granted_at, "authorized_by": "origin"},
+        )
 
 
 class OriginAuthorizer:
     """Asks `url` whether a token-less subscriber may have its streams; caches the grants."""
 
-    def __init__(self, url: str, *, forward_headers: Sequence[str], timeout_s: float,
-                 max_ttl_s: float, redis: Any = None, metrics: Any = None,
-                 revocations: Revocations | None = None, namespace: str = "sluice") -> None:
-        self.origin = OriginClient(url, timeout_s=timeout_s, user_agent="sluice-authorize",
-                                   max_answer_bytes=MAX_ANSWER_BYTES)
+    def __init__(
+        self,
+        url: str,
+        *,
+        forward_headers: Sequence[str],
+        timeout_s: float,
+        max_ttl_s: float,
+        redis: Any = None,
+        metrics: Any = None,
+        revocations: Revocations | None = None,
+        namespace: str = "sluice",
+    ) -> None:
+        self.origin = OriginClient(
+            url, timeout_s=timeout_s, user_agent="sluice-authorize", max_answer_bytes=MAX_ANSWER_BYTES
+        )
         self.forward_headers = tuple(forward_headers)
         self.timeout_s = timeout_s
         self.max_ttl_s = max_ttl_s
@@ -74,16 +89,17 @@ class OriginAuthorizer:
         self._cache: BoundedCache[str, Grant] = BoundedCache(CACHE_MAX)
         self._inflight: dict[str, AsyncResult] = {}
 
-    def authorize(self, headers: Mapping[str, str], streams: Sequence[str],
-                  address: str | None) -> tuple[Principal, str]:
+    def authorize(
+        self, headers: Mapping[str, str], streams: Sequence[str], address: str | None
+    ) -> tuple[Principal, str]:
         """The principal the origin grants for these streams, and the key that identifies the
         forwarded credentials (for per-credential limits). Raises Problem or OriginUnavailable."""
         # `headers` is keyed by lower-case name (HTTP header names are case-insensitive).
-        forwarded = {name: headers[name.lower()] for name in self.forward_headers
-                     if headers.get(name.lower())}
+        forwarded = {
+            name: headers[name.lower()] for name in self.forward_headers if headers.get(name.lower())
+        }
         credentials = hashlib.sha256(orjson.dumps(sorted(forwarded.items()))).hexdigest()
-        key = hashlib.sha256(f"{credentials}\n{chr(10).join(sorted(streams))}".encode()
-                             ).hexdigest()
+        key = hashlib.sha256(f"{credentials}\n{chr(10).join(sorted(streams))}".encode()).hexdigest()
         grant = self._cached(key)
         if grant is None:
             waiting = self._inflight.get(key)
@@ -122,8 +138,9 @@ class OriginAuthorizer:
             return None
         try:
             data = orjson.loads(raw)
-            grant = Grant(str(data["sub"]), tuple(data["streams"]), float(data["exp"]),
-                          float(data.get("iat", 0.0)))
+            grant = Grant(
+                str(data["sub"]), tuple(data["streams"]), float(data["exp"]), float(data.get("iat", 0.0))
+            )
         except (ValueError, KeyError, TypeError):
             return None
         if grant.expires_at <= now or self._revoked(key, grant, shared=True):
@@ -135,8 +152,7 @@ class OriginAuthorizer:
         """A grant the origin gave before its subject was revoked is dropped (from this
         process, or from Redis when that is where it was read), so the next subscribe asks
         the origin again (or uses a grant another process asked for since)."""
-        if self.revocations is None or not self.revocations.revoked(None, grant.subject,
-                                                                     grant.granted_at):
+        if self.revocations is None or not self.revocations.revoked(None, grant.subject, grant.granted_at):
             return False
         self._cache.pop(key)
         if shared and self.redis is not None:
@@ -151,8 +167,7 @@ class OriginAuthorizer:
 
     # -- the origin ----------------------------------------------------------------------
 
-    def _ask(self, key: str, forwarded: dict[str, str], streams: Sequence[str],
-             address: str | None) -> Grant:
+    def _ask(self, key: str, forwarded: dict[str, str], streams: Sequence[str], address: str | None) -> Grant:
         body = orjson.dumps({"streams": list(streams)})
         headers = {**forwarded, "Content-Type": "application/json", "Accept": "application/json"}
         if address:
@@ -172,17 +187,27 @@ class OriginAuthorizer:
         grant = self._grant(answer)
         if grant is None:
             self._count("unavailable")
-            raise OriginUnavailable("the origin's 2xx answer is not "
-                                    '{"streams": [...], "ttl": s, "sub": "..."}')
+            raise OriginUnavailable(
+                'the origin\'s 2xx answer is not {"streams": [...], "ttl": s, "sub": "..."}'
+            )
         self._count("granted")
         if grant.expires_at > time.time():
             self._remember(key, grant)
             if self.redis is not None:
                 try:
                     ttl_ms = max(1, int((grant.expires_at - time.time()) * 1000))
-                    self.redis.set(REDIS_KEY.format(self.ns, key), orjson.dumps(
-                        {"sub": grant.subject, "streams": grant.patterns,
-                         "exp": grant.expires_at, "iat": grant.granted_at}), px=ttl_ms)
+                    self.redis.set(
+                        REDIS_KEY.format(self.ns, key),
+                        orjson.dumps(
+                            {
+                                "sub": grant.subject,
+                                "streams": grant.patterns,
+                                "exp": grant.expires_at,
+                                "iat": grant.granted_at,
+                            }
+                        ),
+                        px=ttl_ms,
+                    )
                 except Exception:  # noqa: BLE001 - the process cache still has it
                     pass
         return grant
@@ -197,8 +222,9 @@ class OriginAuthorizer:
         if not isinstance(data, dict):
             return None
         patterns, ttl, subject = data.get("streams"), data.get("ttl", 0), data.get("sub", "origin")
-        if not isinstance(patterns, list) or not all(isinstance(p, str) and valid_pattern(p)
-                                                     for p in patterns):
+        if not isinstance(patterns, list) or not all(
+            isinstance(p, str) and valid_pattern(p) for p in patterns
+        ):
             return None
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 0:
             return None

@@ -12,6 +12,7 @@ its token subject and address) that polls more than `max_rate` times a second ov
 told to wait with `Retry-After` for as long as its excess takes to drain, and refused with 429
 past four times its budget.
 """
+
 from __future__ import annotations
 
 import random
@@ -27,8 +28,15 @@ POLL_WINDOW_S = 10
 class Backoff:
     """Counts connects per sid and turns the count into a `retry:` value in milliseconds."""
 
-    def __init__(self, redis: Any, *, base_ms: int = 1000, max_ms: int = 60000,
-                 window_s: int = 60, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        base_ms: int = 1000,
+        max_ms: int = 60000,
+        window_s: int = 60,
+        rng: random.Random | None = None,
+    ) -> None:
         self.redis = redis
         self.base_ms = base_ms
         self.max_ms = max(max_ms, base_ms)
@@ -66,8 +74,9 @@ class Backoff:
         half = budget // 2
         if local <= half:
             return 0, False
-        fleet = self._count(POLL_KEY.format(key), POLL_WINDOW_S, sliding=False,
-                            amount=local if local == half + 1 else 1)
+        fleet = self._count(
+            POLL_KEY.format(key), POLL_WINDOW_S, sliding=False, amount=local if local == half + 1 else 1
+        )
         count = max(fleet, local)
         if count <= budget:
             return 0, False
@@ -78,8 +87,7 @@ class Backoff:
         """The largest retry for a count, for hints without recording a connect."""
         return min(self.max_ms, self.base_ms * 2 ** min(max(count, 1) - 1, 30))
 
-    def _count(self, key: str, window_s: int | None = None, sliding: bool = True,
-               amount: int = 1) -> int:
+    def _count(self, key: str, window_s: int | None = None, sliding: bool = True, amount: int = 1) -> int:
         """INCR a counter (by `amount`); a sliding window is pushed out by every count, a fixed
         one is not."""
         window_s = window_s or self.window_s

@@ -5,6 +5,7 @@
 common/linear.py: linear time whatever the pattern) and PostgreSQL (`~`), so reads can filter
 by the same rule in SQL. A pattern holds at most MAX_WILDCARDS `*`s; more is refused.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,9 @@ NOTHING = "^$"  # no stream name is empty: what a pattern that can match no nati
 
 def _segment_regex(text: str) -> str:
     """A pattern piece without `**`, as an unanchored regex (`*` is `[^/]*`)."""
-    return "[^/]*".join(re.escape(p).replace("\\/", "/").replace("\\-", "-").replace("\\:", ":")
-                        for p in text.split("*"))
+    return "[^/]*".join(
+        re.escape(p).replace("\\/", "/").replace("\\-", "-").replace("\\:", ":") for p in text.split("*")
+    )
 
 
 def pattern_to_regex(pattern: str) -> str:
@@ -188,8 +190,11 @@ class PatternIndex:
         cached = self._cache.get(stream)
         if cached is not None and cached[0] == self.generation:
             return cached[1]
-        found = tuple(pattern for prefix in _prefixes(stream)
-                      for pattern, regex in self._by_prefix.get(prefix, {}).items()
-                      if regex.fullmatch(stream))
+        found = tuple(
+            pattern
+            for prefix in _prefixes(stream)
+            for pattern, regex in self._by_prefix.get(prefix, {}).items()
+            if regex.fullmatch(stream)
+        )
         self._cache.put(stream, (self.generation, found))
         return found

@@ -1,6 +1,7 @@
 """HTTP for revocation: `POST /api/v1/revocations` with `{"jti": "..."}` or `{"sub": "..."}`,
 authorized by a token carrying `"revoke": true`. Every connection the revoked token(s) admitted,
 in every process, ends with a final `retry:`; the token(s) are refused (401) from then on."""
+
 from __future__ import annotations
 
 import datetime as dt

@@ -14,6 +14,7 @@ is always written as its own count (never incremented blindly), so a slot taken 
 away is counted when it returns and given back when it closes, and a Redis that restarted empty
 is made whole by the next admission, release or renewal.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,9 +58,18 @@ def token_key(token: str) -> str:
 class ConnectionLimits:
     """Counts held connections by credential key and by client address, in the fleet."""
 
-    def __init__(self, per_token: int, per_ip: int, refused: Any = None, *, redis: Any = None,
-                 namespace: str = "sluice", process_id: str | None = None,
-                 lease_s: float = 10.0, refresh_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        per_token: int,
+        per_ip: int,
+        refused: Any = None,
+        *,
+        redis: Any = None,
+        namespace: str = "sluice",
+        process_id: str | None = None,
+        lease_s: float = 10.0,
+        refresh_s: float = 2.0,
+    ) -> None:
         self.per_token = per_token
         self.per_ip = per_ip
         self.refused = refused  # a labelled Prometheus counter, or None
@@ -71,7 +81,7 @@ class ConnectionLimits:
         self.process_id = process_id or secrets.token_hex(6)
         self.lease_s = lease_s
         self.refresh_s = refresh_s
-        self.fleet = False           # the last Redis call worked: limits count the fleet
+        self.fleet = False  # the last Redis call worked: limits count the fleet
         self._dirty: set[str] = set()  # Redis fields to rewrite from the local counts
         self._admit: Any = None
         self._greenlet: gevent.Greenlet | None = None
@@ -92,18 +102,33 @@ class ConnectionLimits:
             except Exception:  # noqa: BLE001 - its lease runs out anyway
                 pass
 
-    def acquire(self, token_key: str, address: str | None,
-                transport: str = "sse") -> Callable[[], None]:
+    def acquire(self, token_key: str, address: str | None, transport: str = "sse") -> Callable[[], None]:
         """Count one connection, or raise 429 if it would pass a limit. Returns the release
         function (safe to call more than once)."""
         address = address or "-"
         checks = []
         if self.per_token:
-            checks.append(("token", "t:" + token_key, self.by_token, token_key, self.per_token,
-                           f"this token already holds {self.per_token} connections"))
+            checks.append(
+                (
+                    "token",
+                    "t:" + token_key,
+                    self.by_token,
+                    token_key,
+                    self.per_token,
+                    f"this token already holds {self.per_token} connections",
+                )
+            )
         if self.per_ip:
-            checks.append(("ip", "i:" + address, self.by_ip, address, self.per_ip,
-                           f"this address already holds {self.per_ip} connections"))
+            checks.append(
+                (
+                    "ip",
+                    "i:" + address,
+                    self.by_ip,
+                    address,
+                    self.per_ip,
+                    f"this address already holds {self.per_ip} connections",
+                )
+            )
         taken: list[tuple[str, dict[str, int], str, bool]] = []
         try:
             for which, lease, counts, key, limit, detail in checks:
@@ -140,8 +165,7 @@ class ConnectionLimits:
             return None
         try:
             live = self._live()
-            answer = self._admit(keys=[f"{self.ns}:limit:{lease}"],
-                                 args=[self.process_id, limit, own, *live])
+            answer = self._admit(keys=[f"{self.ns}:limit:{lease}"], args=[self.process_id, limit, own, *live])
         except Exception as exc:  # noqa: BLE001 - fall back to counting in this process
             if self.fleet:
                 log.warning("connection limits: redis unreachable (%s); counting per process", exc)
@@ -153,8 +177,7 @@ class ConnectionLimits:
 
     def _live(self) -> list[str]:
         assert self.redis is not None
-        live = [p.decode() for p in self.redis.zrangebyscore(f"{self.ns}:limit-procs",
-                                                             time.time(), "+inf")]
+        live = [p.decode() for p in self.redis.zrangebyscore(f"{self.ns}:limit-procs", time.time(), "+inf")]
         return live if self.process_id in live else [*live, self.process_id]
 
     def _give_back(self, lease: str, counts: dict[str, int], key: str, in_redis: bool) -> None:
@@ -192,8 +215,7 @@ class ConnectionLimits:
             dirty, self._dirty = self._dirty, set()
             for lease in dirty:
                 kind, _, key = lease.partition(":")
-                self._write_count(pipe, lease, (self.by_token if kind == "t" else self.by_ip
-                                                ).get(key, 0))
+                self._write_count(pipe, lease, (self.by_token if kind == "t" else self.by_ip).get(key, 0))
             try:
                 pipe.execute()
             except Exception:
@@ -204,8 +226,13 @@ class ConnectionLimits:
     def _refuse(self, which: str, detail: str, limit: int) -> None:
         if self.refused is not None:
             self.refused.labels(which).inc()
-        raise Problem(429, "too-many-connections", detail + "; close one first",
-                      headers={"Retry-After": "10"}, limit=limit)
+        raise Problem(
+            429,
+            "too-many-connections",
+            detail + "; close one first",
+            headers={"Retry-After": "10"},
+            limit=limit,
+        )
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:

@@ -14,6 +14,7 @@ Without Redis a revocation cannot reach the fleet at once, so it is refused (503
 silently partial (it is kept in the ledger all the same, and every process loads it within
 `reload_s`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,25 +47,38 @@ class Revocations:
     """Revoked jtis and subjects, in memory for every token check, shared through Redis and
     kept in the ledger."""
 
-    def __init__(self, redis: Any, *, namespace: str, keep_s: float = 86400.0,
-                 reload_s: float = 10.0, ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        namespace: str,
+        keep_s: float = 86400.0,
+        reload_s: float = 10.0,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.redis = redis
         self.ns = namespace
         self.keep_s = keep_s
         self.reload_s = reload_s
         self.ledger = ledger
-        self.jtis: dict[str, float] = {}       # jti -> remembered until (unix time)
-        self.subjects: dict[str, float] = {}   # sub -> tokens issued at or before this are out
+        self.jtis: dict[str, float] = {}  # jti -> remembered until (unix time)
+        self.subjects: dict[str, float] = {}  # sub -> tokens issued at or before this are out
         self.listeners: list[RevokeListener] = []
-        self.ready = False                     # loaded once from the ledger (or Redis, alone)
+        self.ready = False  # loaded once from the ledger (or Redis, alone)
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> Revocations:
         self._reload_quietly()
         self._greenlets = [
-            gevent.spawn(subscribe_forever, self.redis, f"{self.ns}:revocations", self._message,
-                         on_up=self._reload_quietly),
-            gevent.spawn(self._reload_forever)]
+            gevent.spawn(
+                subscribe_forever,
+                self.redis,
+                f"{self.ns}:revocations",
+                self._message,
+                on_up=self._reload_quietly,
+            ),
+            gevent.spawn(self._reload_forever),
+        ]
         return self
 
     def stop(self) -> None:
@@ -74,8 +88,11 @@ class Revocations:
     def revoked(self, jti: Any, subject: str, issued_at: Any) -> bool:
         """Is a token with these claims revoked? (no I/O; 503 until the tables are loaded)"""
         if not self.ready:
-            raise Unavailable("revocations are not loaded yet, so no token can be checked",
-                              retry_after=2, slug="revocations-unavailable")
+            raise Unavailable(
+                "revocations are not loaded yet, so no token can be checked",
+                retry_after=2,
+                slug="revocations-unavailable",
+            )
         if isinstance(jti, str) and jti in self.jtis:
             return True
         cut = self.subjects.get(subject)
@@ -99,18 +116,23 @@ class Revocations:
             try:
                 self.ledger.record(kind, value, stored)
             except Exception as exc:
-                raise Unavailable("revocations need the database, which is unreachable",
-                                  retry_after=2, slug="database-unavailable") from exc
+                raise Unavailable(
+                    "revocations need the database, which is unreachable",
+                    retry_after=2,
+                    slug="database-unavailable",
+                ) from exc
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(field, value, repr(stored))
-                pipe.publish(f"{self.ns}:revocations",
-                             orjson.dumps({"kind": kind, "value": value, "at": stored}))
+                pipe.publish(
+                    f"{self.ns}:revocations", orjson.dumps({"kind": kind, "value": value, "at": stored})
+                )
                 pipe.execute()
         except Exception as exc:
             self._apply(kind, value, stored)  # kept: here now, everywhere at the next reload
-            raise Unavailable("revocations need Redis, which is unreachable", retry_after=2,
-                              slug="redis-unavailable") from exc
+            raise Unavailable(
+                "revocations need Redis, which is unreachable", retry_after=2, slug="redis-unavailable"
+            ) from exc
         self._apply(kind, value, stored)
         return now
 
@@ -187,8 +209,12 @@ class Revocations:
 
     def _write_back(self, in_redis: set[tuple[str, str]]) -> None:
         """Give a Redis that lost its hashes (restarted without persistence) what it lacks."""
-        missing = [(kind, value, at) for kind, table in (("jti", self.jtis), ("sub", self.subjects))
-                   for value, at in table.items() if (kind, value) not in in_redis]
+        missing = [
+            (kind, value, at)
+            for kind, table in (("jti", self.jtis), ("sub", self.subjects))
+            for value, at in table.items()
+            if (kind, value) not in in_redis
+        ]
         if not missing:
             return
         try:
@@ -203,8 +229,11 @@ class Revocations:
         try:
             self.load()  # announcements may have been missed while the subscription was down
         except Exception as exc:  # noqa: BLE001 - the next round tries again
-            log.warning("revocations: could not load (%s)%s", exc,
-                        "" if self.ready else "; tokens are refused (503) until they load")
+            log.warning(
+                "revocations: could not load (%s)%s",
+                exc,
+                "" if self.ready else "; tokens are refused (503) until they load",
+            )
 
     def _reload_forever(self) -> None:
         while True:

@@ -9,6 +9,7 @@ verify. Its `publish` and `subscribe` claims are lists of stream patterns, compi
 token into `auth.grants.Grants`, so a permission is decided once, not per event. Verified tokens
 are cached until they expire.
 """
+
 from __future__ import annotations
 
 import base64
@@ -77,9 +78,16 @@ class Principal:
 class TokenVerifier:
     """Verifies tokens against the configured keys; single-use tokens are checked in Redis."""
 
-    def __init__(self, keys: dict[str, str], *, public_keys: dict[str, str] | None = None,
-                 leeway_s: float = 5.0, redis: Any = None, cache_size: int = 10000,
-                 revocations: Revocations | None = None) -> None:
+    def __init__(
+        self,
+        keys: dict[str, str],
+        *,
+        public_keys: dict[str, str] | None = None,
+        leeway_s: float = 5.0,
+        redis: Any = None,
+        cache_size: int = 10000,
+        revocations: Revocations | None = None,
+    ) -> None:
         self.revocations = revocations
         public_keys = public_keys or {}
         if not keys and not public_keys:
@@ -88,8 +96,7 @@ class TokenVerifier:
         if clash:
             raise ValueError(f"key id used twice: {sorted(clash)[0]}")
         # kid -> (key, the one algorithm it verifies)
-        self.keys: dict[str, tuple[Any, str]] = {kid: (secret, "HS256")
-                                                 for kid, secret in keys.items()}
+        self.keys: dict[str, tuple[Any, str]] = {kid: (secret, "HS256") for kid, secret in keys.items()}
         for kid, pem in public_keys.items():
             self.keys[kid] = load_public_key(pem)
         self.algorithms = {alg for _, alg in self.keys.values()}
@@ -116,7 +123,8 @@ class TokenVerifier:
 
     def _check_revoked(self, principal: Principal) -> None:
         if self.revocations is not None and self.revocations.revoked(
-                principal.claims.get("jti"), principal.subject, principal.claims.get("iat")):
+            principal.claims.get("jti"), principal.subject, principal.claims.get("iat")
+        ):
             raise unauthorized("token has been revoked")
 
     def _decode(self, token: str) -> Principal:
@@ -131,8 +139,10 @@ class TokenVerifier:
         if not isinstance(alg, str) or not (kid is None or isinstance(kid, str)):
             raise unauthorized("token header: `alg` and `kid` must be strings")
         if alg not in self.algorithms:
-            raise unauthorized(f"token algorithm `{alg}` is not accepted here "
-                               f"(accepted: {', '.join(sorted(self.algorithms))})")
+            raise unauthorized(
+                f"token algorithm `{alg}` is not accepted here "
+                f"(accepted: {', '.join(sorted(self.algorithms))})"
+            )
         if kid is not None:
             if kid not in self.keys:
                 raise unauthorized("token is signed with an unknown key (kid)")
@@ -146,8 +156,13 @@ class TokenVerifier:
         error: jwt.PyJWTError | None = None
         for key, key_alg in candidates:
             try:
-                claims = jwt.decode(token, key, algorithms=[key_alg], leeway=self.leeway_s,
-                                    options={"require": ["exp", "sub"]})
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[key_alg],
+                    leeway=self.leeway_s,
+                    options={"require": ["exp", "sub"]},
+                )
                 break
             except jwt.InvalidSignatureError as exc:
                 error = exc
@@ -165,14 +180,20 @@ class TokenVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 200 or "\x00" in sub:
             raise unauthorized("token `sub` must be a non-empty string of at most 200 characters")
-        return Principal(sub, self._grants(claims, "publish"), self._grants(claims, "subscribe"),
-                         float(claims["exp"]), claims)
+        return Principal(
+            sub,
+            self._grants(claims, "publish"),
+            self._grants(claims, "subscribe"),
+            float(claims["exp"]),
+            claims,
+        )
 
     @staticmethod
     def _grants(claims: dict[str, Any], name: str) -> Grants:
         patterns = claims.get(name, [])
         if not isinstance(patterns, list) or not all(
-                isinstance(p, str) and PATTERN_RE.fullmatch(p) for p in patterns):
+            isinstance(p, str) and PATTERN_RE.fullmatch(p) for p in patterns
+        ):
             raise unauthorized(f"token `{name}` must be a list of stream patterns")
         try:
             return Grants(patterns)
@@ -188,11 +209,11 @@ class TokenVerifier:
             raise Unavailable("single-use tokens need Redis", slug="redis-unavailable")
         redis_key = JTI_KEY.format(principal.subject + "\x00" + jti)
         try:
-            fresh = self.redis.set(redis_key, b"1", nx=True,
-                                   exat=int(principal.expires_at + self.leeway_s) + 1)
+            fresh = self.redis.set(
+                redis_key, b"1", nx=True, exat=int(principal.expires_at + self.leeway_s) + 1
+            )
         except Exception as exc:
-            raise Unavailable("cannot check a single-use token right now",
-                              slug="redis-unavailable") from exc
+            raise Unavailable("cannot check a single-use token right now", slug="redis-unavailable") from exc
         if not fresh:
             raise unauthorized("single-use token was already used")
         ledger = self.revocations.ledger if self.revocations is not None else None
@@ -206,16 +227,31 @@ class TokenVerifier:
                 self.redis.delete(redis_key)
             except Exception:  # noqa: BLE001 - it stays refused: closed, not open
                 pass
-            raise Unavailable("cannot check a single-use token right now",
-                              slug="database-unavailable") from exc
+            raise Unavailable(
+                "cannot check a single-use token right now", slug="database-unavailable"
+            ) from exc
         if not fresh:
             raise unauthorized("single-use token was already used")
 
 
-def mint(key: str, subject: str, *, publish: Sequence[str] = (), subscribe: Sequence[str] = (),
-         ttl_s: float = 3600, kid: str | None = None, **claims: Any) -> str:
+def mint(
+    key: str,
+    subject: str,
+    *,
+    publish: Sequence[str] = (),
+    subscribe: Sequence[str] = (),
+    ttl_s: float = 3600,
+    kid: str | None = None,
+    **claims: Any,
+) -> str:
     """Make a token (for the dev banner, tests and origins written in Python)."""
     now = int(time.time())
-    payload = {"sub": subject, "iat": now, "exp": now + int(ttl_s), "publish": list(publish),
-               "subscribe": list(subscribe), **claims}
+    payload = {
+        "sub": subject,
+        "iat": now,
+        "exp": now + int(ttl_s),
+        "publish": list(publish),
+        "subscribe": list(subscribe),
+        **claims,
+    }
     return jwt.encode(payload, key, algorithm="HS256", headers={"kid": kid} if kid else None)

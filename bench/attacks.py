@@ -7,6 +7,7 @@ anonymous subscribers), then runs every attack class for about `--seconds` while
 `/healthz` every 20 ms. Prints, per class, what the attack was answered and the worst and
 median `/healthz` latency measured under it. Loopback only, bounded in count and time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,9 +87,15 @@ def raw(port: int, payload: bytes, read: bool = True, timeout: float = 5.0) -> b
         return got
 
 
-ATTACK_ENV = {"MERCURE_ANONYMOUS": "1", "MERCURE_PUBLISHER_JWT_KEY": PUB,
-              "MERCURE_SUBSCRIBER_JWT_KEY": SUB, "MERCURE_PUBLISH_ORIGINS": "https://app.example",
-              "HEADER_TIMEOUT_S": "2", "BODY_TIMEOUT_S": "3", "REQUEST_LOG": "off"}
+ATTACK_ENV = {
+    "MERCURE_ANONYMOUS": "1",
+    "MERCURE_PUBLISHER_JWT_KEY": PUB,
+    "MERCURE_SUBSCRIBER_JWT_KEY": SUB,
+    "MERCURE_PUBLISH_ORIGINS": "https://app.example",
+    "HEADER_TIMEOUT_S": "2",
+    "BODY_TIMEOUT_S": "3",
+    "REQUEST_LOG": "off",
+}
 Row = tuple[str, str, list[float]]
 
 
@@ -104,10 +111,12 @@ def run_all(url: str, port: int, secret: str, seconds: float) -> tuple[list[Row]
     from mercure.selectors import MAX_EXPRESSIONS
 
     a = argparse.Namespace(seconds=seconds)
-    admin = {"Authorization": "Bearer " + mint(secret, "admin", publish=["**"],
-                                                subscribe=["**"], revoke=True)}
-    publisher = {"Authorization": "Bearer " + jwt.encode({"mercure": {"publish": ["*"]}}, PUB,
-                                                         algorithm="HS256")}
+    admin = {
+        "Authorization": "Bearer " + mint(secret, "admin", publish=["**"], subscribe=["**"], revoke=True)
+    }
+    publisher = {
+        "Authorization": "Bearer " + jwt.encode({"mercure": {"publish": ["*"]}}, PUB, algorithm="HS256")
+    }
     s = requests.Session()
     s.put(url + "/api/v1/streams/user/42/x", headers=admin).raise_for_status()
     probe = Probe(url)
@@ -128,8 +137,11 @@ def run_all(url: str, port: int, secret: str, seconds: float) -> tuple[list[Row]
 
     def stream(path: str, headers: dict | None = None) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}",
-                 *[f"{k}: {v}" for k, v in (headers or {}).items()]]
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            *[f"{k}: {v}" for k, v in (headers or {}).items()],
+        ]
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         sock.recv(4096)
         return sock
@@ -138,24 +150,47 @@ def run_all(url: str, port: int, secret: str, seconds: float) -> tuple[list[Row]
     def templates() -> str:
         held = stream("/.well-known/mercure?topic=" + "%7B%2Ba%7D" * MAX_EXPRESSIONS + "%3F")
         try:
-            return repeat(lambda: s.post(url + "/.well-known/mercure", headers=publisher, data={
-                "topic": "a" * 2000, "data": "x"}).status_code)
+            return repeat(
+                lambda: (
+                    s.post(
+                        url + "/.well-known/mercure",
+                        headers=publisher,
+                        data={"topic": "a" * 2000, "data": "x"},
+                    ).status_code
+                )
+            )
         finally:
             held.close()
+
     run(f"URI template, {MAX_EXPRESSIONS} `{{+a}}` (the bound), each publish matched", templates)
-    run(f"URI template, {MAX_EXPRESSIONS + 1} expressions", lambda: repeat(lambda: s.get(
-        url + "/.well-known/mercure", params={"topic": "{+a}" * (MAX_EXPRESSIONS + 1)}
-    ).status_code))
+    run(
+        f"URI template, {MAX_EXPRESSIONS + 1} expressions",
+        lambda: repeat(
+            lambda: (
+                s.get(
+                    url + "/.well-known/mercure", params={"topic": "{+a}" * (MAX_EXPRESSIONS + 1)}
+                ).status_code
+            )
+        ),
+    )
 
     def patterns() -> str:
         tok = mint(secret, "u", subscribe=["user/42/**"])
         pattern = "user/42/" + "*a" * (MAX_WILDCARDS - 1) + "*b"
         held = stream(f"/api/v1/sse?stream={pattern}", {"Authorization": f"Bearer {tok}"})
         try:
-            return repeat(lambda: s.post(url + "/api/v1/events", headers=admin, json={
-                "stream": "user/42/" + "a" * 190, "data": 1}).status_code)
+            return repeat(
+                lambda: (
+                    s.post(
+                        url + "/api/v1/events",
+                        headers=admin,
+                        json={"stream": "user/42/" + "a" * 190, "data": 1},
+                    ).status_code
+                )
+            )
         finally:
             held.close()
+
     run(f"stream pattern `*a…*b`, {MAX_WILDCARDS} wildcards, each publish matched", patterns)
 
     # 3. revocation racing admission
@@ -165,10 +200,10 @@ def run_all(url: str, port: int, secret: str, seconds: float) -> tuple[list[Row]
 
         def open_one(t: str) -> None:
             try:
-                socks.append(stream("/api/v1/sse?stream=user/42/x",
-                                    {"Authorization": f"Bearer {t}"}))
+                socks.append(stream("/api/v1/sse?stream=user/42/x", {"Authorization": f"Bearer {t}"}))
             except OSError:
                 pass
+
         threads = [threading.Thread(target=open_one, args=(t,)) for t in toks]
         for n, t in enumerate(threads):
             t.start()
@@ -187,16 +222,26 @@ def run_all(url: str, port: int, secret: str, seconds: float) -> tuple[list[Row]
                 pass
             sock.close()
         return f"300 opens, {alive} delivered after the revocation"
+
     run("300 SSE opens racing a `jti` revocation", race)
 
-    run("cookie publish from `Origin: https://evil.example`", lambda: repeat(lambda: s.post(
-        url + "/.well-known/mercure", data={"topic": "t", "data": "x"},
-        cookies={"mercureAuthorization": publisher["Authorization"][7:]},
-        headers={"Origin": "https://evil.example"}).status_code))
+    run(
+        "cookie publish from `Origin: https://evil.example`",
+        lambda: repeat(
+            lambda: (
+                s.post(
+                    url + "/.well-known/mercure",
+                    data={"topic": "t", "data": "x"},
+                    cookies={"mercureAuthorization": publisher["Authorization"][7:]},
+                    headers={"Origin": "https://evil.example"},
+                ).status_code
+            )
+        ),
+    )
+
     def stats_view() -> str:
         nobody = "Bearer " + mint(secret, "nobody", subscribe=[])
-        with s.get(url + "/api/v1/stats", stream=True, timeout=10,
-                   headers={"Authorization": nobody}) as r:
+        with s.get(url + "/api/v1/stats", stream=True, timeout=10, headers={"Authorization": nobody}) as r:
             text = b""
             for chunk in r.iter_content(1024):
                 text += chunk
@@ -204,39 +249,86 @@ def run_all(url: str, port: int, secret: str, seconds: float) -> tuple[list[Row]
                     break
         shown = any(k in text for k in (b"process_list", b"deliveries", b"b/big"))
         return f"{r.status_code}; hosts, pids or fleet numbers shown: {shown}"
+
     run("stats with a token that may subscribe to nothing", stats_view)
-    spelled = [admin["Authorization"] + "=",
-               "Bearer " + jws({"alg": ["HS256"]}, {"sub": "x", "exp": time.time() + 60}, secret),
-               "Bearer " + jws({"alg": "HS256"}, {"sub": "u-\ud800", "exp": time.time() + 60},
-                               secret)]
-    run("padded token, JOSE `alg` list, lone-surrogate `sub`", lambda: repeat(lambda: s.post(
-        url + "/api/v1/events", json={"stream": "t/1", "data": 1},
-        headers={"Authorization": spelled[int(time.monotonic() * 10) % 3]}).status_code))
-    run("`limit=²`, `data` 600 levels deep", lambda: repeat(lambda: (s.get(
-        url + "/api/v1/events", params={"clientId": "x", "limit": "²"}, headers=admin).status_code
-        if int(time.monotonic() * 10) % 2 else s.post(
-            url + "/api/v1/events", headers={**admin, "Content-Type": "application/json"},
-            data=b'{"stream":"t/1","data":' + b"[" * 600 + b"]" * 600 + b"}").status_code)))
+    spelled = [
+        admin["Authorization"] + "=",
+        "Bearer " + jws({"alg": ["HS256"]}, {"sub": "x", "exp": time.time() + 60}, secret),
+        "Bearer " + jws({"alg": "HS256"}, {"sub": "u-\ud800", "exp": time.time() + 60}, secret),
+    ]
+    run(
+        "padded token, JOSE `alg` list, lone-surrogate `sub`",
+        lambda: repeat(
+            lambda: (
+                s.post(
+                    url + "/api/v1/events",
+                    json={"stream": "t/1", "data": 1},
+                    headers={"Authorization": spelled[int(time.monotonic() * 10) % 3]},
+                ).status_code
+            )
+        ),
+    )
+    run(
+        "`limit=²`, `data` 600 levels deep",
+        lambda: repeat(
+            lambda: (
+                s.get(
+                    url + "/api/v1/events", params={"clientId": "x", "limit": "²"}, headers=admin
+                ).status_code
+                if int(time.monotonic() * 10) % 2
+                else s.post(
+                    url + "/api/v1/events",
+                    headers={**admin, "Content-Type": "application/json"},
+                    data=b'{"stream":"t/1","data":' + b"[" * 600 + b"]" * 600 + b"}",
+                ).status_code
+            )
+        ),
+    )
 
-    smuggles = [b"Content-Length: 0\r\nContent-Length: 40\r\n", b"Transfer-Encoding : chunked\r\n",
-                b"Transfer-Encoding: gzip, chunked\r\n", b"Content-Length: 1_0\r\n",
-                b"X: a\r\n Transfer-Encoding: chunked\r\n"]
-    run("request smuggling shapes (5 kinds)", lambda: repeat(lambda: int(raw(port, (
-        b"POST /healthz HTTP/1.1\r\nHost: x\r\n" + smuggles[int(time.monotonic() * 10) % 5]
-        + b"\r\n" + b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"))[9:12] or 0)))
+    smuggles = [
+        b"Content-Length: 0\r\nContent-Length: 40\r\n",
+        b"Transfer-Encoding : chunked\r\n",
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Content-Length: 1_0\r\n",
+        b"X: a\r\n Transfer-Encoding: chunked\r\n",
+    ]
+    run(
+        "request smuggling shapes (5 kinds)",
+        lambda: repeat(
+            lambda: int(
+                raw(
+                    port,
+                    (
+                        b"POST /healthz HTTP/1.1\r\nHost: x\r\n"
+                        + smuggles[int(time.monotonic() * 10) % 5]
+                        + b"\r\n"
+                        + b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"
+                    ),
+                )[9:12]
+                or 0
+            )
+        ),
+    )
 
-    s.post(url + "/.well-known/mercure", headers=publisher,
-           data={"topic": "x", "data": "1", "id": "price-€"})
-    run("Mercure resume with a non-ASCII id", lambda: repeat(lambda: (lambda sock: (
-        sock.close(), 200)[1])(stream("/.well-known/mercure?topic=x&lastEventID=price-%E2%82%AC"))))
+    s.post(url + "/.well-known/mercure", headers=publisher, data={"topic": "x", "data": "1", "id": "price-€"})
+    run(
+        "Mercure resume with a non-ASCII id",
+        lambda: repeat(
+            lambda: (lambda sock: (sock.close(), 200)[1])(
+                stream("/.well-known/mercure?topic=x&lastEventID=price-%E2%82%AC")
+            )
+        ),
+    )
 
     def slow_bodies() -> str:
         socks = []
         for n in range(16):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
-                         if n % 2 else b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Length: 100\r\n\r\n{")
+            sock.sendall(
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                if n % 2
+                else b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+            )
             socks.append(sock)
         time.sleep(a.seconds + 3)  # BODY_TIMEOUT_S=3
         still = 0
@@ -249,12 +341,16 @@ def run_all(url: str, port: int, secret: str, seconds: float) -> tuple[list[Row]
                 still += 1  # no EOF: the server still holds it
             sock.close()
         return f"16 connections, {still} still open after {a.seconds + 3:.0f} s"
+
     run("missing and trickled bodies", slow_bodies)
 
     def big_client() -> str:
         for _ in range(50):
-            s.post(url + "/api/v1/events", headers=admin, json=[
-                {"stream": "b/big", "data": n} for n in range(1000)])
+            s.post(
+                url + "/api/v1/events",
+                headers=admin,
+                json=[{"stream": "b/big", "data": n} for n in range(1000)],
+            )
         reader = {"Authorization": "Bearer " + mint(secret, "r", subscribe=["a/**"])}
         took = []
         for _ in range(20):
@@ -262,6 +358,7 @@ def run_all(url: str, port: int, secret: str, seconds: float) -> tuple[list[Row]
             s.get(url + "/api/v1/events", params={"clientId": "admin"}, headers=reader)
             took.append(time.perf_counter() - began)
         return f"50,000 events elsewhere; read p50 {statistics.median(took) * 1000:.1f} ms"
+
     run("read by another client's id within a grant", big_client)
 
     probe.stop()
@@ -281,19 +378,24 @@ def main() -> None:
     rd = EmbeddedRedis(work / "redis").start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg.url,
-           "REDIS_URL": rd.url, "SLUICE_SECRET": SECRET, "SLUICE_DATA_DIR": str(work / "data"),
-           **ATTACK_ENV}
-    server = Proc([sys.executable, str(ROOT / "app.py")], env, work / "sluice.log",
-                  url + "/healthz")
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "DATABASE_URL": pg.url,
+        "REDIS_URL": rd.url,
+        "SLUICE_SECRET": SECRET,
+        "SLUICE_DATA_DIR": str(work / "data"),
+        **ATTACK_ENV,
+    }
+    server = Proc([sys.executable, str(ROOT / "app.py")], env, work / "sluice.log", url + "/healthz")
     try:
         rows, failures = run_all(url, port, SECRET, a.seconds)
     finally:
         server.stop()
         rd.stop()
         pg.stop()
-    print(f"\nSluice {url}, /healthz every 20 ms, ~{a.seconds:g} s per class; probe failures: "
-          f"{failures}\n")
+    print(f"\nSluice {url}, /healthz every 20 ms, ~{a.seconds:g} s per class; probe failures: {failures}\n")
     print("| attack | answered | /healthz worst | /healthz p50 | probes |")
     print("|---|---|---:|---:|---:|")
     for name, answered, lat in rows:

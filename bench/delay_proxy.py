@@ -4,6 +4,7 @@ Puts the database "N ms away" for the benchmark without root network tricks: the
 connects to the proxy, the proxy to Postgres. Order within a connection is preserved.
 Run: python bench/delay_proxy.py LISTEN_PORT TARGET_PORT DELAY_MS
 """
+
 from gevent import monkey
 
 monkey.patch_all()
@@ -66,8 +67,7 @@ def main() -> None:
         upstream.close()
 
     server = StreamServer(("127.0.0.1", listen_port), handle)
-    print(f"delay proxy 127.0.0.1:{listen_port} -> {target_port} (+{delay_ms} ms each way)",
-          flush=True)
+    print(f"delay proxy 127.0.0.1:{listen_port} -> {target_port} (+{delay_ms} ms each way)", flush=True)
     server.serve_forever()
 
 

@@ -4,6 +4,7 @@ Its own process, so its CPU is not the server's. Every connection counts the eve
 a sample of connections (--sample) also reads each event's publish timestamp for latency.
 Prints one JSON line. Loopback only; stops by itself after --seconds.
 """
+
 from gevent import monkey
 
 monkey.patch_all()
@@ -32,8 +33,10 @@ def sse_subscriber(host: str, port: int, path: str, token: str, sample: bool, re
     while True:
         try:
             sock = socket.create_connection((host, port), timeout=60)
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}"
-                         "\r\nAccept: text/event-stream\r\n\r\n".encode())
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}"
+                "\r\nAccept: text/event-stream\r\n\r\n".encode()
+            )
             buf = b""
             while b"\n\n" not in buf.partition(b"\r\n\r\n")[2]:
                 more = sock.recv(65536)
@@ -113,19 +116,25 @@ def publish_request(url: str, stream: str, token: str, batch: int, door: str):
     pad = "x" * 150
     now = time.time()
     if door == "mercure":
-        form = urllib.parse.urlencode({"topic": stream, "type": "message",
-                                       "data": json.dumps({"t": now, "p": pad})})
-        return urllib.request.Request(f"{url}/.well-known/mercure", data=form.encode(), headers={
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/x-www-form-urlencoded"})
+        form = urllib.parse.urlencode(
+            {"topic": stream, "type": "message", "data": json.dumps({"t": now, "p": pad})}
+        )
+        return urllib.request.Request(
+            f"{url}/.well-known/mercure",
+            data=form.encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-www-form-urlencoded"},
+        )
     body = [{"stream": stream, "data": {"t": now, "p": pad}} for _ in range(batch)]
-    return urllib.request.Request(f"{url}/api/v1/events", data=json.dumps(body).encode(),
-                                  headers={"Authorization": f"Bearer {token}",
-                                           "Content-Type": "application/json"})
+    return urllib.request.Request(
+        f"{url}/api/v1/events",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
 
 
-def publisher(url: str, stream: str, token: str, rate: float, seconds: float, batch: int,
-              door: str = "native") -> int:
+def publisher(
+    url: str, stream: str, token: str, rate: float, seconds: float, batch: int, door: str = "native"
+) -> int:
     sent = 0
     start = time.monotonic()
     if door == "mercure":
@@ -155,16 +164,23 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--sample", type=int, default=50, help="connections that measure latency")
     ap.add_argument("--connect-only", action="store_true")
-    ap.add_argument("--door", choices=["native", "mercure"], default="native",
-                    help="subscribe and publish through /api/v1 or /.well-known/mercure (SSE)")
-    ap.add_argument("--mercure-token", default="",
-                    help="with --door mercure: the token for both (its key is the hub's)")
-    ap.add_argument("--publish-only", action="store_true",
-                    help="(internal) be the publisher process and print how many were sent")
+    ap.add_argument(
+        "--door",
+        choices=["native", "mercure"],
+        default="native",
+        help="subscribe and publish through /api/v1 or /.well-known/mercure (SSE)",
+    )
+    ap.add_argument(
+        "--mercure-token", default="", help="with --door mercure: the token for both (its key is the hub's)"
+    )
+    ap.add_argument(
+        "--publish-only",
+        action="store_true",
+        help="(internal) be the publisher process and print how many were sent",
+    )
     args = ap.parse_args()
     if args.publish_only:
-        print(publisher(args.url, args.stream, args.token, args.rate, args.seconds, args.batch,
-                        args.door))
+        print(publisher(args.url, args.stream, args.token, args.rate, args.seconds, args.batch, args.door))
         return
     host, port = args.url.split("//")[1].rsplit(":", 1)
     if host not in ("127.0.0.1", "localhost"):
@@ -181,19 +197,34 @@ def main() -> None:
     every = max(1, args.subscribers // max(1, args.sample))
     for i in range(args.subscribers):
         if args.door == "mercure":
-            gevent.spawn(sse_subscriber, host, int(port),
-                         f"/.well-known/mercure?topic={args.stream}", args.mercure_token,
-                         i % every == 0, ready)
+            gevent.spawn(
+                sse_subscriber,
+                host,
+                int(port),
+                f"/.well-known/mercure?topic={args.stream}",
+                args.mercure_token,
+                i % every == 0,
+                ready,
+            )
         elif args.mode == "sse":
-            gevent.spawn(sse_subscriber, host, int(port),
-                         f"/api/v1/sse?stream={args.stream}", args.token, i % every == 0, ready)
+            gevent.spawn(
+                sse_subscriber,
+                host,
+                int(port),
+                f"/api/v1/sse?stream={args.stream}",
+                args.token,
+                i % every == 0,
+                ready,
+            )
         else:
             gevent.spawn(poll_subscriber, args.url, args.stream, args.token, i % every == 0, ready)
         if i % 200 == 199:
             gevent.sleep(0.01)
     ready_event.wait(timeout=120)
-    print(json.dumps({"step": "connected", "connected": state["connected"],
-                      "errors": state["errors"]}), flush=True)
+    print(
+        json.dumps({"step": "connected", "connected": state["connected"], "errors": state["errors"]}),
+        flush=True,
+    )
     if args.connect_only:
         gevent.sleep(args.seconds)
         return
@@ -205,11 +236,30 @@ def main() -> None:
     started = time.monotonic()
     # The publisher is its own process, so a busy reader loop here cannot slow its pace.
     pub_token = args.mercure_token if args.door == "mercure" else args.token
-    pub = subprocess.run([sys.executable, __file__, "--publish-only", "--url", args.url,
-                          "--token", pub_token, "--stream", args.stream, "--rate", str(args.rate),
-                          "--seconds", str(args.seconds), "--batch", str(args.batch),
-                          "--door", args.door],
-                         capture_output=True, text=True, timeout=args.seconds + 60)
+    pub = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--publish-only",
+            "--url",
+            args.url,
+            "--token",
+            pub_token,
+            "--stream",
+            args.stream,
+            "--rate",
+            str(args.rate),
+            "--seconds",
+            str(args.seconds),
+            "--batch",
+            str(args.batch),
+            "--door",
+            args.door,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.seconds + 60,
+    )
     sent = int(pub.stdout.strip() or 0)
     gevent.sleep(2)  # let deliveries in flight arrive
     elapsed = time.monotonic() - started
@@ -218,16 +268,30 @@ def main() -> None:
     lat = sorted(state["latencies"])
     per = [mine[0] for mine in state["per"].values()]
     pick = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000) if lat else (lambda p: -1)
-    print(json.dumps({
-        "step": "done", "mode": args.mode, "subscribers": state["connected"], "published": sent,
-        "deliveries": state["events"], "expected": sent * state["connected"],
-        "deliveries_per_s": state["events"] / (elapsed - 2), "publish_s": elapsed - 2,
-        "per_connection_min_max": [min(per, default=0), max(per, default=0)],
-        "p50_ms": pick(0.5), "p99_ms": pick(0.99), "errors": state["errors"],
-        "reconnects_before_start": state["reconnects"],
-        "client_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-        + kids.ru_utime + kids.ru_stime,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "step": "done",
+                "mode": args.mode,
+                "subscribers": state["connected"],
+                "published": sent,
+                "deliveries": state["events"],
+                "expected": sent * state["connected"],
+                "deliveries_per_s": state["events"] / (elapsed - 2),
+                "publish_s": elapsed - 2,
+                "per_connection_min_max": [min(per, default=0), max(per, default=0)],
+                "p50_ms": pick(0.5),
+                "p99_ms": pick(0.99),
+                "errors": state["errors"],
+                "reconnects_before_start": state["reconnects"],
+                "client_cpu_s": (cpu1.ru_utime + cpu1.ru_stime)
+                - (cpu0.ru_utime + cpu0.ru_stime)
+                + kids.ru_utime
+                + kids.ru_stime,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

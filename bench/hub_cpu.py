@@ -8,6 +8,7 @@ event commits as the deliverer would. Reports user and kernel CPU (`getrusage`) 
 for each round; the peers are drained between rounds, not during them, so no reader competes
 for the CPU. Loopback only; stops by itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,10 +85,12 @@ def main() -> None:
             hub._deliver([[position, "bench", "message", DATA]])
         after, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         queued = sum(not sub.queue.empty() for sub in subs)
-        print(f"round {n}: user {(after.ru_utime - before.ru_utime) / deliveries * 1e6:.2f} µs, "
-              f"kernel {(after.ru_stime - before.ru_stime) / deliveries * 1e6:.2f} µs, "
-              f"wall {(t1 - t0) / deliveries * 1e6:.2f} µs per delivery "
-              f"({queued} subscribers had to queue)")
+        print(
+            f"round {n}: user {(after.ru_utime - before.ru_utime) / deliveries * 1e6:.2f} µs, "
+            f"kernel {(after.ru_stime - before.ru_stime) / deliveries * 1e6:.2f} µs, "
+            f"wall {(t1 - t0) / deliveries * 1e6:.2f} µs per delivery "
+            f"({queued} subscribers had to queue)"
+        )
     for sock in ours + peers:
         sock.close()
 

@@ -6,6 +6,7 @@ rate): each connection sends its next request as soon as the last is answered. K
 connections on raw sockets keep the client cheap. Prints one JSON line of results.
 Only loopback targets are accepted; the run stops by itself after --seconds.
 """
+
 from gevent import monkey
 
 monkey.patch_all()
@@ -22,8 +23,10 @@ import gevent  # noqa: E402
 
 
 def request_bytes(host: str, port: int, path: str, token: str, body: bytes) -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -99,9 +102,12 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0, help="requests/s (open loop); 0 = closed loop")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--warmup", type=float, default=1.0)
-    ap.add_argument("--realistic", action="store_true",
-                    help="seed 003's shape: every event keyed (random 32-hex), ~120-byte data, "
-                         "streams drawn from 1,000; NDJSON when several per request")
+    ap.add_argument(
+        "--realistic",
+        action="store_true",
+        help="seed 003's shape: every event keyed (random 32-hex), ~120-byte data, "
+        "streams drawn from 1,000; NDJSON when several per request",
+    )
     args = ap.parse_args()
 
     hostport = args.url.split("//", 1)[1].rstrip("/")
@@ -117,12 +123,22 @@ def main() -> None:
     payload = request_bytes(host, int(port), "/api/v1/events", args.token, body)
 
     def realistic_payload() -> bytes:
-        events = [json.dumps({"stream": f"s/{random.randrange(1000)}", "key": os.urandom(16).hex(),
-                              "data": {"payload": "x" * 100}}) for _ in range(n)]
+        events = [
+            json.dumps(
+                {
+                    "stream": f"s/{random.randrange(1000)}",
+                    "key": os.urandom(16).hex(),
+                    "data": {"payload": "x" * 100},
+                }
+            )
+            for _ in range(n)
+        ]
         if n == 1:
             return request_bytes(host, int(port), "/api/v1/events", args.token, events[0].encode())
-        head = (f"POST /api/v1/events HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer "
-                f"{args.token}\r\nContent-Type: application/x-ndjson\r\n")
+        head = (
+            f"POST /api/v1/events HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer "
+            f"{args.token}\r\nContent-Type: application/x-ndjson\r\n"
+        )
         body = "\n".join(events).encode()
         return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
@@ -161,22 +177,32 @@ def main() -> None:
                 gevent.sleep(0.01)
         conn.close()
 
-    gevent.joinall([gevent.spawn(worker, w) for w in range(args.connections)],
-                   timeout=args.seconds + args.warmup + 60)
+    gevent.joinall(
+        [gevent.spawn(worker, w) for w in range(args.connections)], timeout=args.seconds + args.warmup + 60
+    )
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
     errors = sum(v for k, v in statuses.items() if not 200 <= k < 300)
     lat = sorted(latencies)
     # Answers to requests due in the window may come after it: charge that time too.
     elapsed = max(args.seconds, last_done[0] - measure_from)
-    print(json.dumps({
-        "requests_ok": ok, "errors": errors, "statuses": {str(k): v for k, v in statuses.items()},
-        "events_per_s": ok * n / elapsed, "requests_per_s": ok / elapsed, "elapsed_s": elapsed,
-        "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
-        "max_ms": (lat[-1] * 1000) if lat else float("nan"),
-        "error_samples": error_samples,
-        "client_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
-    }))
+    print(
+        json.dumps(
+            {
+                "requests_ok": ok,
+                "errors": errors,
+                "statuses": {str(k): v for k, v in statuses.items()},
+                "events_per_s": ok * n / elapsed,
+                "requests_per_s": ok / elapsed,
+                "elapsed_s": elapsed,
+                "p50_ms": percentile(lat, 50) * 1000,
+                "p99_ms": percentile(lat, 99) * 1000,
+                "max_ms": (lat[-1] * 1000) if lat else float("nan"),
+                "error_samples": error_samples,
+                "client_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

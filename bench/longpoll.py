@@ -12,6 +12,7 @@ the per-request path). `LONGPOLL_MAX_RATE` is raised so that no answer is paced.
 CPU comes from `/proc` over the client's run. Prints a table of medians and ranges.
 Loopback only; every run stops by itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,10 +69,15 @@ def client(port: int, token: str, connections: int, seconds: float, warmup: floa
         buf = b""
         cursor, sid = "", ""
         while True:
-            query = f"stream={STREAM}&timeout=0" + (f"&cursor={cursor}" if cursor else "") + (
-                f"&sid={sid}" if sid else "")
-            sock.sendall(f"GET /api/v1/poll?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                         f"Authorization: Bearer {token}\r\n\r\n".encode())
+            query = (
+                f"stream={STREAM}&timeout=0"
+                + (f"&cursor={cursor}" if cursor else "")
+                + (f"&sid={sid}" if sid else "")
+            )
+            sock.sendall(
+                f"GET /api/v1/poll?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n".encode()
+            )
             while b"\r\n\r\n" not in buf:
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -106,8 +112,17 @@ def client(port: int, token: str, connections: int, seconds: float, warmup: floa
     elapsed = time.monotonic() - t0
     dead = sum(1 for w in workers if w.dead)
     gevent.killall(workers, timeout=2)
-    print(json.dumps({"answers": counts["answers"], "errors": counts["errors"] + dead,
-                      "all": counts["all"], "elapsed_s": elapsed}), flush=True)
+    print(
+        json.dumps(
+            {
+                "answers": counts["answers"],
+                "errors": counts["errors"] + dead,
+                "all": counts["all"],
+                "elapsed_s": elapsed,
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -149,23 +164,52 @@ def main() -> None:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 if extra is None:
-                    server = Proc([sys.executable, __file__, "--serve-floor", str(port)],
-                                  dict(os.environ), work / "floor.log", None, port)
+                    server = Proc(
+                        [sys.executable, __file__, "--serve-floor", str(port)],
+                        dict(os.environ),
+                        work / "floor.log",
+                        None,
+                        port,
+                    )
                 else:
-                    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1",
-                           "DATABASE_URL": pg.url, "REDIS_URL": rd.url, "SLUICE_SECRET": SECRET,
-                           "SLUICE_DATA_DIR": str(work / "data"), "LONGPOLL_MAX_RATE": "1000000",
-                           **extra}
-                    server = Proc([sys.executable, str(ROOT / "app.py")], env,
-                                  work / "sluice.log", url + "/healthz")
-                    requests.put(f"{url}/api/v1/streams/{STREAM}", timeout=10,
-                                 headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+                    env = {
+                        **os.environ,
+                        "PORT": str(port),
+                        "HOST": "127.0.0.1",
+                        "DATABASE_URL": pg.url,
+                        "REDIS_URL": rd.url,
+                        "SLUICE_SECRET": SECRET,
+                        "SLUICE_DATA_DIR": str(work / "data"),
+                        "LONGPOLL_MAX_RATE": "1000000",
+                        **extra,
+                    }
+                    server = Proc(
+                        [sys.executable, str(ROOT / "app.py")], env, work / "sluice.log", url + "/healthz"
+                    )
+                    requests.put(
+                        f"{url}/api/v1/streams/{STREAM}",
+                        timeout=10,
+                        headers={"Authorization": f"Bearer {token}"},
+                    ).raise_for_status()
                 try:
                     cpu0 = cpu_split(server.p.pid)
                     out = subprocess.run(
-                        [sys.executable, __file__, "--client", str(port), token,
-                         "--connections", str(a.connections), "--seconds", str(a.seconds)],
-                        capture_output=True, text=True, timeout=a.seconds + 60, check=True)
+                        [
+                            sys.executable,
+                            __file__,
+                            "--client",
+                            str(port),
+                            token,
+                            "--connections",
+                            str(a.connections),
+                            "--seconds",
+                            str(a.seconds),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=a.seconds + 60,
+                        check=True,
+                    )
                     cpu1 = cpu_split(server.p.pid)
                 finally:
                     server.stop()
@@ -185,18 +229,24 @@ def main() -> None:
     def med(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
 
-    print(f"\nLong-poll, {a.connections} connections, closed loop, timeout=0, "
-          f"{a.seconds:g} s x {a.rounds} rounds, alternated\n")
-    print("| server | answers/s (median, range) | server CPU µs/answer (median, range) | "
-          "of which user / kernel (medians) | errors |")
+    print(
+        f"\nLong-poll, {a.connections} connections, closed loop, timeout=0, "
+        f"{a.seconds:g} s x {a.rounds} rounds, alternated\n"
+    )
+    print(
+        "| server | answers/s (median, range) | server CPU µs/answer (median, range) | "
+        "of which user / kernel (medians) | errors |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, rows in results.items():
         rates = [r["per_s"] for r in rows]
         cpus = [r["cpu_us"] for r in rows]
-        print(f"| {name} | {med(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f}) | "
-              f"{med(cpus):.0f} ({min(cpus):.0f}–{max(cpus):.0f}) | "
-              f"{med([r['user_us'] for r in rows]):.0f} / {med([r['kernel_us'] for r in rows]):.0f} | "
-              f"{sum(r['errors'] for r in rows)} |")
+        print(
+            f"| {name} | {med(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f}) | "
+            f"{med(cpus):.0f} ({min(cpus):.0f}–{max(cpus):.0f}) | "
+            f"{med([r['user_us'] for r in rows]):.0f} / {med([r['kernel_us'] for r in rows]):.0f} | "
+            f"{sum(r['errors'] for r in rows)} |"
+        )
 
 
 if __name__ == "__main__":

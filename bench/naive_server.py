@@ -5,6 +5,7 @@ teams often write it by hand: every request borrows a pooled connection, inserts
 (ids from a bigserial) and commits on its own. No batching, no group commit.
 Run: DATABASE_URL=... SLUICE_SECRET=... PORT=... python bench/naive_server.py
 """
+
 from gevent import monkey
 
 monkey.patch_all()
@@ -43,8 +44,12 @@ class NaiveServices:
 
 
 def create_app() -> Flask:
-    pool = Pool(os.environ["DATABASE_URL"], int(os.environ.get("DB_POOL_SIZE", "4")),
-                timeout_s=10, application_name="naive")
+    pool = Pool(
+        os.environ["DATABASE_URL"],
+        int(os.environ.get("DB_POOL_SIZE", "4")),
+        timeout_s=10,
+        application_name="naive",
+    )
     with pool.connection() as conn, conn.cursor() as cur:
         cur.execute(SCHEMA)
     services = NaiveServices(pool, TokenVerifier({"default": os.environ["SLUICE_SECRET"]}))
@@ -57,15 +62,18 @@ def create_app() -> Flask:
         principal = authenticate()
         from flask import request
 
-        events = parse_body(read_body(1 << 20), request.content_type or "", max_events=1000,
-                            max_data_bytes=65536)
+        events = parse_body(
+            read_body(1 << 20), request.content_type or "", max_events=1000, max_data_bytes=65536
+        )
         ids = []
         with pool.connection() as conn, conn.cursor() as cur:
             cur.execute("BEGIN")
             for ev in events:
-                cur.execute("INSERT INTO naive_events (stream, type, data, client_id, key) "
-                            "VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                            (ev.stream, ev.type, ev.data, principal.subject, ev.key))
+                cur.execute(
+                    "INSERT INTO naive_events (stream, type, data, client_id, key) "
+                    "VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                    (ev.stream, ev.type, ev.data, principal.subject, ev.key),
+                )
                 ids.append(cur.fetchone()[0])
             cur.execute("COMMIT")
         return json_response({"events": [{"id": str(i)} for i in ids]}, 201)

@@ -10,6 +10,7 @@ over 1,000 streams. Reports events/s, p99, and CPU per event of the server and o
 backends (from /proc). Nothing else should run meanwhile: Postgres's CPU is read from every
 process of the `nobody` user named postgres. Loopback only; every run stops by itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,27 @@ def postgres_cpu() -> float:
 
 
 def load(url: str, token: str, seconds: float) -> dict:
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url,
-                          "--token", token, "--events-per-request", "1000", "--connections", "8",
-                          "--realistic", "--seconds", str(seconds)],
-                         capture_output=True, text=True, timeout=seconds + 120, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "loadgen.py"),
+            "--url",
+            url,
+            "--token",
+            token,
+            "--events-per-request",
+            "1000",
+            "--connections",
+            "8",
+            "--realistic",
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -52,12 +70,23 @@ def run(checkout: Path, workers: int, seconds: float, token: str) -> dict:
     rd = EmbeddedRedis(work / "redis").start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg.url,
-           "REDIS_URL": rd.url, "SLUICE_SECRET": SECRET, "DB_POOL_SIZE": str(4 // workers),
-           "SLUICE_DATA_DIR": str(work / "data"), "REQUEST_LOG": "off",
-           "WEB_CONCURRENCY": str(workers)}
-    cmd = ([sys.executable, "app.py"] if workers == 1 else
-           [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.py", "app:wsgi()"])
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "DATABASE_URL": pg.url,
+        "REDIS_URL": rd.url,
+        "SLUICE_SECRET": SECRET,
+        "DB_POOL_SIZE": str(4 // workers),
+        "SLUICE_DATA_DIR": str(work / "data"),
+        "REQUEST_LOG": "off",
+        "WEB_CONCURRENCY": str(workers),
+    }
+    cmd = (
+        [sys.executable, "app.py"]
+        if workers == 1
+        else [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.py", "app:wsgi()"]
+    )
     with open(work / "server.log", "wb") as log:
         server = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -83,8 +112,13 @@ def run(checkout: Path, workers: int, seconds: float, token: str) -> dict:
         rd.stop()
         pg.remove()
     events = res["events_per_s"] * res["elapsed_s"]
-    return {"events_per_s": res["events_per_s"], "p99_ms": res["p99_ms"], "errors": res["errors"],
-            "server_us": (cpu1 - cpu0) / events * 1e6, "pg_us": (pg1 - pg0) / events * 1e6}
+    return {
+        "events_per_s": res["events_per_s"],
+        "p99_ms": res["p99_ms"],
+        "errors": res["errors"],
+        "server_us": (cpu1 - cpu0) / events * 1e6,
+        "pg_us": (pg1 - pg0) / events * 1e6,
+    }
 
 
 def main() -> None:
@@ -102,20 +136,27 @@ def main() -> None:
             res = run(checkout, a.workers, a.seconds, token)
             results[name].append(res)
             print(json.dumps({"checkout": name, **res}), file=sys.stderr, flush=True)
-    print(f"\nRealistic batched ingest, {a.workers} process(es), {a.seconds:g} s x {a.rounds} "
-          f"rounds, alternated (other = {a.other})\n")
-    print("| checkout | events/s (each run) | median | p99 ms | server µs/event | "
-          "Postgres µs/event | errors |")
+    print(
+        f"\nRealistic batched ingest, {a.workers} process(es), {a.seconds:g} s x {a.rounds} "
+        f"rounds, alternated (other = {a.other})\n"
+    )
+    print(
+        "| checkout | events/s (each run) | median | p99 ms | server µs/event | Postgres µs/event | errors |"
+    )
     print("|---|---|---:|---|---|---|---:|")
+
     def span(rows: list[dict], key: str, fmt: str = ".1f") -> str:
         values = [r[key] for r in rows]
         return f"{min(values):{fmt}}–{max(values):{fmt}}"
 
     for name, rows in results.items():
         each = " / ".join(f"{r['events_per_s']:,.0f}" for r in rows)
-        print(f"| {name} | {each} | {statistics.median(r['events_per_s'] for r in rows):,.0f} | "
-              f"{span(rows, 'p99_ms', '.0f')} | {span(rows, 'server_us')} | "
-              f"{span(rows, 'pg_us')} | {sum(r['errors'] for r in rows)} |")
+        print(
+            f"| {name} | {each} | {statistics.median(r['events_per_s'] for r in rows):,.0f} | "
+            f"{span(rows, 'p99_ms', '.0f')} | {span(rows, 'server_us')} | "
+            f"{span(rows, 'pg_us')} | {sum(r['errors'] for r in rows)} |"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ given, slices of one minute of traffic, RETENTION_PRUNE_S=10), runs bench/soak_c
 own process, and prints one row a minute: events acknowledged, ingest p99, delivery p50/p99,
 database size, events held, server RSS, slices dropped so far. Loopback only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,45 +49,80 @@ def main() -> None:
     pg = EmbeddedPostgres(work / "pg").start()
     rd = EmbeddedRedis(work / "redis").start()
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg.url,
-           "REDIS_URL": rd.url, "SLUICE_SECRET": SECRET, "DB_POOL_SIZE": "4",
-           "SLUICE_DATA_DIR": str(work / "data"), "REQUEST_LOG": "off",
-           "RETENTION_MAX_AGE_S": str(args.retention_s), "RETENTION_PRUNE_S": "10",
-           "STORAGE_SLICE_POSITIONS": str(int(args.rate * 60))}
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "DATABASE_URL": pg.url,
+        "REDIS_URL": rd.url,
+        "SLUICE_SECRET": SECRET,
+        "DB_POOL_SIZE": "4",
+        "SLUICE_DATA_DIR": str(work / "data"),
+        "REQUEST_LOG": "off",
+        "RETENTION_MAX_AGE_S": str(args.retention_s),
+        "RETENTION_PRUNE_S": "10",
+        "STORAGE_SLICE_POSITIONS": str(int(args.rate * 60)),
+    }
     url = f"http://127.0.0.1:{port}"
-    server = Proc([sys.executable, str(ROOT / "app.py")], env, work / "server.log",
-                  url + "/healthz")
-    token = mint(SECRET, "soak", publish=["**"], subscribe=["**"], ttl_s=int(args.minutes * 60)
-                 + 3600)
+    server = Proc([sys.executable, str(ROOT / "app.py")], env, work / "server.log", url + "/healthz")
+    token = mint(SECRET, "soak", publish=["**"], subscribe=["**"], ttl_s=int(args.minutes * 60) + 3600)
     for i in range(100):
-        requests.put(f"{url}/api/v1/streams/soak/{i}", headers={"Authorization": f"Bearer {token}"},
-                     timeout=10)
+        requests.put(
+            f"{url}/api/v1/streams/soak/{i}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
     client = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "soak_client.py"), "--url", url, "--token", token,
-         "--rate", str(args.rate), "--subscribers", str(args.subscribers),
-         "--seconds", str(args.minutes * 60)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        [
+            sys.executable,
+            str(ROOT / "bench" / "soak_client.py"),
+            "--url",
+            url,
+            "--token",
+            token,
+            "--rate",
+            str(args.rate),
+            "--subscribers",
+            str(args.subscribers),
+            "--seconds",
+            str(args.minutes * 60),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     conn = psycopg2.connect(pg.url)
     conn.autocommit = True
-    print(f"Soak: {args.rate:g} events/s, {args.subscribers} SSE subscribers over 100 streams, "
-          f"retention {args.retention_s} s, {args.minutes:g} min, {os.cpu_count()} cores\n")
-    print("| min | acked/s | ingest p99 ms | delivered/s | delivery p50 ms | delivery p99 ms | "
-          "DB MB | events held | server RSS MB | slices dropped | errors |")
+    print(
+        f"Soak: {args.rate:g} events/s, {args.subscribers} SSE subscribers over 100 streams, "
+        f"retention {args.retention_s} s, {args.minutes:g} min, {os.cpu_count()} cores\n"
+    )
+    print(
+        "| min | acked/s | ingest p99 ms | delivered/s | delivery p50 ms | delivery p99 ms | "
+        "DB MB | events held | server RSS MB | slices dropped | errors |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         assert client.stdout is not None
         for line in client.stdout:
             row = json.loads(line)
             with conn.cursor() as cur:
-                cur.execute("SELECT pg_database_size(current_database()), "
-                            "(SELECT count(*) FROM events)")
+                cur.execute("SELECT pg_database_size(current_database()), (SELECT count(*) FROM events)")
                 size, held = cur.fetchone()
             metrics = requests.get(url + "/metrics", timeout=10).text
-            dropped = next((float(m.split()[-1]) for m in metrics.splitlines()
-                            if m.startswith('sluice_retention_removed_total{what="slices"}')), 0)
-            print(f"| {row['t_s'] / 60:.0f} | {row['acked'] / 60:,.0f} | {row['ingest_p99_ms']:.1f} | "
-                  f"{row['delivered'] / 60:,.0f} | {row['delivery_p50_ms']:.1f} | "
-                  f"{row['delivery_p99_ms']:.1f} | {size / 2**20:,.0f} | {held:,} | "
-                  f"{rss_mb(server.p.pid):.0f} | {dropped:.0f} | {row['errors']} |", flush=True)
+            dropped = next(
+                (
+                    float(m.split()[-1])
+                    for m in metrics.splitlines()
+                    if m.startswith('sluice_retention_removed_total{what="slices"}')
+                ),
+                0,
+            )
+            print(
+                f"| {row['t_s'] / 60:.0f} | {row['acked'] / 60:,.0f} | {row['ingest_p99_ms']:.1f} | "
+                f"{row['delivered'] / 60:,.0f} | {row['delivery_p50_ms']:.1f} | "
+                f"{row['delivery_p99_ms']:.1f} | {size / 2**20:,.0f} | {held:,} | "
+                f"{rss_mb(server.p.pid):.0f} | {dropped:.0f} | {row['errors']} |",
+                flush=True,
+            )
     finally:
         client.kill()
         server.stop()

@@ -4,6 +4,7 @@ events acknowledged, ingest latency p50/p99, deliveries, delivery latency p50/p9
 receipt, from a timestamp in each event), reconnects. Its own process; loopback only; stops by
 itself after --seconds.
 """
+
 from gevent import monkey
 
 monkey.patch_all()
@@ -61,8 +62,7 @@ def subscriber(host: str, port: int, stream: str, token: str, sample: bool) -> N
         gevent.sleep(1)
 
 
-def publisher(host: str, port: int, token: str, rate: float, batch: int, streams: int,
-              end: float) -> None:
+def publisher(host: str, port: int, token: str, rate: float, batch: int, streams: int, end: float) -> None:
     sock = None
     n = 0
     t0 = time.monotonic()
@@ -71,13 +71,21 @@ def publisher(host: str, port: int, token: str, rate: float, batch: int, streams
         now = time.monotonic()
         if due > now:
             gevent.sleep(due - now)
-        events = [json.dumps({"stream": f"soak/{(n * batch + i) % streams}",
-                              "key": os.urandom(12).hex(),
-                              "data": {"t": time.time(), "pad": "x" * 80}}) for i in range(batch)]
+        events = [
+            json.dumps(
+                {
+                    "stream": f"soak/{(n * batch + i) % streams}",
+                    "key": os.urandom(12).hex(),
+                    "data": {"t": time.time(), "pad": "x" * 80},
+                }
+            )
+            for i in range(batch)
+        ]
         body = "\n".join(events).encode()
-        req = (f"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-               f"Content-Type: application/x-ndjson\r\nContent-Length: {len(body)}\r\n\r\n"
-               ).encode() + body
+        req = (
+            f"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/x-ndjson\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
         started = time.monotonic()
         try:
             if sock is None:
@@ -119,8 +127,7 @@ def main() -> None:
     if host not in ("127.0.0.1", "localhost"):
         raise SystemExit("loopback only")
     for i in range(args.subscribers):
-        gevent.spawn(subscriber, host, int(port), f"soak/{i % args.streams}", args.token,
-                     i % 20 == 0)
+        gevent.spawn(subscriber, host, int(port), f"soak/{i % args.streams}", args.token, i % 20 == 0)
         if i % 100 == 99:
             gevent.sleep(0.05)
     end = time.monotonic() + args.seconds
@@ -131,12 +138,22 @@ def main() -> None:
         snap = dict(window)
         for k in window:
             window[k] = [] if isinstance(window[k], list) else 0
-        print(json.dumps({
-            "t_s": round(time.monotonic() - started), "acked": snap["acked"],
-            "ingest_p50_ms": pct(snap["ingest"], 50), "ingest_p99_ms": pct(snap["ingest"], 99),
-            "delivered": snap["delivered"], "delivery_p50_ms": pct(snap["delivery"], 50),
-            "delivery_p99_ms": pct(snap["delivery"], 99), "reconnects": snap["reconnects"],
-            "errors": snap["errors"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "t_s": round(time.monotonic() - started),
+                    "acked": snap["acked"],
+                    "ingest_p50_ms": pct(snap["ingest"], 50),
+                    "ingest_p99_ms": pct(snap["ingest"], 99),
+                    "delivered": snap["delivered"],
+                    "delivery_p50_ms": pct(snap["delivery"], 50),
+                    "delivery_p99_ms": pct(snap["delivery"], 99),
+                    "reconnects": snap["reconnects"],
+                    "errors": snap["errors"],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Variants (each is today's layout with one thing moved, taken away or swapped):
   bare          events without indexes, keys or upsert: the insert alone
   parse         parsing the rows only (json_to_recordset), nothing written
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,14 +57,15 @@ def cte(name: str) -> str:
     for i in range(start + len(name) + 4, len(SERIAL)):
         depth += {"(": 1, ")": -1}.get(SERIAL[i], 0)
         if depth == 0:
-            return SERIAL[start:i + 1]
+            return SERIAL[start : i + 1]
     raise ValueError(name)
 
 
-HEAD = SERIAL[:SERIAL.index("e AS (")]  # the counter and the parsed rows
-TAIL = SERIAL[SERIAL.index(" SELECT set_config"):]
-KEYS_IN_LOCK = ("k AS (INSERT INTO event_keys (client_id, key, id, stream) "
-                "SELECT c, k, i, s FROM r WHERE k IS NOT NULL)")
+HEAD = SERIAL[: SERIAL.index("e AS (")]  # the counter and the parsed rows
+TAIL = SERIAL[SERIAL.index(" SELECT set_config") :]
+KEYS_IN_LOCK = (
+    "k AS (INSERT INTO event_keys (client_id, key, id, stream) SELECT c, k, i, s FROM r WHERE k IS NOT NULL)"
+)
 
 
 def statement(*parts: str, extra: str = "") -> str:
@@ -72,16 +74,21 @@ def statement(*parts: str, extra: str = "") -> str:
     return (HEAD + body if parts else HEAD.rstrip(", ")) + tail
 
 
-DROP_EVENT_INDEXES = ["DROP INDEX events_id", "DROP INDEX events_stream_id",
-                      "DROP INDEX events_client_id"]
+DROP_EVENT_INDEXES = ["DROP INDEX events_id", "DROP INDEX events_stream_id", "DROP INDEX events_client_id"]
 # name: (setup statements, claims keys first, the serial statement)
 VARIANTS: dict[str, tuple[list[str], bool, str]] = {
     "today": ([], True, SERIAL),
     "keys-in-lock": ([], False, statement(cte("e"), KEYS_IN_LOCK, cte("u"))),
     "no-upsert": ([], True, statement(cte("e"), cte("b"))),
     "no-client-idx": (["DROP INDEX events_client_id"], True, SERIAL),
-    "hash-key": (["ALTER TABLE event_keys DROP CONSTRAINT event_keys_pkey",
-                  "CREATE INDEX event_keys_key ON event_keys USING hash (key)"], True, SERIAL),
+    "hash-key": (
+        [
+            "ALTER TABLE event_keys DROP CONSTRAINT event_keys_pkey",
+            "CREATE INDEX event_keys_key ON event_keys USING hash (key)",
+        ],
+        True,
+        SERIAL,
+    ),
     "no-key-table": ([], False, statement(cte("e"), cte("u"))),
     "bare": (DROP_EVENT_INDEXES, False, statement(cte("e"))),
     "parse": ([], False, statement("x AS (SELECT count(*) FROM r)", extra=", x")),
@@ -95,8 +102,17 @@ def cpu_seconds(pid: int) -> float:
 
 def batch_rows(data: str) -> tuple[str, str]:
     """A batch's rows, and its keys as the claim takes them (in the store's order)."""
-    rows = [{"i": i + 1, "s": f"s/{random.randrange(1000)}", "t": "message", "d": data,
-             "c": "bench", "k": os.urandom(16).hex()} for i in range(BATCH)]
+    rows = [
+        {
+            "i": i + 1,
+            "s": f"s/{random.randrange(1000)}",
+            "t": "message",
+            "d": data,
+            "c": "bench",
+            "k": os.urandom(16).hex(),
+        }
+        for i in range(BATCH)
+    ]
     keys = [{"c": r["c"], "k": r["k"], "i": r["i"], "s": r["s"]} for r in rows]
     return orjson.dumps(rows).decode(), orjson.dumps(keys).decode()
 
@@ -137,9 +153,13 @@ def run(name: str, batches: int) -> dict[str, float]:
     finally:
         pg.remove()
     events = BATCH * batches
-    return {"events_per_s": events / serial, "serial_us": serial / events * 1e6,
-            "claim_us": claim / events * 1e6, "cpu_us": cpu / events * 1e6,
-            "wal_b": wal / events}
+    return {
+        "events_per_s": events / serial,
+        "serial_us": serial / events * 1e6,
+        "claim_us": claim / events * 1e6,
+        "cpu_us": cpu / events * 1e6,
+        "wal_b": wal / events,
+    }
 
 
 def main() -> None:
@@ -157,14 +177,21 @@ def main() -> None:
         for name in names:
             res = run(name, args.batches)
             results[name].append(res)
-            print(f"round {r + 1} {name:14s} {res['events_per_s']:9,.0f} events/s serial "
-                  f"{res['serial_us']:5.1f} µs/event, claim {res['claim_us']:5.1f}, "
-                  f"CPU {res['cpu_us']:5.1f}, {res['wal_b']:5.0f} WAL B/event",
-                  file=sys.stderr, flush=True)
-    print(f"\nBatch write, one connection, {BATCH:,}-event realistic batches, "
-          f"{args.batches * BATCH:,} events per run, medians of {args.rounds} rounds\n")
-    print("| variant | serial statement events/s | serial µs/event | claim µs/event | "
-          "backend CPU µs/event | WAL bytes/event |")
+            print(
+                f"round {r + 1} {name:14s} {res['events_per_s']:9,.0f} events/s serial "
+                f"{res['serial_us']:5.1f} µs/event, claim {res['claim_us']:5.1f}, "
+                f"CPU {res['cpu_us']:5.1f}, {res['wal_b']:5.0f} WAL B/event",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"\nBatch write, one connection, {BATCH:,}-event realistic batches, "
+        f"{args.batches * BATCH:,} events per run, medians of {args.rounds} rounds\n"
+    )
+    print(
+        "| variant | serial statement events/s | serial µs/event | claim µs/event | "
+        "backend CPU µs/event | WAL bytes/event |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
 
     def med(rs: list[dict[str, float]], k: str) -> float:
@@ -172,8 +199,10 @@ def main() -> None:
 
     for name in names:
         rs = results[name]
-        print(f"| {name} | {med(rs, 'events_per_s'):,.0f} | {med(rs, 'serial_us'):.1f} | "
-              f"{med(rs, 'claim_us'):.1f} | {med(rs, 'cpu_us'):.1f} | {med(rs, 'wal_b'):.0f} |")
+        print(
+            f"| {name} | {med(rs, 'events_per_s'):,.0f} | {med(rs, 'serial_us'):.1f} | "
+            f"{med(rs, 'claim_us'):.1f} | {med(rs, 'cpu_us'):.1f} | {med(rs, 'wal_b'):.0f} |"
+        )
 
 
 if __name__ == "__main__":

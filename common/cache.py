@@ -3,6 +3,7 @@
 Used for verified tokens, origin grants, known streams and grant answers; every such cache in
 Sluice has a size limit, so none grows with hostile input.
 """
+
 from __future__ import annotations
 
 import time

@@ -1,5 +1,6 @@
 """Text of the current second, computed once a second: a timestamp formatted per response or
 per log line costs more than the rest of a small answer's bookkeeping."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

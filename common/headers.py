@@ -1,6 +1,7 @@
 """Header values across the Latin-1 boundary: WSGI hands request headers over as Latin-1
 strings, and a response header must encode as Latin-1 with no CR or LF. Text that came from a
 client (an event id, say) goes through `header_value` before it becomes a response header."""
+
 from __future__ import annotations
 
 from urllib.parse import quote

@@ -8,6 +8,7 @@ an automaton instead and never backtracks; it supports no look-around and no bac
 which none of the patterns built here use. A pattern RE2 refuses (too large for its memory
 budget, say) is an invalid pattern, never a fallback to `re`.
 """
+
 from __future__ import annotations
 
 from typing import Protocol

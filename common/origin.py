@@ -1,5 +1,6 @@
 """The one HTTP client Sluice calls its origin with (origin authorization, webhooks): a POST
 to a fixed URL with a hard deadline, the answer read up to a size limit."""
+
 from __future__ import annotations
 
 import http.client
@@ -23,8 +24,7 @@ class OriginAnswer:
 class OriginClient:
     """POSTs to one URL (http or https); each call opens its own connection."""
 
-    def __init__(self, url: str, *, timeout_s: float, user_agent: str,
-                 max_answer_bytes: int = 65536) -> None:
+    def __init__(self, url: str, *, timeout_s: float, user_agent: str, max_answer_bytes: int = 65536) -> None:
         parts = urllib.parse.urlsplit(url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -42,12 +42,12 @@ class OriginClient:
             with gevent.Timeout(self.timeout_s):
                 conn = cls(self.host, self.port, timeout=self.timeout_s)
                 try:
-                    conn.request("POST", self.path, body=body,
-                                 headers={"User-Agent": self.user_agent, **headers})
+                    conn.request(
+                        "POST", self.path, body=body, headers={"User-Agent": self.user_agent, **headers}
+                    )
                     response = conn.getresponse()
                     answer = response.read(self.max_answer_bytes + 1)
-                    return OriginAnswer(response.status, response.getheader("Content-Type") or "",
-                                        answer)
+                    return OriginAnswer(response.status, response.getheader("Content-Type") or "", answer)
                 finally:
                     conn.close()
         except (gevent.Timeout, OSError, http.client.HTTPException) as exc:

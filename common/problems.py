@@ -4,6 +4,7 @@ A leaf: it imports nothing of Sluice, so the core (store, batcher, auth, hub) ra
 without knowing about HTTP; the HTTP layer (`web.http`) renders them as `application/problem+json`.
 A problem that more than one place raises is a function here, built in one place only.
 """
+
 from __future__ import annotations
 
 from http import HTTPStatus
@@ -12,18 +13,28 @@ from typing import Any
 PROBLEM_TYPE_BASE = "https://sluice.dev/problems/"
 
 TITLES = {
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 406: "Not Acceptable", 409: "Conflict", 413: "Content Too Large",
-    415: "Unsupported Media Type", 422: "Unprocessable Content", 429: "Too Many Requests",
-    500: "Internal Server Error", 503: "Service Unavailable",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
 class Problem(Exception):
     """An error with an HTTP status, a machine-readable slug and a human sentence."""
 
-    def __init__(self, status: int, slug: str, detail: str, *, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+    def __init__(
+        self, status: int, slug: str, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.slug = slug
@@ -58,6 +69,7 @@ class Unavailable(Problem):
 
 # -- the named problems ----------------------------------------------------------------------
 
+
 def internal_error() -> Problem:
     """500: an unexpected error (logged; the client learns nothing more)."""
     return Problem(500, "internal-error", "an unexpected error occurred")
@@ -65,14 +77,14 @@ def internal_error() -> Problem:
 
 def unauthorized(detail: str) -> Problem:
     """401: no token, or one that does not verify (expired, reused, badly signed, ...)."""
-    return Problem(401, "invalid-token", detail,
-                   headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return Problem(401, "invalid-token", detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
 def not_granted(action: str, stream: str, index: int | None = None) -> Problem:
     """403: the credential's `publish` or `subscribe` grant does not cover `stream`."""
-    return Problem(403, "not-granted", f"the token does not grant `{action}` on `{stream}`",
-                   stream=stream, index=index)
+    return Problem(
+        403, "not-granted", f"the token does not grant `{action}` on `{stream}`", stream=stream, index=index
+    )
 
 
 def unknown_stream(stream: str) -> Problem:

@@ -1,5 +1,6 @@
 """The one Redis pub/sub reconnect loop: hold a subscription, hand each message on, and after a
 failure wait and subscribe again (the hub's relay, presence and revocations all use it)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,10 +9,15 @@ from typing import Any
 import gevent
 
 
-def subscribe_forever(redis: Any, channel: str, on_message: Callable[[bytes], None], *,
-                      on_up: Callable[[], None] | None = None,
-                      on_down: Callable[[Exception], None] | None = None,
-                      retry_s: float = 1.0) -> None:
+def subscribe_forever(
+    redis: Any,
+    channel: str,
+    on_message: Callable[[bytes], None],
+    *,
+    on_up: Callable[[], None] | None = None,
+    on_down: Callable[[Exception], None] | None = None,
+    retry_s: float = 1.0,
+) -> None:
     """Hold one subscription to `channel`, calling `on_message(data)` for each message;
     after a failure, `on_down(exc)`, wait `retry_s` and subscribe again. Runs until killed."""
     while True:

@@ -7,6 +7,7 @@ Each worker is gevent's WSGIServer (`gevent_pywsgi`) and builds its own services
 WEB_CONCURRENCY × DB_POOL_SIZE connections. With no DATABASE_URL / REDIS_URL the master starts
 the embedded servers once, before forking, and the workers inherit their URLs.
 """
+
 import os
 import shutil
 import tempfile

@@ -1,5 +1,6 @@
 """Public keys for token verification, checked when the settings are read (a bad key stops the
 process at startup, never later)."""
+
 from __future__ import annotations
 
 from typing import Any

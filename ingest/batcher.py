@@ -26,6 +26,7 @@ stored. One that is fails the key table's primary key, nothing of that try commi
 batch is planned again with its keys looked up. A client retrying after an outage therefore
 costs one wasted claim, then lookups for as long as repeats keep coming.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,9 +62,9 @@ class Flight:
     __slots__ = ("claimed", "done", "reclaiming")
 
     def __init__(self) -> None:
-        self.claimed = Event()     # its first claims are made (or it is done)
+        self.claimed = Event()  # its first claims are made (or it is done)
         self.reclaiming = Event()  # it is about to claim keys again
-        self.done = Event()        # written, woken and told to the listeners
+        self.done = Event()  # written, woken and told to the listeners
 
 
 class Backpressure(Unavailable):
@@ -80,24 +81,31 @@ LOOKUP_AFTER_REPEAT_S = 5.0  # after a batch met a stored key, look keys up for 
 class Batcher:
     """Coalesces ingest requests into group commits; see the module docstring."""
 
-    def __init__(self, store: EventStore, pool: Pool, *, max_events: int = 2000,
-                 max_wait_ms: float = 2.0, max_backlog: int = 50000,
-                 metrics: BatcherMetrics | None = None) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        pool: Pool,
+        *,
+        max_events: int = 2000,
+        max_wait_ms: float = 2.0,
+        max_backlog: int = 50000,
+        metrics: BatcherMetrics | None = None,
+    ) -> None:
         self.store = store
         self.pool = pool
         self.max_events = max_events
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_backlog = max_backlog
         self.metrics = metrics
-        self.backlog = 0                      # events submitted, not yet committed or failed
-        self.flushes = 0                      # batches written (for the dashboard's rates)
+        self.backlog = 0  # events submitted, not yet committed or failed
+        self.flushes = 0  # batches written (for the dashboard's rates)
         self.flush_seconds_total = 0.0
         self.committed_events = 0
         self._queue: deque[IngestRequest] = deque()
         self._queued_events = 0
         self._inflight: list[list[IngestRequest]] = []  # batches being written, oldest first
-        self._flushes: list[gevent.Greenlet] = []       # at most PIPELINE of them
-        self._last: Flight | None = None                # the newest batch in flight
+        self._flushes: list[gevent.Greenlet] = []  # at most PIPELINE of them
+        self._last: Flight | None = None  # the newest batch in flight
         self._key_met_at = float("-inf")  # when a batch last met a key stored before it
         self._wakeup = Event()
         self._stopping = False
@@ -160,8 +168,9 @@ class Batcher:
             # Not acknowledged: it may still commit later, which a retry with the same keys
             # handles. If it is still queued, take it back so it does not commit unseen.
             self._cancel(req)
-            raise Unavailable("the database did not commit in time", retry_after=2,
-                              slug="commit-timeout") from None
+            raise Unavailable(
+                "the database did not commit in time", retry_after=2, slug="commit-timeout"
+            ) from None
 
     def _cancel(self, req: IngestRequest) -> None:
         if req in self._queue and not req.cancelled:
@@ -213,8 +222,7 @@ class Batcher:
         self._inflight.append(batch)
         self._flushes.append(gevent.spawn(self._pipelined, batch, previous, flight))
 
-    def _pipelined(self, batch: list[IngestRequest], previous: Flight | None,
-                   flight: Flight) -> None:
+    def _pipelined(self, batch: list[IngestRequest], previous: Flight | None, flight: Flight) -> None:
         try:
             with ExitStack() as held:
                 known = self._known_keys()
@@ -250,8 +258,9 @@ class Batcher:
         with its keys looked up), else None: look them up."""
         return {} if time.monotonic() - self._key_met_at >= LOOKUP_AFTER_REPEAT_S else None
 
-    def _prepare_early(self, held: ExitStack, batch: list[IngestRequest],
-                       known: KnownKeys | None) -> Early | None:
+    def _prepare_early(
+        self, held: ExitStack, batch: list[IngestRequest], known: KnownKeys | None
+    ) -> Early | None:
         """While the batch in flight is written: open this one's transaction on a connection
         of its own, look its keys up if need be and claim the new ones (`EventStore.prepare`),
         so that only the serial statement is left for its turn. None if that cannot be done now
@@ -277,8 +286,13 @@ class Batcher:
             batch.append(req)
         return batch
 
-    def _flush(self, batch: list[IngestRequest], known: KnownKeys | None = None,
-               early: Early | None = None, flight: Flight | None = None) -> None:
+    def _flush(
+        self,
+        batch: list[IngestRequest],
+        known: KnownKeys | None = None,
+        early: Early | None = None,
+        flight: Flight | None = None,
+    ) -> None:
         started = time.monotonic()
         try:
             commits = self._write(batch, known, early, flight or Flight())
@@ -290,13 +304,15 @@ class Batcher:
             if self.on_change is not None:
                 self.on_change()
         elapsed = time.monotonic() - started
-        if any(r.error is not None or any(w.duplicate for w in r.results or ())
-               for c in commits for r in c.requests):
+        if any(
+            r.error is not None or any(w.duplicate for w in r.results or ())
+            for c in commits
+            for r in c.requests
+        ):
             self._key_met_at = time.monotonic()  # repeats come in runs: look keys up a while
         self.flushes += 1
         self.flush_seconds_total += elapsed
-        self.committed_events += sum(len(r.events) for c in commits for r in c.requests
-                                     if r.error is None)
+        self.committed_events += sum(len(r.events) for c in commits for r in c.requests if r.error is None)
         if self.metrics:
             self.metrics.flush_seconds.observe(elapsed)
             self.metrics.batch_events.observe(sum(len(r.events) for r in batch))
@@ -312,8 +328,9 @@ class Batcher:
                 except Exception:
                     log.exception("commit listener failed")
 
-    def _write(self, batch: list[IngestRequest], known: KnownKeys | None, early: Early | None,
-               flight: Flight) -> list[Commit]:
+    def _write(
+        self, batch: list[IngestRequest], known: KnownKeys | None, early: Early | None, flight: Flight
+    ) -> list[Commit]:
         """Write the batch; return the commits made. Failed requests are told why. `known`: its
         stored keys as far as known (see `EventStore.write_batch`); `early`: the batch already
         prepared on a held connection."""
@@ -326,17 +343,25 @@ class Batcher:
         except psycopg2.Error as exc:
             if len(batch) == 1:
                 log.error("ingest request failed in the database: %s", exc)
-                batch[0].done.set_exception(Problem(
-                    400 if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)) else 500,
-                    "rejected-by-database", "the database rejected this request's events"))
+                batch[0].done.set_exception(
+                    Problem(
+                        400 if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)) else 500,
+                        "rejected-by-database",
+                        "the database rejected this request's events",
+                    )
+                )
                 return []
         except Exception as exc:  # whatever one request brings fails it alone
             if len(batch) == 1:
                 log.exception("ingest request could not be written")
                 bad_input = isinstance(exc, (UnicodeError, ValueError, TypeError))
-                batch[0].done.set_exception(Problem(
-                    400 if bad_input else 500, "unwritable-request",
-                    "this request's events could not be written (nothing was stored)"))
+                batch[0].done.set_exception(
+                    Problem(
+                        400 if bad_input else 500,
+                        "unwritable-request",
+                        "this request's events could not be written (nothing was stored)",
+                    )
+                )
                 return []
         # Bad data somewhere in a multi-request batch: isolate it by writing requests alone.
         flight.reclaiming.set()
@@ -345,8 +370,9 @@ class Batcher:
             commits += self._write([req], None, None, flight)
         return commits
 
-    def _write_once(self, batch: list[IngestRequest], known: KnownKeys | None,
-                    early: Early | None, flight: Flight) -> Commit:
+    def _write_once(
+        self, batch: list[IngestRequest], known: KnownKeys | None, early: Early | None, flight: Flight
+    ) -> Commit:
         def before_prepare() -> None:
             if flight.claimed.is_set():  # it claims again: the batch behind must make way
                 flight.reclaiming.set()
@@ -375,20 +401,32 @@ class BatcherMetrics:
     def __init__(self, registry) -> None:  # type: ignore[no-untyped-def]
         from prometheus_client import Counter, Gauge, Histogram
 
-        self.backlog = Gauge("sluice_ingest_backlog_events", "Events accepted, not yet committed",
-                             registry=registry, multiprocess_mode="livesum")
-        self.rejected = Counter("sluice_ingest_rejected_events", "Events refused by backpressure",
-                                registry=registry)
+        self.backlog = Gauge(
+            "sluice_ingest_backlog_events",
+            "Events accepted, not yet committed",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.rejected = Counter(
+            "sluice_ingest_rejected_events", "Events refused by backpressure", registry=registry
+        )
         self.flush_seconds = Histogram(
-            "sluice_batch_flush_seconds", "Time to write and commit one batch", registry=registry,
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+            "sluice_batch_flush_seconds",
+            "Time to write and commit one batch",
+            registry=registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         self.batch_events = Histogram(
-            "sluice_batch_events", "Events per committed batch", registry=registry,
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
+            "sluice_batch_events",
+            "Events per committed batch",
+            registry=registry,
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+        )
 
 
-def pending_events(batcher: Batcher, *, client_id: str | None,
-                   stream: str | None) -> list[tuple[IngestRequest, int]]:
+def pending_events(
+    batcher: Batcher, *, client_id: str | None, stream: str | None
+) -> list[tuple[IngestRequest, int]]:
     """(request, event index) of pending events matching the filters, in acceptance order."""
     out: list[tuple[IngestRequest, int]] = []
     for req in batcher.pending():
@@ -398,4 +436,3 @@ def pending_events(batcher: Batcher, *, client_id: str | None,
             if stream is None or ev.stream == stream:
                 out.append((req, i))
     return out
-

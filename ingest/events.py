@@ -1,4 +1,5 @@
 """The shapes events take inside Sluice, from accepted request to stored row."""
+
 from __future__ import annotations
 
 import itertools
@@ -45,7 +46,7 @@ class IngestRequest:
     accepted_at: float = field(default_factory=time.monotonic)
     results: list[Written] | None = None
     cancelled: bool = False
-    error: Problem | None = None   # refused while writing (a reused idempotency key)
+    error: Problem | None = None  # refused while writing (a reused idempotency key)
     # A key already naming a different event moves to this request's event instead of refusing
     # it (Mercure update ids: the newest update with an id is the one a resume finds).
     rekey: bool = False

@@ -3,6 +3,7 @@
 Translates requests into calls on the batcher, the store and the token verifier; holds no
 logic of its own beyond status codes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,18 +31,25 @@ def post_events() -> Response:
     svc = services()
     principal = authenticate()
     body = read_body(svc.settings.max_body_bytes, svc.settings.body_timeout_s)
-    payload, status = accept_events(svc, principal, body, request.content_type or "",
-                                    request.headers.get("Idempotency-Key"))
+    payload, status = accept_events(
+        svc, principal, body, request.content_type or "", request.headers.get("Idempotency-Key")
+    )
     return json_response(payload, status)
 
 
-def accept_events(svc: Services, principal: Principal, body: bytes, content_type: str,
-                  idempotency_key: str | None) -> tuple[dict[str, Any], int]:
+def accept_events(
+    svc: Services, principal: Principal, body: bytes, content_type: str, idempotency_key: str | None
+) -> tuple[dict[str, Any], int]:
     """Validate, authorize and commit one ingest request; the answer's body and status (201
     if anything new was stored, else 200), or a Problem."""
     settings = svc.settings
-    events = parse_body(body, content_type, max_events=settings.max_batch_events,
-                        max_data_bytes=settings.max_data_bytes, header_key=idempotency_key)
+    events = parse_body(
+        body,
+        content_type,
+        max_events=settings.max_batch_events,
+        max_data_bytes=settings.max_data_bytes,
+        header_key=idempotency_key,
+    )
     for i, ev in enumerate(events):
         if not principal.publish.allows(ev.stream):
             raise not_granted("publish", ev.stream, i if len(events) > 1 else None)
@@ -50,17 +58,24 @@ def accept_events(svc: Services, principal: Principal, body: bytes, content_type
     results = req.results or []
     created = any(not w.duplicate for w in results)
     svc.metrics.events_in.inc(sum(1 for w in results if not w.duplicate))
-    payload = {"events": [
-        {"id": format_position(w.id), "stream": w.stream, "key": w.key,
-         **({"duplicate": True} if w.duplicate else {})} for w in results]}
+    payload = {
+        "events": [
+            {
+                "id": format_position(w.id),
+                "stream": w.stream,
+                "key": w.key,
+                **({"duplicate": True} if w.duplicate else {}),
+            }
+            for w in results
+        ]
+    }
     return payload, 201 if created else 200
 
 
 def _limit(settings: Settings) -> int:
     raw = request.args.get("limit", "100")
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= settings.read_max_limit:
-        raise invalid_parameter(
-            "limit", f"`limit` must be an integer from 1 to {settings.read_max_limit}")
+        raise invalid_parameter("limit", f"`limit` must be an integer from 1 to {settings.read_max_limit}")
     return int(raw)
 
 
@@ -89,14 +104,26 @@ def get_events() -> Response:
         if not principal.subscribe.allows(stream):
             raise not_granted("subscribe", stream)
     limit, after = _limit(svc.settings), _after()
-    page = read_history(svc.store, svc.pool, svc.batcher, principal.subscribe, client_id=client_id,
-                        stream=stream, after=after, limit=limit, mirror=svc.pending)
+    page = read_history(
+        svc.store,
+        svc.pool,
+        svc.batcher,
+        principal.subscribe,
+        client_id=client_id,
+        stream=stream,
+        after=after,
+        limit=limit,
+        mirror=svc.pending,
+    )
     if stream is not None and not page.events and after == 0:
         with svc.pool.connection() as conn:
             if svc.store.describe_stream(conn, stream) is None:
                 raise unknown_stream(stream)
-    body: dict[str, Any] = {"events": [e.to_json() for e in page.events],
-                            "next": format_position(page.next), "pendingScope": page.pending_scope}
+    body: dict[str, Any] = {
+        "events": [e.to_json() for e in page.events],
+        "next": format_position(page.next),
+        "pendingScope": page.pending_scope,
+    }
     if page.reset is not None:
         body["reset"] = page.reset
     return json_response(body)
@@ -160,10 +187,13 @@ def _describe(info: dict[str, Any]) -> dict[str, Any]:
     default), the oldest position it holds, and its subscribers in every process."""
     svc = services()
     own = info["retention"]
-    effective = {"maxAgeS": svc.settings.retention_max_age_s if own["maxAgeS"] is None
-                 else own["maxAgeS"],
-                 "maxEvents": svc.settings.retention_max_events if own["maxEvents"] is None
-                 else own["maxEvents"]}
-    return {**info, "retention": effective, "retentionOverride": own,
-            "subscribers": svc.subscriber_count(info["name"])}
-
+    effective = {
+        "maxAgeS": svc.settings.retention_max_age_s if own["maxAgeS"] is None else own["maxAgeS"],
+        "maxEvents": svc.settings.retention_max_events if own["maxEvents"] is None else own["maxEvents"],
+    }
+    return {
+        **info,
+        "retention": effective,
+        "retentionOverride": own,
+        "subscribers": svc.subscriber_count(info["name"]),
+    }

@@ -4,6 +4,7 @@ A position is the event's id in the store; it increases in commit order across a
 one position resumes any set of streams. SSE ids add a connection id in front (`sid.position`);
 every API that takes a position also accepts that form.
 """
+
 from __future__ import annotations
 
 MAX_POSITION = 2**63 - 1

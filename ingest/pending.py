@@ -14,6 +14,7 @@ within `ttl_s` (its unacknowledged events die with it; acknowledged ones are com
 Without Redis the mirror stops writing (and resends everything once Redis is back), and reads
 say that their pending part covers this process only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,9 +48,17 @@ class RemotePending:
 class PendingMirror:
     """Keeps this process's pending requests in Redis and reads the other processes'."""
 
-    def __init__(self, redis: Any, batcher: Batcher, *, namespace: str,
-                 process_id: str | None = None, ttl_s: float = 5.0, refresh_s: float = 1.0,
-                 coalesce_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        batcher: Batcher,
+        *,
+        namespace: str,
+        process_id: str | None = None,
+        ttl_s: float = 5.0,
+        refresh_s: float = 1.0,
+        coalesce_s: float = 0.005,
+    ) -> None:
         self.redis = redis
         self.batcher = batcher
         self.process_id = process_id or secrets.token_hex(6)
@@ -59,10 +68,10 @@ class PendingMirror:
         self.ttl_s = ttl_s
         self.refresh_s = refresh_s
         self.coalesce_s = coalesce_s
-        self.up = False                  # the last write reached Redis
-        self.writes = 0                  # pipelines sent (for the benchmark and tests)
+        self.up = False  # the last write reached Redis
+        self.writes = 0  # pipelines sent (for the benchmark and tests)
         self._written: dict[int, IngestRequest] = {}
-        self._renewed = 0.0              # when the hash's lease was last extended
+        self._renewed = 0.0  # when the hash's lease was last extended
         self._changed = Event()
         self._greenlet: gevent.Greenlet | None = None
         batcher.on_change = self._changed.set
@@ -113,9 +122,15 @@ class PendingMirror:
             if not self.up:
                 pipe.delete(self.key)
             if added:
-                pipe.hset(self.key, mapping={str(req.seq): orjson.dumps(
-                    {"c": req.client_id, "e": [[e.stream, e.type, e.data, e.key]
-                                               for e in req.events]}) for req in added})
+                pipe.hset(
+                    self.key,
+                    mapping={
+                        str(req.seq): orjson.dumps(
+                            {"c": req.client_id, "e": [[e.stream, e.type, e.data, e.key] for e in req.events]}
+                        )
+                        for req in added
+                    },
+                )
             if removed:
                 pipe.hdel(self.key, *[str(seq) for seq in removed])
             if renew or added:  # the lease: extended once a second, and whenever the hash is made

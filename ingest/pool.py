@@ -5,6 +5,7 @@ within its timeout gets `Unavailable` (503 + Retry-After) instead of waiting for
 that were idle for a while are pinged before use and broken ones are discarded, so the pool heals
 by itself after a Postgres restart.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,8 +33,14 @@ class DatabaseUnavailable(Unavailable):
 class Pool:
     """At most `size` connections; callers borrow one with `with pool.connection() as conn`."""
 
-    def __init__(self, dsn: str, size: int, timeout_s: float = 2.0, connect_timeout_s: int = 3,
-                 application_name: str = "sluice") -> None:
+    def __init__(
+        self,
+        dsn: str,
+        size: int,
+        timeout_s: float = 2.0,
+        connect_timeout_s: int = 3,
+        application_name: str = "sluice",
+    ) -> None:
         self.dsn = dsn
         self.size = size
         self.timeout_s = timeout_s
@@ -41,16 +48,20 @@ class Pool:
         self.application_name = application_name
         self._sem = BoundedSemaphore(size)
         self._idle: list[tuple[psycopg2.extensions.connection, float]] = []
-        self.opened = 0      # connections open right now (idle + in use)
+        self.opened = 0  # connections open right now (idle + in use)
         self.in_use = 0
         self.waiting = 0
 
     def _connect(self) -> psycopg2.extensions.connection:
         try:
             conn = psycopg2.connect(
-                self.dsn, connect_timeout=self.connect_timeout_s,
+                self.dsn,
+                connect_timeout=self.connect_timeout_s,
                 application_name=self.application_name,
-                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
                 # Every hot read is an ordered index range that stops after a page. A bitmap
                 # scan reads every matching row and sorts them: the plan that makes a read
                 # cost what the stream holds instead of what it returns.

@@ -5,6 +5,7 @@ event that commits in between is then either in the rows (skipped from the pendi
 committed after the query (still shown as pending: its id is not known to this page, and `next`
 stays the last committed id, so the next page shows it as committed, once).
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,9 @@ class Page:
     pending_scope: str = "fleet"  # "process": other processes' pending events are not included
 
 
-def history_gone(store: EventStore, conn: psycopg2.extensions.connection,
-                 streams: Sequence[str], after: int) -> dict[str, Any] | None:
+def history_gone(
+    store: EventStore, conn: psycopg2.extensions.connection, streams: Sequence[str], after: int
+) -> dict[str, Any] | None:
     """The `reset` notice for a resume point older than what the streams still hold (events
     after it were pruned, or the stream was deleted and re-created), or None. SSE sends it as
     `event: reset`, long-poll and history reads as a `reset` field."""
@@ -48,13 +50,25 @@ def history_gone(store: EventStore, conn: psycopg2.extensions.connection,
     if gone is None:
         return None
     names, oldest = gone
-    return {"reason": "history-gone", "streams": names,
-            "oldest": None if oldest is None else format_position(oldest)}
+    return {
+        "reason": "history-gone",
+        "streams": names,
+        "oldest": None if oldest is None else format_position(oldest),
+    }
 
 
-def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants, *,
-                 client_id: str | None, stream: str | None, after: int, limit: int,
-                 mirror: PendingMirror | None = None) -> Page:
+def read_history(
+    store: EventStore,
+    pool: Pool,
+    batcher: Batcher,
+    grants: Grants,
+    *,
+    client_id: str | None,
+    stream: str | None,
+    after: int,
+    limit: int,
+    mirror: PendingMirror | None = None,
+) -> Page:
     snapshot = pending_events(batcher, client_id=client_id, stream=stream)
     remote: list[RemotePending] = []
     scope = "process"
@@ -71,12 +85,26 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
             # an index range per stream, never a walk of the client's whole history.
             streams = [s for s in store.streams_matching(conn, grants.regexes) if grants.allows(s)]
             if len(streams) > READ_BY_CLIENT_MAX_STREAMS:
-                raise Problem(400, "grant-too-wide", f"this token's grant covers more than "
-                              f"{READ_BY_CLIENT_MAX_STREAMS} streams: read by `stream` instead",
-                              field="clientId", limit=READ_BY_CLIENT_MAX_STREAMS)
-        rows = [] if streams == [] else store.read_events(
-            conn, after=after, limit=limit, client_id=client_id, streams=streams,
-            stream_regexes=grants.sql_filter())
+                raise Problem(
+                    400,
+                    "grant-too-wide",
+                    f"this token's grant covers more than "
+                    f"{READ_BY_CLIENT_MAX_STREAMS} streams: read by `stream` instead",
+                    field="clientId",
+                    limit=READ_BY_CLIENT_MAX_STREAMS,
+                )
+        rows = (
+            []
+            if streams == []
+            else store.read_events(
+                conn,
+                after=after,
+                limit=limit,
+                client_id=client_id,
+                streams=streams,
+                stream_regexes=grants.sql_filter(),
+            )
+        )
         # The resume rule, as SSE and long-poll apply it: `after=0` on a pruned stream is told
         # its history is gone too.
         reset = history_gone(store, conn, [stream], after) if stream is not None else None
@@ -95,11 +123,13 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
             # A batch being written names its events by place (negative) until it commits: not
             # an id yet, so still pending. A real id is committed: in the rows, or behind
             # `after`, or (committed after the query) still shown as pending here.
-            if written is not None and (written.duplicate or written.id in committed_ids
-                                        or 0 < written.id <= after):
+            if written is not None and (
+                written.duplicate or written.id in committed_ids or 0 < written.id <= after
+            ):
                 continue
-            rows.append(StoredEvent(None, ev.stream, ev.type, ev.data, req.client_id, ev.key,
-                                    None, pending=True))
+            rows.append(
+                StoredEvent(None, ev.stream, ev.type, ev.data, req.client_id, ev.key, None, pending=True)
+            )
         if remote:
             # Another process's event that committed between the snapshot and the query is in
             # the rows: the same (client, key) — or, unkeyed, the same content — is skipped.
@@ -108,9 +138,13 @@ def read_history(store: EventStore, pool: Pool, batcher: Batcher, grants: Grants
             for e in remote:
                 if len(rows) >= limit:
                     break
-                if not grants.allows(e.stream) or (e.client_id, e.key) in keys \
-                        or (e.client_id, e.stream, e.type, e.data, e.key) in seen:
+                if (
+                    not grants.allows(e.stream)
+                    or (e.client_id, e.key) in keys
+                    or (e.client_id, e.stream, e.type, e.data, e.key) in seen
+                ):
                     continue
-                rows.append(StoredEvent(None, e.stream, e.type, e.data, e.client_id, e.key, None,
-                                        pending=True))
+                rows.append(
+                    StoredEvent(None, e.stream, e.type, e.data, e.client_id, e.key, None, pending=True)
+                )
     return Page(rows, next_position, reset, scope)

@@ -14,6 +14,7 @@ A round, each part in bounded steps, with a yield between them (ingest and deliv
 Every stream that lost events records the position up to which its history is gone
 (`streams.pruned_upto`), which is how a resume point older than that is told `reset`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,8 @@ from ingest.store import PRUNE_LOCK, EventStore
 
 log = logging.getLogger("sluice.retention")
 
-SLICES_AHEAD = 2        # slices kept ready beyond the current position
-MAX_TRIM_STEPS = 100    # row steps per stream per round (the rest waits for the next round)
+SLICES_AHEAD = 2  # slices kept ready beyond the current position
+MAX_TRIM_STEPS = 100  # row steps per stream per round (the rest waits for the next round)
 
 
 @dataclass
@@ -47,8 +48,17 @@ class PruneReport:
 class Pruner:
     """Removes expired history in the background; see the module docstring."""
 
-    def __init__(self, store: EventStore, pool: Pool, *, max_age_s: int, max_events: int,
-                 every_s: float, slice_width: int, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        pool: Pool,
+        *,
+        max_age_s: int,
+        max_events: int,
+        every_s: float,
+        slice_width: int,
+        metrics: Any = None,
+    ) -> None:
         self.store = store
         self.pool = pool
         self.max_age_s = max_age_s
@@ -72,8 +82,12 @@ class Pruner:
             try:
                 report = self.run_once()
                 if report.slices_dropped or report.events_removed:
-                    log.info("retention: %d events removed, %d slices dropped in %.2fs",
-                             report.events_removed, report.slices_dropped, report.seconds)
+                    log.info(
+                        "retention: %d events removed, %d slices dropped in %.2fs",
+                        report.events_removed,
+                        report.slices_dropped,
+                        report.seconds,
+                    )
             except gevent.GreenletExit:
                 raise
             except Exception as exc:  # noqa: BLE001 - the database may be down: next round
@@ -93,7 +107,8 @@ class Pruner:
                 report.ran = True
                 last = self.store.last_position(conn)
                 report.slices_created = self.store.ensure_slices(
-                    conn, last + SLICES_AHEAD * self.slice_width, self.slice_width)
+                    conn, last + SLICES_AHEAD * self.slice_width, self.slice_width
+                )
                 self._trim_streams(conn, report)
                 if self.max_age_s > 0:
                     self._drop_slices(conn, last, report)
@@ -106,8 +121,7 @@ class Pruner:
         return report
 
     def _trim_streams(self, conn: psycopg2.extensions.connection, report: PruneReport) -> None:
-        for stream, age_s, max_events in self.store.streams_to_trim(conn, self.max_age_s,
-                                                                    self.max_events):
+        for stream, age_s, max_events in self.store.streams_to_trim(conn, self.max_age_s, self.max_events):
             for _ in range(MAX_TRIM_STEPS):
                 removed = self.store.trim_stream(conn, stream, age_s, max_events)
                 report.events_removed += removed

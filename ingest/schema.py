@@ -1,6 +1,7 @@
 """The rules an event's fields obey, in one place: the validator (`ingest.validation`), the
 subscribe checks and the OpenAPI document (`web.openapi`) all take them from here, so what is
 accepted and what is documented cannot drift apart."""
+
 from __future__ import annotations
 
 import re
@@ -53,15 +54,20 @@ def new_event_schema(max_data_bytes: int = 65536) -> dict[str, Any]:
     """JSON Schema of one event in an ingest body, exactly as `ingest.validation` accepts it
     (a `key` of null is the same as no key)."""
     return {
-        "type": "object", "required": ["stream", "data"], "additionalProperties": False,
+        "type": "object",
+        "required": ["stream", "data"],
+        "additionalProperties": False,
         "properties": {
             "stream": stream_schema(),
             "type": {"type": "string", "pattern": TYPE_PATTERN, "default": DEFAULT_TYPE},
-            "data": {"description": f"Any JSON value, at most {max_data_bytes // 1024} KiB "
-                                    "encoded."},
-            "key": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": KEY_MAX,
-                               "pattern": "^[^\\u0000]*$"}, {"type": "null"}],
-                    "description": "Idempotency key, unique per client (null: none)."},
+            "data": {"description": f"Any JSON value, at most {max_data_bytes // 1024} KiB encoded."},
+            "key": {
+                "anyOf": [
+                    {"type": "string", "minLength": 1, "maxLength": KEY_MAX, "pattern": "^[^\\u0000]*$"},
+                    {"type": "null"},
+                ],
+                "description": "Idempotency key, unique per client (null: none).",
+            },
         },
     }
 
@@ -73,13 +79,22 @@ def retention_schema() -> dict[str, Any]:
     """JSON Schema of `PUT /api/v1/streams/{stream}`'s optional body, as parse_retention takes it."""
     value = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}
     return {
-        "type": "object", "additionalProperties": False,
-        "properties": {"retention": {
-            "type": "object", "additionalProperties": False,
-            "properties": {
-                "maxAgeS": {**value, "description": "Seconds to keep events; 0 keeps forever; "
-                                                    "null: RETENTION_MAX_AGE_S."},
-                "maxEvents": {**value, "description": "Most events kept; 0 = no count limit; "
-                                                      "null: RETENTION_MAX_EVENTS."},
-            }}},
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "retention": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "maxAgeS": {
+                        **value,
+                        "description": "Seconds to keep events; 0 keeps forever; null: RETENTION_MAX_AGE_S.",
+                    },
+                    "maxEvents": {
+                        **value,
+                        "description": "Most events kept; 0 = no count limit; null: RETENTION_MAX_EVENTS.",
+                    },
+                },
+            }
+        },
     }

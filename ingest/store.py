@@ -19,6 +19,7 @@ statement (`finish`) takes the lock and writes the events, the batch's ticket ro
 first position) and the streams' newest positions, with the COMMIT in the same round trip.
 Nothing that holds the lock ever waits for a key.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,9 +40,9 @@ from ingest.events import IngestRequest, StoredEvent, Written
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x511CE  # pg advisory lock key held while migrating
-SLICE_LOCK = 0x511CF      # held while creating slices
-PRUNE_LOCK = 0x511D0      # held by the one process pruning right now
-SLICE_WIDTH = 1_000_000   # positions per slice (STORAGE_SLICE_POSITIONS)
+SLICE_LOCK = 0x511CF  # held while creating slices
+PRUNE_LOCK = 0x511D0  # held by the one process pruning right now
+SLICE_WIDTH = 1_000_000  # positions per slice (STORAGE_SLICE_POSITIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +110,15 @@ SQL_WRITE_ROWS = (
     "COMMIT; "
     "SELECT current_setting('sluice.batch_first')::bigint"
 )
-SQL_KEY_BATCH = ("b AS (INSERT INTO key_batches (ticket, first, upto) "
-                 "SELECT currval('key_batch_tickets'), first, first + %s FROM p), ")
-SQL_FINISH = SQL_WRITE_ROWS.format(key_batch="")            # no keys claimed
-SQL_FINISH_KEYED = SQL_WRITE_ROWS.format(key_batch=SQL_KEY_BATCH)
-KEY_RACE_ATTEMPTS = 5   # plans of one batch beyond one per key (see `write_batch`)
-# One stream's page: an index range scan on (stream, id) in each slice, in slice order.
-SQL_STREAM_PAGE = (
-    "SELECT {cols} FROM events WHERE stream = %s AND id > %s AND id <= %s ORDER BY id LIMIT %s"
+SQL_KEY_BATCH = (
+    "b AS (INSERT INTO key_batches (ticket, first, upto) "
+    "SELECT currval('key_batch_tickets'), first, first + %s FROM p), "
 )
+SQL_FINISH = SQL_WRITE_ROWS.format(key_batch="")  # no keys claimed
+SQL_FINISH_KEYED = SQL_WRITE_ROWS.format(key_batch=SQL_KEY_BATCH)
+KEY_RACE_ATTEMPTS = 5  # plans of one batch beyond one per key (see `write_batch`)
+# One stream's page: an index range scan on (stream, id) in each slice, in slice order.
+SQL_STREAM_PAGE = "SELECT {cols} FROM events WHERE stream = %s AND id > %s AND id <= %s ORDER BY id LIMIT %s"
 # Several streams: one such range per stream (LATERAL), then the pages merged by position; the
 # sort sees at most streams x limit rows, never a stream's whole history.
 SQL_STREAMS_PAGE = (
@@ -151,7 +152,7 @@ SQL_DROP_BATCH_KEYS = (
     "AND k.client_id = e.client_id AND k.key = e.key AND b.ticket = k.ticket "
     "AND b.first + k.place = e.id"
 )
-UPTO_MAX = 2 ** 63 - 1
+UPTO_MAX = 2**63 - 1
 SQL_COMMIT = "COMMIT"
 SQL_ROLLBACK = "ROLLBACK"
 _EVENT_COLUMNS = (
@@ -204,9 +205,9 @@ class KeyRaced(Exception):
 class Prepared:
     """A batch planned and its keys claimed, its transaction open: what `finish` writes."""
 
-    total: int      # positions it takes
-    rows: str       # its new events as one JSON text
-    keyed: bool     # it claimed keys: its key batch row is due
+    total: int  # positions it takes
+    rows: str  # its new events as one JSON text
+    keyed: bool  # it claimed keys: its key batch row is due
 
 
 class EventStore:
@@ -237,19 +238,24 @@ class EventStore:
         return applied_now
 
     # -- writes -------------------------------------------------------------------------------
-    def lookup_keys(self, conn: psycopg2.extensions.connection,
-                    requests: Sequence[IngestRequest]) -> dict[tuple[str, str], KeyedEvent]:
+    def lookup_keys(
+        self, conn: psycopg2.extensions.connection, requests: Sequence[IngestRequest]
+    ) -> dict[tuple[str, str], KeyedEvent]:
         """The events already stored under the batch's keys, looked up without the lock (for
         `write_batch(known=...)`, while another batch holds it)."""
         with conn.cursor() as cur:
             return self._existing_keys(cur, requests)
 
-    def write_batch(self, conn: psycopg2.extensions.connection,
-                    requests: Sequence[IngestRequest],
-                    known: dict[tuple[str, str], KeyedEvent] | None = None,
-                    prepared: Prepared | None = None, *,
-                    before_prepare: Callable[[], None] | None = None,
-                    after_prepare: Callable[[], None] | None = None) -> tuple[int, int]:
+    def write_batch(
+        self,
+        conn: psycopg2.extensions.connection,
+        requests: Sequence[IngestRequest],
+        known: dict[tuple[str, str], KeyedEvent] | None = None,
+        prepared: Prepared | None = None,
+        *,
+        before_prepare: Callable[[], None] | None = None,
+        after_prepare: Callable[[], None] | None = None,
+    ) -> tuple[int, int]:
         """Commit every event of `requests` in one transaction and fill in their results.
 
         Returns the reserved position range (after, upto]: the position before and after. A
@@ -289,8 +295,9 @@ class EventStore:
                 return self.finish(conn, requests, prepared)
             except (psycopg2.errors.UniqueViolation, psycopg2.errors.DeadlockDetected, KeyRaced):
                 if attempt == KEY_RACE_ATTEMPTS:
-                    attempts += len({(r.client_id, ev.key) for r in requests
-                                     for ev in r.events if ev.key is not None})
+                    attempts += len(
+                        {(r.client_id, ev.key) for r in requests for ev in r.events if ev.key is not None}
+                    )
                 if attempt == attempts:
                     raise  # keys stored under it again and again: let the batcher isolate it
             except psycopg2.errors.CheckViolation as exc:
@@ -304,8 +311,12 @@ class EventStore:
             prepared, known = None, None
         raise AssertionError("unreachable")
 
-    def prepare(self, conn: psycopg2.extensions.connection, requests: Sequence[IngestRequest],
-                known: dict[tuple[str, str], KeyedEvent] | None = None) -> Prepared:
+    def prepare(
+        self,
+        conn: psycopg2.extensions.connection,
+        requests: Sequence[IngestRequest],
+        known: dict[tuple[str, str], KeyedEvent] | None = None,
+    ) -> Prepared:
         """Open the batch's transaction, decide every event's fate (the stored keys as `known`,
         or looked up now) and claim its new keys: all without the position lock, so a batch can
         be prepared while another one is written. `finish` then writes it.
@@ -339,8 +350,12 @@ class EventStore:
                 claims: dict[tuple[str, str], dict[str, Any]] = {}
                 for row in rows:  # a key named twice (a `rekey` move) names its last event
                     if row["k"] is not None:
-                        claims[(row["c"], row["k"])] = {"c": row["c"], "k": row["k"],
-                                                        "i": row["i"], "s": row["s"]}
+                        claims[(row["c"], row["k"])] = {
+                            "c": row["c"],
+                            "k": row["k"],
+                            "i": row["i"],
+                            "s": row["s"],
+                        }
                 new = [c for key, c in claims.items() if key not in stored]
                 moves = [{**c, "e": stored[key]} for key, c in claims.items() if key in stored]
                 if claims:
@@ -358,8 +373,9 @@ class EventStore:
             cur.close()
         return Prepared(total, orjson.dumps(rows).decode(), bool(claims))
 
-    def finish(self, conn: psycopg2.extensions.connection, requests: Sequence[IngestRequest],
-               prepared: Prepared) -> tuple[int, int]:
+    def finish(
+        self, conn: psycopg2.extensions.connection, requests: Sequence[IngestRequest], prepared: Prepared
+    ) -> tuple[int, int]:
         """The serial section: take the position lock, write the prepared batch's events, its
         key batch row and its streams, and COMMIT, in one round trip."""
         total = prepared.total
@@ -367,8 +383,9 @@ class EventStore:
         cur = conn.cursor()
         try:
             try:
-                cur.execute(self._write_sql(keyed=prepared.keyed),
-                            params + (total,) if prepared.keyed else params)
+                cur.execute(
+                    self._write_sql(keyed=prepared.keyed), params + (total,) if prepared.keyed else params
+                )
                 first = cur.fetchone()[0]
             except BaseException:
                 self._abandon(conn, cur, requests)
@@ -382,8 +399,11 @@ class EventStore:
         return first, first + total
 
     @staticmethod
-    def _abandon(conn: psycopg2.extensions.connection, cur: psycopg2.extensions.cursor,
-                 requests: Sequence[IngestRequest]) -> None:
+    def _abandon(
+        conn: psycopg2.extensions.connection,
+        cur: psycopg2.extensions.cursor,
+        requests: Sequence[IngestRequest],
+    ) -> None:
         """Roll the batch's transaction back and forget what was planned for its requests."""
         if not conn.closed:
             try:
@@ -398,16 +418,16 @@ class EventStore:
         """The serial statement: with the row of a batch that claimed keys, or without."""
         return SQL_FINISH_KEYED if keyed else SQL_FINISH
 
-    def _plan_rows(self, requests: Sequence[IngestRequest],
-                   existing: dict[tuple[str, str], KeyedEvent]) -> list[dict[str, Any]]:
+    def _plan_rows(
+        self, requests: Sequence[IngestRequest], existing: dict[tuple[str, str], KeyedEvent]
+    ) -> list[dict[str, Any]]:
         """Decide each event's fate before any position is taken: a repeated key's original
         id, a refused request's error, or the next place in the batch. Results name the batch's
         n-th new event -n until the statement says where the batch starts."""
         place = 0
         rows: list[dict[str, Any]] = []
         for req in requests:
-            conflict = self._foreign_key(req, existing) if req.rekey \
-                else self._key_conflict(req, existing)
+            conflict = self._foreign_key(req, existing) if req.rekey else self._key_conflict(req, existing)
             if conflict is not None:
                 req.error = conflict
                 req.results = None
@@ -417,8 +437,7 @@ class EventStore:
             for ev in req.events:
                 if ev.key is not None:
                     seen = existing.get((client, ev.key))
-                    if seen is not None and (not req.rekey
-                                             or seen.same_event(ev.stream, ev.type, ev.data)):
+                    if seen is not None and (not req.rekey or seen.same_event(ev.stream, ev.type, ev.data)):
                         results.append(Written(seen.id, seen.stream, ev.key, duplicate=True))
                         continue
                 place += 1
@@ -426,14 +445,14 @@ class EventStore:
                     # A later event in this same batch with the same key repeats this one.
                     existing[(client, ev.key)] = KeyedEvent(-place, ev.stream, ev.type, ev.data)
                 results.append(Written(-place, ev.stream, ev.key))
-                rows.append({"i": place, "s": ev.stream, "t": ev.type, "d": ev.data, "c": client,
-                             "k": ev.key})
+                rows.append(
+                    {"i": place, "s": ev.stream, "t": ev.type, "d": ev.data, "c": client, "k": ev.key}
+                )
             req.results = results
         return rows
 
     @staticmethod
-    def _foreign_key(req: IngestRequest,
-                     existing: dict[tuple[str, str], KeyedEvent]) -> Problem | None:
+    def _foreign_key(req: IngestRequest, existing: dict[tuple[str, str], KeyedEvent]) -> Problem | None:
         """409 if a `rekey` request with an owner would move a key that names another owner's
         event (or one stored before owners were: it cannot be told apart from another's)."""
         if req.owner is None:
@@ -448,13 +467,16 @@ class EventStore:
                 doc = None
             owner = doc.get("publisher") if isinstance(doc, dict) else None
             if owner is None or owner != req.owner:
-                return Problem(409, "id-in-use", f"the id `{ev.key}` names another "
-                               "publisher's update; choose another id", key=ev.key)
+                return Problem(
+                    409,
+                    "id-in-use",
+                    f"the id `{ev.key}` names another publisher's update; choose another id",
+                    key=ev.key,
+                )
         return None
 
     @staticmethod
-    def _key_conflict(req: IngestRequest,
-                      existing: dict[tuple[str, str], KeyedEvent]) -> Problem | None:
+    def _key_conflict(req: IngestRequest, existing: dict[tuple[str, str], KeyedEvent]) -> Problem | None:
         """422 if any key of the request names a different event than it did before (another
         stream, type or data; the IETF Idempotency-Key draft's rule), else None."""
         client = req.client_id
@@ -467,17 +489,25 @@ class EventStore:
                 continue
             seen = existing.get((client, ev.key)) or mine.get(ev.key)
             if seen is not None and not seen.same_event(ev.stream, ev.type, ev.data):
-                return Problem(422, "idempotency-key-reused",
-                               f"key `{ev.key}` was used for a different event (stream "
-                               f"`{seen.stream}`); use a new key for a new event", key=ev.key)
+                return Problem(
+                    422,
+                    "idempotency-key-reused",
+                    f"key `{ev.key}` was used for a different event (stream "
+                    f"`{seen.stream}`); use a new key for a new event",
+                    key=ev.key,
+                )
             mine.setdefault(ev.key, KeyedEvent(0, ev.stream, ev.type, ev.data))
         return None
 
-    def _existing_keys(self, cur: psycopg2.extensions.cursor, requests: Sequence[IngestRequest],
-                       trip: Callable[[str, tuple[Any, ...]], None] | None = None,
-                       ) -> dict[tuple[str, str], KeyedEvent]:
-        keys = [{"c": req.client_id, "k": ev.key}
-                for req in requests for ev in req.events if ev.key is not None]
+    def _existing_keys(
+        self,
+        cur: psycopg2.extensions.cursor,
+        requests: Sequence[IngestRequest],
+        trip: Callable[[str, tuple[Any, ...]], None] | None = None,
+    ) -> dict[tuple[str, str], KeyedEvent]:
+        keys = [
+            {"c": req.client_id, "k": ev.key} for req in requests for ev in req.events if ev.key is not None
+        ]
         if not keys:
             return {}
         params = (orjson.dumps(keys).decode(),)
@@ -488,10 +518,17 @@ class EventStore:
         return {(c, k): KeyedEvent(i, s, t, d) for c, k, i, s, t, d in cur.fetchall()}
 
     # -- reads --------------------------------------------------------------------------------
-    def read_events(self, conn: psycopg2.extensions.connection, *, after: int, limit: int,
-                    client_id: str | None = None, streams: Iterable[str] | None = None,
-                    stream_regexes: Sequence[str] | None = None,
-                    upto: int | None = None) -> list[StoredEvent]:
+    def read_events(
+        self,
+        conn: psycopg2.extensions.connection,
+        *,
+        after: int,
+        limit: int,
+        client_id: str | None = None,
+        streams: Iterable[str] | None = None,
+        stream_regexes: Sequence[str] | None = None,
+        upto: int | None = None,
+    ) -> list[StoredEvent]:
         """Committed events with after < id (<= upto), oldest first, by client and/or streams.
 
         Every shape is an index range scan that stops after `limit` rows: by stream on
@@ -502,35 +539,55 @@ class EventStore:
         """
         if stream_regexes is not None and not stream_regexes and streams is None:
             return []
-        sql, params = self.read_query(after=after, limit=limit, client_id=client_id,
-                                      streams=streams, stream_regexes=stream_regexes, upto=upto)
+        sql, params = self.read_query(
+            after=after,
+            limit=limit,
+            client_id=client_id,
+            streams=streams,
+            stream_regexes=stream_regexes,
+            upto=upto,
+        )
         with conn.cursor() as cur:
             cur.execute(sql, params)
             return [StoredEvent(*row) for row in cur.fetchall()]
 
-    def read_with_topics(self, conn: psycopg2.extensions.connection, stream: str,
-                         topics: Sequence[str], *, after: int, upto: int,
-                         limit: int) -> list[StoredEvent]:
+    def read_with_topics(
+        self,
+        conn: psycopg2.extensions.connection,
+        stream: str,
+        topics: Sequence[str],
+        *,
+        after: int,
+        upto: int,
+        limit: int,
+    ) -> list[StoredEvent]:
         """Events of `stream` in (after, upto] whose data holds a `topics` array naming one of
         `topics`, oldest first: for the Mercure stream, through its topic index (migration
         0005), so the cost follows the updates that match, not every update kept."""
         with _transaction(conn) as cur:
             cur.execute(SQL_TOPICS_PLAN)
-            cur.execute(self.topics_query(stream),
-                        (stream, list(topics), after, upto, limit))
+            cur.execute(self.topics_query(stream), (stream, list(topics), after, upto, limit))
             return [StoredEvent(*row) for row in cur.fetchall()]
 
     @staticmethod
     def topics_query(stream: str) -> str:
         """`read_with_topics`'s statement (tests EXPLAIN it)."""
-        return ("SELECT " + _EVENT_COLUMNS + " FROM events WHERE stream = %s "
-                "AND ((data::jsonb) -> 'topics') ?| %s::text[] AND id > %s AND id <= %s "
-                "ORDER BY id LIMIT %s")
+        return (
+            "SELECT " + _EVENT_COLUMNS + " FROM events WHERE stream = %s "
+            "AND ((data::jsonb) -> 'topics') ?| %s::text[] AND id > %s AND id <= %s "
+            "ORDER BY id LIMIT %s"
+        )
 
-    def read_query(self, *, after: int, limit: int, client_id: str | None = None,
-                   streams: Iterable[str] | None = None,
-                   stream_regexes: Sequence[str] | None = None,
-                   upto: int | None = None) -> tuple[str, list[Any]]:
+    def read_query(
+        self,
+        *,
+        after: int,
+        limit: int,
+        client_id: str | None = None,
+        streams: Iterable[str] | None = None,
+        stream_regexes: Sequence[str] | None = None,
+        upto: int | None = None,
+    ) -> tuple[str, list[Any]]:
         """The statement `read_events` runs, and its parameters (tests EXPLAIN it)."""
         high = UPTO_MAX if upto is None else upto
         if streams is not None:
@@ -555,12 +612,10 @@ class EventStore:
                 where.append("stream ~ ANY(%s)")
                 params.append(list(stream_regexes))
             params.append(limit)
-            sql = ("SELECT {cols} FROM events WHERE " + " AND ".join(where)
-                   + " ORDER BY id LIMIT %s")
+            sql = "SELECT {cols} FROM events WHERE " + " AND ".join(where) + " ORDER BY id LIMIT %s"
         return sql.format(cols=_EVENT_COLUMNS), params
 
-    def key_position(self, conn: psycopg2.extensions.connection, client_id: str,
-                     key: str) -> int | None:
+    def key_position(self, conn: psycopg2.extensions.connection, client_id: str, key: str) -> int | None:
         """The position of the event stored under an idempotency key, if it is still kept."""
         with conn.cursor() as cur:
             cur.execute(SQL_KEY_POSITION, (client_id, key))
@@ -577,66 +632,81 @@ class EventStore:
         """Create the stream if it does not exist; True if this call created it. A name that
         was deleted before starts with its history gone up to the deletion."""
         with conn.cursor() as cur:
-            cur.execute("INSERT INTO streams (name, pruned_upto) SELECT %s, COALESCE("
-                        "(SELECT deleted_upto FROM stream_tombstones WHERE name = %s), 0) "
-                        "ON CONFLICT (name) DO NOTHING", (name, name))
+            cur.execute(
+                "INSERT INTO streams (name, pruned_upto) SELECT %s, COALESCE("
+                "(SELECT deleted_upto FROM stream_tombstones WHERE name = %s), 0) "
+                "ON CONFLICT (name) DO NOTHING",
+                (name, name),
+            )
             return cur.rowcount == 1
 
-    def set_retention(self, conn: psycopg2.extensions.connection, name: str,
-                      max_age_s: int | None, max_events: int | None) -> None:
+    def set_retention(
+        self, conn: psycopg2.extensions.connection, name: str, max_age_s: int | None, max_events: int | None
+    ) -> None:
         """Set (or, with None, clear) a stream's retention overrides."""
         with conn.cursor() as cur:
-            cur.execute("UPDATE streams SET retention_max_age_s = %s, retention_max_events = %s, "
-                        "count_checked_id = 0 WHERE name = %s", (max_age_s, max_events, name))
+            cur.execute(
+                "UPDATE streams SET retention_max_age_s = %s, retention_max_events = %s, "
+                "count_checked_id = 0 WHERE name = %s",
+                (max_age_s, max_events, name),
+            )
 
-    def describe_stream(self, conn: psycopg2.extensions.connection,
-                        name: str) -> dict[str, Any] | None:
+    def describe_stream(self, conn: psycopg2.extensions.connection, name: str) -> dict[str, Any] | None:
         """The stream's row: name, last id, creation time, retention overrides, and the oldest
         position it still holds (None when it holds nothing)."""
         with conn.cursor() as cur:
             cur.execute(
                 "SELECT name, last_id, to_char(created_at AT TIME ZONE 'UTC',"
-                " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), retention_max_age_s, retention_max_events,"
+                ' \'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\'), retention_max_age_s, retention_max_events,'
                 " (SELECT id FROM events WHERE stream = %s ORDER BY id LIMIT 1)"
-                " FROM streams WHERE name = %s", (name, name))
+                " FROM streams WHERE name = %s",
+                (name, name),
+            )
             row = cur.fetchone()
         if row is None:
             return None
-        return {"name": row[0], "lastId": str(row[1]) if row[1] else None, "createdAt": row[2],
-                "retention": {"maxAgeS": row[3], "maxEvents": row[4]},
-                "oldest": None if row[5] is None else str(row[5])}
+        return {
+            "name": row[0],
+            "lastId": str(row[1]) if row[1] else None,
+            "createdAt": row[2],
+            "retention": {"maxAgeS": row[3], "maxEvents": row[4]},
+            "oldest": None if row[5] is None else str(row[5]),
+        }
 
-    def retention_overrides(self, conn: psycopg2.extensions.connection,
-                            names: Sequence[str]) -> dict[str, tuple[int | None, int | None]]:
+    def retention_overrides(
+        self, conn: psycopg2.extensions.connection, names: Sequence[str]
+    ) -> dict[str, tuple[int | None, int | None]]:
         """The streams' own retention settings (None: the default), for those that exist."""
         with conn.cursor() as cur:
-            cur.execute("SELECT name, retention_max_age_s, retention_max_events FROM streams "
-                        "WHERE name = ANY(%s)", (list(names),))
+            cur.execute(
+                "SELECT name, retention_max_age_s, retention_max_events FROM streams WHERE name = ANY(%s)",
+                (list(names),),
+            )
             return {row[0]: (row[1], row[2]) for row in cur.fetchall()}
 
-    def existing_streams(self, conn: psycopg2.extensions.connection,
-                         names: Sequence[str]) -> set[str]:
+    def existing_streams(self, conn: psycopg2.extensions.connection, names: Sequence[str]) -> set[str]:
         with conn.cursor() as cur:
             cur.execute("SELECT name FROM streams WHERE name = ANY(%s)", (list(names),))
             return {row[0] for row in cur.fetchall()}
 
-    def streams_matching(self, conn: psycopg2.extensions.connection,
-                         regexes: Sequence[str]) -> list[str]:
+    def streams_matching(self, conn: psycopg2.extensions.connection, regexes: Sequence[str]) -> list[str]:
         """The streams whose names match any of the regexes (pattern subscriptions' catch-up):
         a pass over the streams table, never over events."""
         with conn.cursor() as cur:
             cur.execute("SELECT name FROM streams WHERE name ~ ANY(%s)", (list(regexes),))
             return [row[0] for row in cur.fetchall()]
 
-    def history_gone(self, conn: psycopg2.extensions.connection, names: Sequence[str],
-                     after: int) -> tuple[list[str], int | None] | None:
+    def history_gone(
+        self, conn: psycopg2.extensions.connection, names: Sequence[str], after: int
+    ) -> tuple[list[str], int | None] | None:
         """If some of `names` lost history after position `after` (pruned, or deleted and
         re-created), those streams and the oldest position they still hold; else None."""
         with conn.cursor() as cur:
             cur.execute(
                 "SELECT s.name, (SELECT id FROM events e WHERE e.stream = s.name ORDER BY e.id"
                 " LIMIT 1) FROM streams s WHERE s.name = ANY(%s) AND s.pruned_upto > %s",
-                (list(names), after))
+                (list(names), after),
+            )
             rows = cur.fetchall()
         if not rows:
             return None
@@ -667,26 +737,31 @@ class EventStore:
             existed = cur.rowcount == 1
             cur.execute(SQL_DELETE_STREAM_EVENTS, (name, name))
             if existed:
-                cur.execute("INSERT INTO stream_tombstones (name, deleted_upto) VALUES (%s, %s) "
-                            "ON CONFLICT (name) DO UPDATE SET deleted_upto = EXCLUDED.deleted_upto",
-                            (name, last))
+                cur.execute(
+                    "INSERT INTO stream_tombstones (name, deleted_upto) VALUES (%s, %s) "
+                    "ON CONFLICT (name) DO UPDATE SET deleted_upto = EXCLUDED.deleted_upto",
+                    (name, last),
+                )
         return existed
 
     # -- slices and retention -------------------------------------------------------------------
     def slices(self, conn: psycopg2.extensions.connection) -> list[Slice]:
         """The partitions of `events`, oldest first."""
         with conn.cursor() as cur:
-            cur.execute("SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
-                        "JOIN pg_class c ON c.oid = i.inhrelid "
-                        "WHERE i.inhparent = 'events'::regclass")
+            cur.execute(
+                "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                "JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'events'::regclass"
+            )
             found = []
             for name, bound in cur.fetchall():
                 lo, hi = (int(v) for v in re.findall(r"\('?(-?\d+)'?\)", bound))
                 found.append(Slice(name, lo, hi))
         return sorted(found, key=lambda s: s.lo)
 
-    def ensure_slices(self, conn: psycopg2.extensions.connection, upto: int,
-                      width: int | None = None) -> list[str]:
+    def ensure_slices(
+        self, conn: psycopg2.extensions.connection, upto: int, width: int | None = None
+    ) -> list[str]:
         """Create slices until positions up to `upto` have one; returns the names created.
         Each is made empty and attached (SHARE UPDATE EXCLUSIVE on `events`: reads and writes
         go on), under an advisory lock so processes do not race."""
@@ -700,34 +775,39 @@ class EventStore:
             while hi <= upto:
                 name = f"events_s{hi}"
                 cur.execute(f"CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS)")
-                cur.execute(f"ALTER TABLE {name} ADD CONSTRAINT {name}_range "
-                            f"CHECK (id >= {hi} AND id < {hi + width})")
-                cur.execute(f"ALTER TABLE events ATTACH PARTITION {name} "
-                            f"FOR VALUES FROM ({hi}) TO ({hi + width})")
+                cur.execute(
+                    f"ALTER TABLE {name} ADD CONSTRAINT {name}_range CHECK (id >= {hi} AND id < {hi + width})"
+                )
+                cur.execute(
+                    f"ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM ({hi}) TO ({hi + width})"
+                )
                 cur.execute(f"ALTER TABLE {name} DROP CONSTRAINT {name}_range")
                 created.append(name)
                 hi += width
         return created
 
-    def slice_newest(self, conn: psycopg2.extensions.connection,
-                     piece: Slice) -> tuple[int, float] | None:
+    def slice_newest(self, conn: psycopg2.extensions.connection, piece: Slice) -> tuple[int, float] | None:
         """The newest event of a slice: (position, age in seconds), or None if it is empty."""
         with conn.cursor() as cur:
-            cur.execute(f"SELECT id, extract(epoch FROM now() - created_at) FROM {piece.name} "
-                        "ORDER BY id DESC LIMIT 1")
+            cur.execute(
+                f"SELECT id, extract(epoch FROM now() - created_at) FROM {piece.name} "
+                "ORDER BY id DESC LIMIT 1"
+            )
             row = cur.fetchone()
         return None if row is None else (row[0], float(row[1]))
 
-    def retention_exempt(self, conn: psycopg2.extensions.connection,
-                         default_age_s: int) -> list[str]:
+    def retention_exempt(self, conn: psycopg2.extensions.connection, default_age_s: int) -> list[str]:
         """Streams that keep history longer than the default age (0 means forever)."""
         with conn.cursor() as cur:
-            cur.execute("SELECT name FROM streams WHERE retention_max_age_s = 0 "
-                        "OR retention_max_age_s > %s", (default_age_s,))
+            cur.execute(
+                "SELECT name FROM streams WHERE retention_max_age_s = 0 OR retention_max_age_s > %s",
+                (default_age_s,),
+            )
             return [row[0] for row in cur.fetchall()]
 
-    def drop_slice(self, conn: psycopg2.extensions.connection, piece: Slice,
-                   keep: Sequence[str], step: int = 50_000) -> int:
+    def drop_slice(
+        self, conn: psycopg2.extensions.connection, piece: Slice, keep: Sequence[str], step: int = 50_000
+    ) -> int:
         """Remove a slice whose events have all expired, except those of the `keep` streams
         (longer retention), which stay in a compacted copy of the slice. Records, per stream
         that lost events, that its history up to the slice's end is gone. Returns the number of
@@ -740,19 +820,22 @@ class EventStore:
         kept = 0
         while True:  # the slice's keys first, in bounded steps (a key lives as long as its event)
             with conn.cursor() as cur:  # keys that carry their position
-                cur.execute("DELETE FROM event_keys WHERE ctid = ANY(ARRAY(SELECT ctid FROM "
-                            "event_keys WHERE id >= %s AND id < %s AND NOT stream = ANY(%s) "
-                            "LIMIT %s))", (piece.lo, piece.hi, list(keep), step))
+                cur.execute(
+                    "DELETE FROM event_keys WHERE ctid = ANY(ARRAY(SELECT ctid FROM "
+                    "event_keys WHERE id >= %s AND id < %s AND NOT stream = ANY(%s) "
+                    "LIMIT %s))",
+                    (piece.lo, piece.hi, list(keep), step),
+                )
                 if cur.rowcount < step:
                     break
         for lo in range(piece.lo, piece.hi, step):  # keys that name a key batch: by the events
             with conn.cursor() as cur:
-                cur.execute(SQL_DROP_BATCH_KEYS.format(slice=piece.name),
-                            (lo, min(lo + step, piece.hi), list(keep)))
+                cur.execute(
+                    SQL_DROP_BATCH_KEYS.format(slice=piece.name), (lo, min(lo + step, piece.hi), list(keep))
+                )
         with conn.cursor() as cur:
             if keep:
-                cur.execute(f"SELECT count(*) FROM {piece.name} WHERE stream = ANY(%s)",
-                            (list(keep),))
+                cur.execute(f"SELECT count(*) FROM {piece.name} WHERE stream = ANY(%s)", (list(keep),))
                 kept = cur.fetchone()[0]
         if kept:
             self._compact_slice(conn, piece, keep)
@@ -764,8 +847,10 @@ class EventStore:
                 cur.execute("RESET lock_timeout")
             self._drop_key_batches(conn)
         with conn.cursor() as cur:
-            cur.execute("UPDATE streams SET pruned_upto = GREATEST(pruned_upto, %s) "
-                        "WHERE name = ANY(%s)", (piece.hi - 1, streams))
+            cur.execute(
+                "UPDATE streams SET pruned_upto = GREATEST(pruned_upto, %s) WHERE name = ANY(%s)",
+                (piece.hi - 1, streams),
+            )
         return total - kept
 
     def _drop_key_batches(self, conn: psycopg2.extensions.connection) -> None:
@@ -776,24 +861,26 @@ class EventStore:
             with conn.cursor() as cur:
                 cur.execute("DELETE FROM key_batches WHERE upto < %s", (held[0].lo,))
 
-    def _compact_slice(self, conn: psycopg2.extensions.connection, piece: Slice,
-                       keep: Sequence[str]) -> None:
+    def _compact_slice(self, conn: psycopg2.extensions.connection, piece: Slice, keep: Sequence[str]) -> None:
         """Swap a slice for a copy holding only the `keep` streams' events."""
         copy = f"events_c{piece.lo}_{int(time.time())}"
         with conn.cursor() as cur:
             cur.execute(f"CREATE TABLE {copy} (LIKE events INCLUDING DEFAULTS)")
-            cur.execute(f"INSERT INTO {copy} SELECT * FROM {piece.name} WHERE stream = ANY(%s)",
-                        (list(keep),))
-            cur.execute(f"ALTER TABLE {copy} ADD CONSTRAINT {copy}_range "
-                        f"CHECK (id >= {piece.lo} AND id < {piece.hi})")
+            cur.execute(
+                f"INSERT INTO {copy} SELECT * FROM {piece.name} WHERE stream = ANY(%s)", (list(keep),)
+            )
+            cur.execute(
+                f"ALTER TABLE {copy} ADD CONSTRAINT {copy}_range CHECK (id >= {piece.lo} AND id < {piece.hi})"
+            )
         try:
             with _transaction(conn) as cur:
                 # The swap needs an exclusive lock on `events` for a moment; waiting for it in
                 # the lock queue would hold up ingest behind it: give up fast, retry next round.
                 cur.execute("SET LOCAL lock_timeout = '250ms'")
                 cur.execute(f"ALTER TABLE events DETACH PARTITION {piece.name}")
-                cur.execute(f"ALTER TABLE events ATTACH PARTITION {copy} "
-                            f"FOR VALUES FROM ({piece.lo}) TO ({piece.hi})")
+                cur.execute(
+                    f"ALTER TABLE events ATTACH PARTITION {copy} FOR VALUES FROM ({piece.lo}) TO ({piece.hi})"
+                )
                 cur.execute(f"ALTER TABLE {copy} DROP CONSTRAINT {copy}_range")
                 cur.execute(f"DROP TABLE {piece.name}")
         except psycopg2.Error:
@@ -801,8 +888,9 @@ class EventStore:
                 cur.execute(f"DROP TABLE IF EXISTS {copy}")
             raise
 
-    def streams_to_trim(self, conn: psycopg2.extensions.connection, default_age_s: int,
-                        default_max_events: int) -> list[tuple[str, int, int]]:
+    def streams_to_trim(
+        self, conn: psycopg2.extensions.connection, default_age_s: int, default_max_events: int
+    ) -> list[tuple[str, int, int]]:
         """(stream, max age s or 0, max events or 0) for each stream whose own rules remove
         events row by row: an age of its own (shorter than the default, or longer: its events
         outlive their slices in compacted copies), or a count limit (only streams that
@@ -812,19 +900,28 @@ class EventStore:
                 "SELECT name, COALESCE(retention_max_age_s, 0), COALESCE(retention_max_events, %s)"
                 " FROM streams WHERE (retention_max_age_s > 0 AND (%s = 0 OR retention_max_age_s"
                 " <> %s)) OR (COALESCE(retention_max_events, %s) > 0 AND last_id > count_checked_id)",
-                (default_max_events, default_age_s, default_age_s, default_max_events))
+                (default_max_events, default_age_s, default_age_s, default_max_events),
+            )
             return [(r[0], int(r[1]), int(r[2])) for r in cur.fetchall()]
 
-    def trim_stream(self, conn: psycopg2.extensions.connection, stream: str, max_age_s: int,
-                    max_events: int, step: int = 5000) -> int:
+    def trim_stream(
+        self,
+        conn: psycopg2.extensions.connection,
+        stream: str,
+        max_age_s: int,
+        max_events: int,
+        step: int = 5000,
+    ) -> int:
         """Delete one bounded step of a stream's expired events (older than `max_age_s`, or
         beyond its newest `max_events`; 0 = no such limit) with their keys, oldest first;
         returns how many went (0: nothing more to do now)."""
         with conn.cursor() as cur:
             cutoff = -1  # with a count limit: every id up to this one is beyond it
             if max_events:
-                cur.execute("SELECT id FROM events WHERE stream = %s ORDER BY id DESC "
-                            "OFFSET %s LIMIT 1", (stream, max_events))
+                cur.execute(
+                    "SELECT id FROM events WHERE stream = %s ORDER BY id DESC OFFSET %s LIMIT 1",
+                    (stream, max_events),
+                )
                 row = cur.fetchone()
                 cutoff = row[0] if row else -1
             cur.execute(
@@ -832,26 +929,31 @@ class EventStore:
                 "DELETE FROM events e USING page WHERE e.stream = %s AND e.id = page.id AND "
                 "(e.id <= %s OR (%s > 0 AND e.created_at < now() - make_interval(secs => %s))) "
                 "RETURNING e.id, e.client_id, e.key",
-                (stream, step, stream, cutoff, max_age_s, float(max_age_s)))
+                (stream, step, stream, cutoff, max_age_s, float(max_age_s)),
+            )
             gone = cur.fetchall()
             keyed = [(c, k) for _, c, k in gone if k is not None]
             if keyed:
-                cur.execute("DELETE FROM event_keys WHERE (client_id, key) IN "
-                            "(SELECT * FROM unnest(%s::text[], %s::text[]))",
-                            ([c for c, _ in keyed], [k for _, k in keyed]))
+                cur.execute(
+                    "DELETE FROM event_keys WHERE (client_id, key) IN "
+                    "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    ([c for c, _ in keyed], [k for _, k in keyed]),
+                )
             if gone:
-                cur.execute("UPDATE streams SET pruned_upto = GREATEST(pruned_upto, %s) "
-                            "WHERE name = %s", (max(r[0] for r in gone), stream))
+                cur.execute(
+                    "UPDATE streams SET pruned_upto = GREATEST(pruned_upto, %s) WHERE name = %s",
+                    (max(r[0] for r in gone), stream),
+                )
             elif max_events:
-                cur.execute("UPDATE streams SET count_checked_id = last_id WHERE name = %s",
-                            (stream,))
+                cur.execute("UPDATE streams SET count_checked_id = last_id WHERE name = %s", (stream,))
         return len(gone)
 
     def identity(self, conn: psycopg2.extensions.connection) -> str:
         """Names this database uniquely (cluster system id + database), for Redis channels."""
         with conn.cursor() as cur:
-            cur.execute("SELECT system_identifier::text || ':' || current_database() "
-                        "FROM pg_control_system()")
+            cur.execute(
+                "SELECT system_identifier::text || ':' || current_database() FROM pg_control_system()"
+            )
             return cur.fetchone()[0]
 
     def ping(self, conn: psycopg2.extensions.connection) -> None:

@@ -6,6 +6,7 @@ heartbeats from the hub's ticker, parking and the hub's direct writes while idle
 disconnect handling. Only the bytes differ: each update is written as built once for all subscribers, its
 `id:` the update's own.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,9 +31,17 @@ class MercureConnection(StreamWriter):
 
     sub: MercureSubscription
 
-    def __init__(self, svc: StreamingServices, fanout: MercureFanout, sub: MercureSubscription,
-                 start: int | None, retry_ms: int, pace_key: str, environ: dict[str, Any],
-                 release: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        svc: StreamingServices,
+        fanout: MercureFanout,
+        sub: MercureSubscription,
+        start: int | None,
+        retry_ms: int,
+        pace_key: str,
+        environ: dict[str, Any],
+        release: Callable[[], None],
+    ) -> None:
         self.svc = svc
         self.fanout = fanout
         self.sub = sub
@@ -78,8 +87,14 @@ class MercureConnection(StreamWriter):
         sub, matcher = self.sub, self.fanout.matcher
         if self.start >= self.seam:
             return False
-        pages = catch_up(self.svc.pool, self.svc.store, [MERCURE_STREAM], self.start,
-                         self.seam, self.svc.settings.catchup_page)
+        pages = catch_up(
+            self.svc.pool,
+            self.svc.store,
+            [MERCURE_STREAM],
+            self.start,
+            self.seam,
+            self.svc.settings.catchup_page,
+        )
         if all(exact_topic(s) for s in sub.selectors):  # by the topic index
             pages = self._by_topics(list(sub.selectors))
         for rows in pages:
@@ -97,8 +112,9 @@ class MercureConnection(StreamWriter):
         after, page = self.start, self.svc.settings.catchup_page
         while after < self.seam:
             with self.svc.pool.connection() as conn:
-                rows = self.svc.store.read_with_topics(conn, MERCURE_STREAM, topics, after=after,
-                                                       upto=self.seam, limit=page)
+                rows = self.svc.store.read_with_topics(
+                    conn, MERCURE_STREAM, topics, after=after, upto=self.seam, limit=page
+                )
             if not rows:
                 return
             yield rows

@@ -7,6 +7,7 @@ through the `SelectorIndex` (topic -> live selectors, cached), so a delivery nev
 selector; a private update then goes only to subscribers whose `mercure.subscribe` claim
 matches one of its topics, each (claim selector, topic) pair decided once and cached.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ class MercureSubscription(Subscription):
     """A Mercure subscriber: its topic selectors, and what its token lets it see privately."""
 
     selectors: tuple[str, ...] = ()
-    allowed: tuple[str, ...] | None = None   # `mercure.subscribe`; None: public updates only
+    allowed: tuple[str, ...] | None = None  # `mercure.subscribe`; None: public updates only
 
     def wants(self, update: Update, matcher: Selectors) -> bool:
         """For catch-up (live delivery finds its subscribers through the index instead)."""
@@ -36,8 +37,7 @@ class MercureSubscription(Subscription):
 
 def live_update(position: int, update: Update) -> LiveEvent:
     """An update as the hub delivers it: `body` is its complete SSE event (with its own id)."""
-    return LiveEvent(position, MERCURE_STREAM, update.type or "message", update.data,
-                     update.sse())
+    return LiveEvent(position, MERCURE_STREAM, update.type or "message", update.data, update.sse())
 
 
 class MercureFanout:

@@ -6,6 +6,7 @@ the update through the batcher like any event; the answer (its id) comes after t
 Subscribing runs every check before the first byte (selectors, token, resume point, the
 process's connection cap, the fleet limits and reconnect pacing) and then streams.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,11 @@ EARLIEST = "earliest"
 
 def _door(svc: Services) -> MercureDoor:
     if svc.mercure is None:
-        raise Problem(404, "mercure-off", "the Mercure door is off: set MERCURE_PUBLISHER_JWT_KEY "
-                      "or MERCURE_SUBSCRIBER_JWT_KEY")
+        raise Problem(
+            404,
+            "mercure-off",
+            "the Mercure door is off: set MERCURE_PUBLISHER_JWT_KEY or MERCURE_SUBSCRIBER_JWT_KEY",
+        )
     return svc.mercure
 
 
@@ -69,11 +73,13 @@ def publish() -> Response:
     settings = svc.settings
     token, source = _token_and_source(allow_query=False)
     if token is None:
-        raise unauthorized("a publisher token is required (Authorization: Bearer, or the "
-                           "mercureAuthorization cookie)")
+        raise unauthorized(
+            "a publisher token is required (Authorization: Bearer, or the mercureAuthorization cookie)"
+        )
     if source == "cookie":  # a browser sends the cookie whoever made the form: CSRF
-        check_write_origin(request.headers, settings.mercure_publish_origins
-                           or settings.cors_origins, request.host)
+        check_write_origin(
+            request.headers, settings.mercure_publish_origins or settings.cors_origins, request.host
+        )
     claims = door.publishers.verify(token)
     if not claims.publish:
         raise Problem(403, "not-granted", "the token's `mercure.publish` claim grants no topic")
@@ -82,24 +88,27 @@ def publish() -> Response:
         raise Problem(415, "unsupported-media-type", f"publish with Content-Type: {FORM}")
     body = read_body(settings.max_body_bytes, settings.body_timeout_s)
     try:
-        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False,
-                        max_num_fields=settings.max_query_params)
+        form = parse_qs(
+            body.decode("utf-8"),
+            keep_blank_values=True,
+            strict_parsing=False,
+            max_num_fields=settings.max_query_params,
+        )
     except UnicodeDecodeError:
         raise Problem(400, "invalid-body", "the form must be UTF-8") from None
     except ValueError:
-        raise Problem(400, "invalid-body", f"at most {settings.max_query_params} form fields "
-                      "per update") from None
+        raise Problem(
+            400, "invalid-body", f"at most {settings.max_query_params} form fields per update"
+        ) from None
     update = parse_update(form, settings.max_data_bytes)
     matcher = door.fanout.matcher
     for topic in update.topics:
         if not any(matcher.matches(s, topic) for s in claims.publish):
-            raise Problem(403, "not-granted", f"the token may not publish to `{topic}`",
-                          topic=topic)
+            raise Problem(403, "not-granted", f"the token may not publish to `{topic}`", topic=topic)
     # Ids are scoped by publisher: its own it may give a new update (a resume then starts
     # after the newest); another's is refused (409), so none can move another's resume point.
     publisher = "sub:" + claims.subject if claims.subject else token_key(token)
-    req = IngestRequest(MERCURE_CLIENT, [update.to_event(publisher)], rekey=True,
-                        owner=publisher)
+    req = IngestRequest(MERCURE_CLIENT, [update.to_event(publisher)], rekey=True, owner=publisher)
     svc.batcher.commit(req, timeout=settings.ingest_commit_timeout_s)
     if any(not w.duplicate for w in req.results or []):
         svc.metrics.events_in.inc()
@@ -126,9 +135,13 @@ def _selectors(svc: Services) -> tuple[str, ...]:
     if not selectors:
         raise invalid_parameter("topic", "give at least one `topic` selector")
     if len(selectors) > svc.settings.subscribe_max_streams:
-        raise Problem(400, "too-many-topics", f"at most {svc.settings.subscribe_max_streams} "
-                      "topic selectors per subscription", field="topic",
-                      limit=svc.settings.subscribe_max_streams)
+        raise Problem(
+            400,
+            "too-many-topics",
+            f"at most {svc.settings.subscribe_max_streams} topic selectors per subscription",
+            field="topic",
+            limit=svc.settings.subscribe_max_streams,
+        )
     if not all(0 < len(s) <= TOPIC_MAX for s in selectors):
         raise invalid_parameter("topic", f"a topic selector is 1 to {TOPIC_MAX} characters")
     for selector in selectors:
@@ -156,8 +169,10 @@ def subscribe() -> Response:
     elif door.anonymous:
         claims = ANONYMOUS
     else:
-        raise unauthorized("a subscriber token is required (Authorization: Bearer, "
-                           "?authorization= or the mercureAuthorization cookie)")
+        raise unauthorized(
+            "a subscriber token is required (Authorization: Bearer, "
+            "?authorization= or the mercureAuthorization cookie)"
+        )
     try:
         start, answer_id = _resume(svc)
     except DatabaseUnavailable:
@@ -167,8 +182,7 @@ def subscribe() -> Response:
     # many browsers behind one address may share one subscriber token, and EventSource gives
     # up for good on an error status; MAX_CONNECTIONS_PER_TOKEN / _PER_IP bound what they hold.
     credential = token_key(token) if token is not None else f"anonymous:{request.remote_addr}"
-    pace_key = "m" + hashlib.sha256(
-        f"{credential}|{request.remote_addr}".encode()).hexdigest()[:24]
+    pace_key = "m" + hashlib.sha256(f"{credential}|{request.remote_addr}".encode()).hexdigest()[:24]
     if start is not None or answer_id is not None:
         _, retry = svc.backoff.connect(pace_key)
     else:
@@ -182,17 +196,22 @@ def subscribe() -> Response:
     svc.metrics.retry_ms.observe(retry)
     leeway = door.subscribers.leeway_s
     sub = MercureSubscription(
-        frozenset(), Mailbox(settings.subscriber_queue_max),
-        expires_at=claims.expires_at + leeway if claims.expires_at else 0.0, jti=claims.jti,
-        subject=claims.subject, issued_at=claims.issued_at, selectors=selectors,
-        allowed=claims.subscribe)
+        frozenset(),
+        Mailbox(settings.subscriber_queue_max),
+        expires_at=claims.expires_at + leeway if claims.expires_at else 0.0,
+        jti=claims.jti,
+        subject=claims.subject,
+        issued_at=claims.issued_at,
+        selectors=selectors,
+        allowed=claims.subscribe,
+    )
     try:
-        connection = MercureConnection(svc, door.fanout, sub, start, retry, pace_key,
-                                       request.environ, release)
+        connection = MercureConnection(
+            svc, door.fanout, sub, start, retry, pace_key, request.environ, release
+        )
     except BaseException:
         release()
         raise
-    response = Response(connection.stream(), status=200, mimetype=framing.content_type,
-                        headers=headers)
+    response = Response(connection.stream(), status=200, mimetype=framing.content_type, headers=headers)
     response.call_on_close(connection.response_closed)
     return response

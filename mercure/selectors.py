@@ -8,6 +8,7 @@ per delivery. A selector that is not a valid template (an unbalanced brace, say)
 itself. A template holds at most MAX_EXPRESSIONS expressions: a subscriber asking for more is
 refused (`400`); a token claim with more matches only itself (it grants less, never more).
 """
+
 from __future__ import annotations
 
 import re
@@ -22,14 +23,14 @@ _VARSPEC = re.compile(r"^[A-Za-z0-9_%][A-Za-z0-9_.%]*(?::[1-9][0-9]{0,3}|\*)?$")
 # What each expression operator's expansion may produce (RFC 6570 section 3.2).
 _UNRESERVED = r"[^/?#&=,;.{}\s]"
 _OPERATORS: dict[str, str] = {
-    "": rf"(?:{_UNRESERVED}|,)*",              # {var}: simple, reserved characters encoded
-    "+": r"[^\s{}]*",                            # {+var}: reserved characters kept
-    "#": r"(?:#[^\s{}]*)?",                      # {#var}: a fragment
-    ".": rf"(?:\.(?:{_UNRESERVED}|,)*)*",        # {.var}: labels
-    "/": r"(?:/[^/?#\s{}]*)*",                   # {/var}: path segments
-    ";": r"(?:;[^/?#\s{}]*)*",                   # {;var}: path parameters
-    "?": r"(?:\?[^#\s{}]*)?",                    # {?var}: a query
-    "&": r"(?:&[^#\s{}]*)*",                     # {&var}: query continuation
+    "": rf"(?:{_UNRESERVED}|,)*",  # {var}: simple, reserved characters encoded
+    "+": r"[^\s{}]*",  # {+var}: reserved characters kept
+    "#": r"(?:#[^\s{}]*)?",  # {#var}: a fragment
+    ".": rf"(?:\.(?:{_UNRESERVED}|,)*)*",  # {.var}: labels
+    "/": r"(?:/[^/?#\s{}]*)*",  # {/var}: path segments
+    ";": r"(?:;[^/?#\s{}]*)*",  # {;var}: path parameters
+    "?": r"(?:\?[^#\s{}]*)?",  # {?var}: a query
+    "&": r"(?:&[^#\s{}]*)*",  # {&var}: query continuation
 }
 
 
@@ -48,14 +49,14 @@ def compile_template(selector: str) -> LinearRegex | None:
     parts: list[str] = []
     pos, expressions = 0, 0
     for m in re.finditer(r"\{([^{}]*)\}", selector):
-        literal = selector[pos:m.start()]
+        literal = selector[pos : m.start()]
         if "{" in literal or "}" in literal:
             return None
         parts.append(re.escape(literal))
         body = m.group(1)
         op = body[:1] if body[:1] in _OPERATORS and body[:1] != "" else ""
-        names = body[len(op):].split(",")
-        if not body[len(op):] or not all(_VARSPEC.fullmatch(n) for n in names):
+        names = body[len(op) :].split(",")
+        if not body[len(op) :] or not all(_VARSPEC.fullmatch(n) for n in names):
             return None
         parts.append(_OPERATORS[op])
         pos, expressions = m.end(), expressions + 1

@@ -6,6 +6,7 @@ As on the native door, the algorithm is fixed by the configured key, never chose
 token's header, and verified tokens are cached until they expire. Revocations by `jti` or
 subject (`POST /api/v1/revocations`) apply here too.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,7 +29,7 @@ class MercureClaims:
     publish: tuple[str, ...] | None
     subscribe: tuple[str, ...] | None
     payload: Any
-    expires_at: float          # unix time; 0: no `exp`
+    expires_at: float  # unix time; 0: no `exp`
     jti: str | None
     subject: str
     issued_at: float | None
@@ -65,8 +66,14 @@ class MercureKey:
 class MercureTokens:
     """Verifies one kind of Mercure token (publisher or subscriber)."""
 
-    def __init__(self, key: MercureKey, *, leeway_s: float = 5.0,
-                 revocations: Revocations | None = None, cache_size: int = 10000) -> None:
+    def __init__(
+        self,
+        key: MercureKey,
+        *,
+        leeway_s: float = 5.0,
+        revocations: Revocations | None = None,
+        cache_size: int = 10000,
+    ) -> None:
         self.key = key
         self.leeway_s = leeway_s
         self.revocations = revocations
@@ -81,7 +88,8 @@ class MercureTokens:
             self._cache.pop(token)
             raise unauthorized("token has expired")
         if self.revocations is not None and self.revocations.revoked(
-                claims.jti, claims.subject, claims.issued_at):
+            claims.jti, claims.subject, claims.issued_at
+        ):
             raise unauthorized("token has been revoked")
         return claims
 
@@ -90,8 +98,9 @@ class MercureTokens:
             raise unauthorized("token is too long")
         check_compact_jws(token)
         try:
-            decoded = jwt.decode(token, self.key.key, algorithms=[self.key.alg],
-                                 leeway=self.leeway_s, options={"require": []})
+            decoded = jwt.decode(
+                token, self.key.key, algorithms=[self.key.alg], leeway=self.leeway_s, options={"require": []}
+            )
         except jwt.ExpiredSignatureError:
             raise unauthorized("token has expired") from None
         except jwt.InvalidAlgorithmError:
@@ -106,7 +115,11 @@ class MercureTokens:
             raise unauthorized("token claim `mercure` must be an object")
         exp, iat, jti, sub = (decoded.get(k) for k in ("exp", "iat", "jti", "sub"))
         return MercureClaims(
-            _selectors(claim, "publish"), _selectors(claim, "subscribe"), claim.get("payload"),
+            _selectors(claim, "publish"),
+            _selectors(claim, "subscribe"),
+            claim.get("payload"),
             float(exp) if isinstance(exp, (int, float)) else 0.0,
-            jti if isinstance(jti, str) else None, sub if isinstance(sub, str) else "",
-            float(iat) if isinstance(iat, (int, float)) else None)
+            jti if isinstance(jti, str) else None,
+            sub if isinstance(sub, str) else "",
+            float(iat) if isinstance(iat, (int, float)) else None,
+        )

@@ -6,6 +6,7 @@ update's id is the event's idempotency key under `MERCURE_CLIENT` (a client id n
 have: token subjects are non-empty), which makes a retried publish safe and lets any process
 find the position an id stands for. The event's data is a JSON document of the update.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -40,16 +41,28 @@ class Update:
     retry: int | None = None
 
     def to_event(self, publisher: str | None = None) -> NewEvent:
-        doc = {"topics": list(self.topics), "data": self.data, "private": self.private,
-               "id": self.id, "type": self.type, "retry": self.retry, "publisher": publisher}
-        return NewEvent(MERCURE_STREAM, self.type or DEFAULT_TYPE, orjson.dumps(doc).decode(),
-                        key=self.id)
+        doc = {
+            "topics": list(self.topics),
+            "data": self.data,
+            "private": self.private,
+            "id": self.id,
+            "type": self.type,
+            "retry": self.retry,
+            "publisher": publisher,
+        }
+        return NewEvent(MERCURE_STREAM, self.type or DEFAULT_TYPE, orjson.dumps(doc).decode(), key=self.id)
 
     @classmethod
     def from_data(cls, data: str) -> Update:
         doc = orjson.loads(data)
-        return cls(doc["id"], tuple(doc["topics"]), doc["data"], bool(doc["private"]),
-                   doc.get("type"), doc.get("retry"))
+        return cls(
+            doc["id"],
+            tuple(doc["topics"]),
+            doc["data"],
+            bool(doc["private"]),
+            doc.get("type"),
+            doc.get("retry"),
+        )
 
     def sse(self) -> bytes:
         """The event as every subscriber gets it (its `id:` is the update's, not per connection):
@@ -98,8 +111,12 @@ def parse_update(form: Mapping[str, Sequence[str]], max_data_bytes: int) -> Upda
         if not topic or len(topic) > TOPIC_MAX or any(c in topic for c in "\r\n\x00"):
             raise invalid_parameter("topic", f"a topic is 1 to {TOPIC_MAX} characters on one line")
         if reserved(topic):
-            raise Problem(400, "reserved-topic", f"topics under `{RESERVED_PATH}` belong to the "
-                          f"hub itself: {topic!r}", field="topic")
+            raise Problem(
+                400,
+                "reserved-topic",
+                f"topics under `{RESERVED_PATH}` belong to the hub itself: {topic!r}",
+                field="topic",
+            )
     data = _single(form, "data") or ""
     if "\x00" in data:
         raise invalid_parameter("data", "`data` must not contain NUL")
@@ -124,6 +141,4 @@ def parse_update(form: Mapping[str, Sequence[str]], max_data_bytes: int) -> Upda
             raise invalid_parameter("retry", "`retry` must be a non-negative integer (ms)")
         retry = int(raw_retry)
     private = "private" in form
-    return Update(update_id, tuple(dict.fromkeys(topics)), data, private, event_type or None,
-                  retry)
-
+    return Update(update_id, tuple(dict.fromkeys(topics)), data, private, event_type or None, retry)

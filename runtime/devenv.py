@@ -3,6 +3,7 @@ development secret kept in the data folder, and the process limits a server need
 
 `python app.py` and gunicorn's master (config/gunicorn.py) both complete their settings here.
 """
+
 from __future__ import annotations
 
 import gc
@@ -91,9 +92,12 @@ def prepare_settings(embedded: EmbeddedServices) -> Settings:
     if not settings.secrets and not settings.public_keys:
         secret = dev_secret(Path(settings.data_dir))
         settings = replace(settings, secrets={"dev": secret})
-        print("sluice: WARNING: no SLUICE_SECRET set; using a development secret from "
-              f"{Path(settings.data_dir) / 'dev-secret'}. Never run like this in production.",
-              file=sys.stderr, flush=True)
+        print(
+            "sluice: WARNING: no SLUICE_SECRET set; using a development secret from "
+            f"{Path(settings.data_dir) / 'dev-secret'}. Never run like this in production.",
+            file=sys.stderr,
+            flush=True,
+        )
     if settings.webhook_url and not settings.webhook_secret:  # development: the dev secret
         settings = replace(settings, webhook_secret=next(iter(settings.secrets.values())))
     if settings.production and (not settings.database_url or not settings.redis_url):
@@ -105,5 +109,4 @@ def configure_logging() -> None:
     """One log format for the process (`python app.py`, its CLI, and each gunicorn worker)."""
     import logging
 
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

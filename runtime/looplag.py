@@ -7,6 +7,7 @@ every 15 s still sees a short block). gevent's monitor thread (`max_blocking_tim
 greenlet that holds the loop past `report_s` and names it with its stack; the thread only
 records it (a thread must not take gevent's locks) and the ticker logs it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,9 @@ log = logging.getLogger("sluice.loop")
 class LoopLag:
     """The event loop's lag, measured continuously; blocks past `report_s` are logged."""
 
-    def __init__(self, gauge: Any = None, *, interval_s: float = 0.05, window_s: float = 10.0,
-                 report_s: float = 0.1) -> None:
+    def __init__(
+        self, gauge: Any = None, *, interval_s: float = 0.05, window_s: float = 10.0, report_s: float = 0.1
+    ) -> None:
         self.gauge = gauge
         self.interval_s = interval_s
         self.window_s = window_s
@@ -66,7 +68,7 @@ class LoopLag:
         self.worst_ever = max(self.worst_ever, lag)
         while self._recent and (self._recent[-1][1] <= lag or self._recent[0][0] < now - self.window_s):
             if self._recent[-1][1] <= lag:
-                self._recent.pop()      # a smaller lag before a larger one never is the worst
+                self._recent.pop()  # a smaller lag before a larger one never is the worst
             else:
                 self._recent.popleft()  # out of the window
         self._recent.append((now, lag))
@@ -78,8 +80,13 @@ class LoopLag:
             if name in reported:
                 continue  # the monitor saw the same block twice
             reported.add(name)
-            log.warning("the event loop was held %.0f ms (past %.0f ms) by %s%s", lag * 1000,
-                        past * 1000, name, "".join("\n  " + line.rstrip() for line in stack[-12:]))
+            log.warning(
+                "the event loop was held %.0f ms (past %.0f ms) by %s%s",
+                lag * 1000,
+                past * 1000,
+                name,
+                "".join("\n  " + line.rstrip() for line in stack[-12:]),
+            )
 
     # -- gevent's monitor thread --------------------------------------------------------------
     def _watch_blocks(self) -> None:
@@ -104,9 +111,6 @@ class LoopLag:
 
         if isinstance(event, gevent.events.EventLoopBlocked):
             lines = [str(line) for line in event.info]
-            start = next((i + 1 for i, line in enumerate(lines) if line.startswith("Blocked Stack")),
-                         0)
+            start = next((i + 1 for i, line in enumerate(lines) if line.startswith("Blocked Stack")), 0)
             stop = next((i for i, line in enumerate(lines) if line.startswith("Info:")), len(lines))
-            self._blocked.append((repr(event.greenlet), float(event.blocking_time),
-                                  lines[start:stop]))
-
+            self._blocked.append((repr(event.greenlet), float(event.blocking_time), lines[start:stop]))

@@ -5,6 +5,7 @@ before any worker imports prometheus_client, so every instrument writes to a per
 there, and `/metrics` (whichever worker answers) adds up all live workers. Point-in-time gauges
 are then refreshed by each worker every second instead of at scrape time.
 """
+
 from __future__ import annotations
 
 import gc
@@ -34,44 +35,85 @@ class AppMetrics:
         live: dict[str, Any] = {"multiprocess_mode": "livesum"}  # summed over live workers
         self.batcher = BatcherMetrics(reg)
         self.events_in = Counter("sluice_events_in", "Events committed by ingest", registry=reg)
-        self.events_out = Counter("sluice_events_out", "Event deliveries to subscribers (one "
-                                  "event to one connection counts once)", registry=reg)
-        self.responses = Counter("sluice_http_responses", "HTTP responses by route and status",
-                                 ["route", "status"], registry=reg)
-        self.pool_in_use = Gauge("sluice_db_pool_in_use", "Database connections borrowed now",
-                                 registry=reg, **live)
-        self.pool_waiting = Gauge("sluice_db_pool_waiters", "Callers waiting for a connection",
-                                  registry=reg, **live)
-        self.pool_open = Gauge("sluice_db_pool_open", "Database connections open",
-                               registry=reg, **live)
-        self.slow_consumers = Counter("sluice_slow_consumer_disconnects",
-                                      "Subscribers cut loose because their queue filled",
-                                      registry=reg)
+        self.events_out = Counter(
+            "sluice_events_out",
+            "Event deliveries to subscribers (one event to one connection counts once)",
+            registry=reg,
+        )
+        self.responses = Counter(
+            "sluice_http_responses", "HTTP responses by route and status", ["route", "status"], registry=reg
+        )
+        self.pool_in_use = Gauge(
+            "sluice_db_pool_in_use", "Database connections borrowed now", registry=reg, **live
+        )
+        self.pool_waiting = Gauge(
+            "sluice_db_pool_waiters", "Callers waiting for a connection", registry=reg, **live
+        )
+        self.pool_open = Gauge("sluice_db_pool_open", "Database connections open", registry=reg, **live)
+        self.slow_consumers = Counter(
+            "sluice_slow_consumer_disconnects",
+            "Subscribers cut loose because their queue filled",
+            registry=reg,
+        )
         self.subscribers = Gauge("sluice_subscribers", "Subscriptions held", registry=reg, **live)
-        self.connections = Gauge("sluice_connections", "Subscriber connections held, by "
-                                 "transport", ["transport"], registry=reg, **live)
-        self.retry_ms = Histogram("sluice_sse_retry_ms", "`retry:` values handed to SSE clients",
-                                  registry=reg, buckets=RETRY_BUCKETS_MS)
-        self.greenlets = Gauge("sluice_greenlets", "Greenlets alive (counted by a heap scan: a "
-                               "leak shows here)", registry=reg, **live)
-        self.shed = Counter("sluice_stream_connections_shed",
-                            "Subscribe requests turned away at MAX_STREAM_CONNECTIONS",
-                            ["transport"], registry=reg)
-        self.authorize = Counter("sluice_authorize_requests",
-                                 "Origin authorization checks by outcome (granted, denied, "
-                                 "unavailable: asked the origin; cached: did not)",
-                                 ["outcome"], registry=reg)
-        self.limited = Counter("sluice_connection_limit_refusals",
-                               "Subscribe requests refused by MAX_CONNECTIONS_PER_TOKEN / _IP "
-                               "or MAX_RECONNECTS", ["limit"], registry=reg)
-        self.webhook = Counter("sluice_webhook_notices", "Subscription notices for the origin by "
-                               "outcome (sent, dropped)", ["outcome"], registry=reg)
-        self.pruned = Counter("sluice_retention_removed", "Expired history removed by retention "
-                              "(events, and whole storage slices)", ["what"], registry=reg)
-        self.loop_lag = Gauge("sluice_event_loop_lag_seconds", "The worst event-loop lag of the "
-                              "last 10 s: how late a 50 ms ticker woke (a request that holds "
-                              "the loop delays every connection by this much)", registry=reg,
-                              multiprocess_mode="max")
+        self.connections = Gauge(
+            "sluice_connections",
+            "Subscriber connections held, by transport",
+            ["transport"],
+            registry=reg,
+            **live,
+        )
+        self.retry_ms = Histogram(
+            "sluice_sse_retry_ms",
+            "`retry:` values handed to SSE clients",
+            registry=reg,
+            buckets=RETRY_BUCKETS_MS,
+        )
+        self.greenlets = Gauge(
+            "sluice_greenlets",
+            "Greenlets alive (counted by a heap scan: a leak shows here)",
+            registry=reg,
+            **live,
+        )
+        self.shed = Counter(
+            "sluice_stream_connections_shed",
+            "Subscribe requests turned away at MAX_STREAM_CONNECTIONS",
+            ["transport"],
+            registry=reg,
+        )
+        self.authorize = Counter(
+            "sluice_authorize_requests",
+            "Origin authorization checks by outcome (granted, denied, "
+            "unavailable: asked the origin; cached: did not)",
+            ["outcome"],
+            registry=reg,
+        )
+        self.limited = Counter(
+            "sluice_connection_limit_refusals",
+            "Subscribe requests refused by MAX_CONNECTIONS_PER_TOKEN / _IP or MAX_RECONNECTS",
+            ["limit"],
+            registry=reg,
+        )
+        self.webhook = Counter(
+            "sluice_webhook_notices",
+            "Subscription notices for the origin by outcome (sent, dropped)",
+            ["outcome"],
+            registry=reg,
+        )
+        self.pruned = Counter(
+            "sluice_retention_removed",
+            "Expired history removed by retention (events, and whole storage slices)",
+            ["what"],
+            registry=reg,
+        )
+        self.loop_lag = Gauge(
+            "sluice_event_loop_lag_seconds",
+            "The worst event-loop lag of the "
+            "last 10 s: how late a 50 ms ticker woke (a request that holds "
+            "the loop delays every connection by this much)",
+            registry=reg,
+            multiprocess_mode="max",
+        )
         self.loop = LoopLag(self.loop_lag)
         self._children: dict[tuple[str, int], Any] = {}
         self._unsent: dict[tuple[str, int], int] = {}  # responses not yet in the counter

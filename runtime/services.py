@@ -4,6 +4,7 @@
 and wires the batcher, the hub, auth, presence, webhooks and metrics together. Nothing here
 knows about Flask; `web.app.create_app` turns a `Services` into an application.
 """
+
 from __future__ import annotations
 
 import logging
@@ -92,10 +93,12 @@ class Services:
 def connect_redis(settings: Settings) -> Any:
     """A Redis client with short timeouts (Heroku Redis: TLS without a verifiable chain)."""
     url = settings.redis_url or ""
-    tls: dict[str, Any] = {"ssl_cert_reqs": None} \
-        if url.startswith("rediss://") and not settings.redis_verify_tls else {}
-    return redis_lib.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
-                                    health_check_interval=10, **tls)
+    tls: dict[str, Any] = (
+        {"ssl_cert_reqs": None} if url.startswith("rediss://") and not settings.redis_verify_tls else {}
+    )
+    return redis_lib.Redis.from_url(
+        url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10, **tls
+    )
 
 
 def migrate(settings: Settings) -> list[str]:
@@ -113,11 +116,14 @@ def migrate(settings: Settings) -> list[str]:
 
 def build_services(settings: Settings) -> Services:
     """Connect to Postgres and Redis, apply migrations, and start the batcher and the hub."""
-    if not settings.database_url or not settings.redis_url or not (settings.secrets
-                                                                    or settings.public_keys):
+    if not settings.database_url or not settings.redis_url or not (settings.secrets or settings.public_keys):
         raise SettingsError("build_services needs DATABASE_URL, REDIS_URL and a key")
-    pool = Pool(settings.database_url, settings.db_pool_size, settings.db_pool_timeout_s,
-                settings.db_connect_timeout_s)
+    pool = Pool(
+        settings.database_url,
+        settings.db_pool_size,
+        settings.db_pool_timeout_s,
+        settings.db_connect_timeout_s,
+    )
     store = EventStore(settings.storage_slice_positions)
     with pool.connection(timeout_s=30) as conn:
         applied = store.migrate(conn)
@@ -126,50 +132,104 @@ def build_services(settings: Settings) -> Services:
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
     metrics = AppMetrics()
-    batcher = Batcher(store, pool, max_events=settings.batch_max_events,
-                      max_wait_ms=settings.batch_max_wait_ms,
-                      max_backlog=settings.ingest_max_backlog, metrics=metrics.batcher).start()
+    batcher = Batcher(
+        store,
+        pool,
+        max_events=settings.batch_max_events,
+        max_wait_ms=settings.batch_max_wait_ms,
+        max_backlog=settings.ingest_max_backlog,
+        metrics=metrics.batcher,
+    ).start()
     redis = connect_redis(settings)
-    revocations = Revocations(redis, namespace=f"sluice:{identity}",
-                              keep_s=settings.revocation_keep_s, ledger=PgLedger(pool)).start()
-    tokens = TokenVerifier(settings.secrets, public_keys=settings.public_keys,
-                           leeway_s=settings.token_leeway_s, redis=redis, revocations=revocations)
-    hub = Hub(store, pool, redis, channel=f"sluice:{identity}:commits",
-              overflow_counter=metrics.slow_consumers, heartbeat_s=settings.heartbeat_s,
-              write_timeout_s=settings.sse_write_timeout_s,
-              stream_cache_s=settings.stream_cache_s).start()
+    revocations = Revocations(
+        redis, namespace=f"sluice:{identity}", keep_s=settings.revocation_keep_s, ledger=PgLedger(pool)
+    ).start()
+    tokens = TokenVerifier(
+        settings.secrets,
+        public_keys=settings.public_keys,
+        leeway_s=settings.token_leeway_s,
+        redis=redis,
+        revocations=revocations,
+    )
+    hub = Hub(
+        store,
+        pool,
+        redis,
+        channel=f"sluice:{identity}:commits",
+        overflow_counter=metrics.slow_consumers,
+        heartbeat_s=settings.heartbeat_s,
+        write_timeout_s=settings.sse_write_timeout_s,
+        stream_cache_s=settings.stream_cache_s,
+    ).start()
     batcher.add_listener(hub.on_commit)
     revocations.listeners.append(hub.revoke)
     hub.admits = revocations.still_admits
-    backoff = Backoff(redis, base_ms=settings.retry_base_ms, max_ms=settings.retry_max_ms,
-                      window_s=settings.retry_window_s)
-    limits = ConnectionLimits(settings.max_connections_per_token, settings.max_connections_per_ip,
-                              refused=metrics.limited, redis=redis,
-                              namespace=f"sluice:{identity}").start()
+    backoff = Backoff(
+        redis, base_ms=settings.retry_base_ms, max_ms=settings.retry_max_ms, window_s=settings.retry_window_s
+    )
+    limits = ConnectionLimits(
+        settings.max_connections_per_token,
+        settings.max_connections_per_ip,
+        refused=metrics.limited,
+        redis=redis,
+        namespace=f"sluice:{identity}",
+    ).start()
     authorizer = None
     if settings.authorize_url:
-        authorizer = OriginAuthorizer(settings.authorize_url,
-                                      forward_headers=settings.authorize_forward_headers,
-                                      timeout_s=settings.authorize_timeout_s,
-                                      max_ttl_s=settings.authorize_max_ttl_s, redis=redis,
-                                      metrics=metrics.authorize, revocations=revocations,
-                                      namespace=f"sluice:{identity}")
+        authorizer = OriginAuthorizer(
+            settings.authorize_url,
+            forward_headers=settings.authorize_forward_headers,
+            timeout_s=settings.authorize_timeout_s,
+            max_ttl_s=settings.authorize_max_ttl_s,
+            redis=redis,
+            metrics=metrics.authorize,
+            revocations=revocations,
+            namespace=f"sluice:{identity}",
+        )
     notifier = None
     if settings.webhook_url and settings.webhook_secret:
-        notifier = WebhookNotifier(settings.webhook_url, settings.webhook_secret,
-                                   timeout_s=settings.webhook_timeout_s,
-                                   metrics=metrics.webhook).start()
-    presence = Presence(redis, hub, namespace=f"sluice:{identity}", notifier=notifier,
-                        grace_s=settings.webhook_grace_s).start()
-    pruner = Pruner(store, pool, max_age_s=settings.retention_max_age_s,
-                    max_events=settings.retention_max_events, every_s=settings.retention_prune_s,
-                    slice_width=settings.storage_slice_positions, metrics=metrics.pruned).start()
-    pending = PendingMirror(redis, batcher, namespace=f"sluice:{identity}",
-                            process_id=presence.process_id).start() \
-        if settings.pending_fleet else None
-    services = Services(settings, pool, store, batcher, tokens, redis, metrics, hub, backoff,
-                        limits, presence, pruner, pending, revocations, authorizer, notifier,
-                        build_door(settings, hub, revocations))
+        notifier = WebhookNotifier(
+            settings.webhook_url,
+            settings.webhook_secret,
+            timeout_s=settings.webhook_timeout_s,
+            metrics=metrics.webhook,
+        ).start()
+    presence = Presence(
+        redis, hub, namespace=f"sluice:{identity}", notifier=notifier, grace_s=settings.webhook_grace_s
+    ).start()
+    pruner = Pruner(
+        store,
+        pool,
+        max_age_s=settings.retention_max_age_s,
+        max_events=settings.retention_max_events,
+        every_s=settings.retention_prune_s,
+        slice_width=settings.storage_slice_positions,
+        metrics=metrics.pruned,
+    ).start()
+    pending = (
+        PendingMirror(redis, batcher, namespace=f"sluice:{identity}", process_id=presence.process_id).start()
+        if settings.pending_fleet
+        else None
+    )
+    services = Services(
+        settings,
+        pool,
+        store,
+        batcher,
+        tokens,
+        redis,
+        metrics,
+        hub,
+        backoff,
+        limits,
+        presence,
+        pruner,
+        pending,
+        revocations,
+        authorizer,
+        notifier,
+        build_door(settings, hub, revocations),
+    )
     metrics.start(services)
     presence.stats = lambda: snapshot(services)
     return services

@@ -1,6 +1,7 @@
 """Which streams are busy: every hub sees every commit of the fleet, so each process can count
 events per stream for the whole fleet without asking anyone (the dashboard's streams table).
 Bounded: the least recently active streams are forgotten first."""
+
 from __future__ import annotations
 
 import time

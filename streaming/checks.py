@@ -3,6 +3,7 @@ the grants, the resume point, the connection id and the streams' existence. A fa
 raises a Problem (400 malformed, 401 token, 403 not granted, 404 unknown stream), so the client
 gets a status and a body instead of a stream; SSE and long-poll share it all.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,25 +27,25 @@ class SubscribeRequest:
     """The parts of an HTTP subscribe request the checks read, taken out by the HTTP layer."""
 
     streams: list[str]
-    token: str | None              # from Authorization, ?token= or the sluice_token cookie
-    headers: Mapping[str, str]     # for the origin, when there is no token
-    address: str | None            # the client address (after PROXY_HOPS)
-    last_event_id: str | None      # Last-Event-ID, ?lastEventId= or ?cursor=
-    sid: str | None                # ?sid=
+    token: str | None  # from Authorization, ?token= or the sluice_token cookie
+    headers: Mapping[str, str]  # for the origin, when there is no token
+    address: str | None  # the client address (after PROXY_HOPS)
+    last_event_id: str | None  # Last-Event-ID, ?lastEventId= or ?cursor=
+    sid: str | None  # ?sid=
 
 
 @dataclass
 class Checked:
     """A subscribe request that passed every check: what to send and from where."""
 
-    streams: list[str]      # exact stream names
-    resume: int | None      # resume after this position; None means "from now"
-    sid: str | None         # connection id carried in from Last-Event-ID or ?sid=
-    subject: str = ""       # the token's subject
-    token_key: str = ""     # identifies the credential, for MAX_CONNECTIONS_PER_TOKEN
-    expires_at: float = 0.0           # when the credential stops admitting (unix time; 0: never)
-    jti: str | None = None            # the token's id, for revocation by jti
-    issued_at: float | None = None    # the token's iat, for revocation by subject
+    streams: list[str]  # exact stream names
+    resume: int | None  # resume after this position; None means "from now"
+    sid: str | None  # connection id carried in from Last-Event-ID or ?sid=
+    subject: str = ""  # the token's subject
+    token_key: str = ""  # identifies the credential, for MAX_CONNECTIONS_PER_TOKEN
+    expires_at: float = 0.0  # when the credential stops admitting (unix time; 0: never)
+    jti: str | None = None  # the token's id, for revocation by jti
+    issued_at: float | None = None  # the token's iat, for revocation by subject
     patterns: list[str] = field(default_factory=list)  # `room/*`: matching streams, even later
     # With patterns: may this credential subscribe to a stream a pattern matched? (The same
     # grant a direct subscribe asks; memoised per stream name by the grant.)
@@ -95,24 +96,34 @@ def check_subscribe(svc: StreamingServices, req: SubscribeRequest) -> Checked:
     if not streams:
         raise invalid_parameter("stream", "name at least one `stream`")
     if len(streams) > settings.subscribe_max_streams:
-        raise Problem(400, "too-many-streams", f"at most {settings.subscribe_max_streams} streams "
-                      "per subscription", field="stream", limit=settings.subscribe_max_streams)
+        raise Problem(
+            400,
+            "too-many-streams",
+            f"at most {settings.subscribe_max_streams} streams per subscription",
+            field="stream",
+            limit=settings.subscribe_max_streams,
+        )
     streams = list(dict.fromkeys(streams))
     patterns = [s for s in streams if is_pattern(s)]
     streams = [s for s in streams if not is_pattern(s)]
     if not all(valid_stream(stream) for stream in streams):
         raise invalid_stream()
     if not all(valid_pattern(p) for p in patterns):
-        raise Problem(400, "invalid-stream", "a pattern is a stream name with `*` for one "
-                      "segment or a trailing `/**` (or `**` alone)", field="stream")
+        raise Problem(
+            400,
+            "invalid-stream",
+            "a pattern is a stream name with `*` for one segment or a trailing `/**` (or `**` alone)",
+            field="stream",
+        )
     if req.token is not None:
         principal = svc.tokens.verify(req.token)
         key = token_key(req.token)
     elif svc.authorizer is not None:  # no token: ask the origin (raises OriginUnavailable)
         principal, key = svc.authorizer.authorize(req.headers, streams + patterns, req.address)
     else:
-        raise unauthorized("a token is required (Authorization: Bearer <token>, ?token= or "
-                           "the sluice_token cookie)")
+        raise unauthorized(
+            "a token is required (Authorization: Bearer <token>, ?token= or the sluice_token cookie)"
+        )
     for stream in streams:
         if not principal.subscribe.allows(stream):
             raise not_granted("subscribe", stream)
@@ -124,8 +135,9 @@ def check_subscribe(svc: StreamingServices, req: SubscribeRequest) -> Checked:
         try:
             sid, resume = parse_last_event_id(req.last_event_id)
         except ValueError:
-            raise Problem(400, "invalid-last-event-id",
-                          "Last-Event-ID must be `<sid>.<position>` or a position") from None
+            raise Problem(
+                400, "invalid-last-event-id", "Last-Event-ID must be `<sid>.<position>` or a position"
+            ) from None
     if req.sid and not sid:
         if not valid_sid(req.sid):
             raise invalid_parameter("sid", "bad `sid`")
@@ -135,8 +147,15 @@ def check_subscribe(svc: StreamingServices, req: SubscribeRequest) -> Checked:
         raise unknown_stream(sorted(missing)[0])
     leeway = svc.tokens.leeway_s if req.token is not None else 0.0
     jti, iat = principal.claims.get("jti"), principal.claims.get("iat")
-    return Checked(streams, resume, sid, principal.subject, key,
-                   expires_at=principal.expires_at + leeway if principal.expires_at else 0.0,
-                   jti=jti if isinstance(jti, str) else None,
-                   issued_at=float(iat) if isinstance(iat, (int, float)) else None,
-                   patterns=patterns, admits=principal.subscribe.allows if patterns else None)
+    return Checked(
+        streams,
+        resume,
+        sid,
+        principal.subject,
+        key,
+        expires_at=principal.expires_at + leeway if principal.expires_at else 0.0,
+        jti=jti if isinstance(jti, str) else None,
+        issued_at=float(iat) if isinstance(iat, (int, float)) else None,
+        patterns=patterns,
+        admits=principal.subscribe.allows if patterns else None,
+    )

@@ -12,6 +12,7 @@ generator goes on with the live deliveries from the queue (`_live`). At the end:
 or, for a deleted stream, `event: end`. The hub's one ticker sends heartbeats and ends stuck
 writes; `DisconnectWatch` notices a client that left while its stream is idle.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,7 +67,7 @@ class DisconnectWatch:
                 self.stop()  # the client sent bytes: not an EventSource; nothing to close
                 return
         except BlockingIOError:
-            return           # woken for nothing: keep watching
+            return  # woken for nothing: keep watching
         except OSError:
             pass
         self.stop()
@@ -86,22 +87,22 @@ class StreamWriter:
 
     svc: StreamingServices
     sub: Subscription
-    environ: dict[str, Any] | None   # dropped once parked
-    seam: int            # live delivery starts after this position (the hub's, at subscribe)
-    start: int           # the position this connection resumes after
+    environ: dict[str, Any] | None  # dropped once parked
+    seam: int  # live delivery starts after this position (the hub's, at subscribe)
+    start: int  # the position this connection resumes after
     opened_at: float
     retry_ms: int
-    pace_key: str        # reconnect pacing is keyed by this
+    pace_key: str  # reconnect pacing is keyed by this
     sink_sid: str | None = None  # the `id:` prefix of direct writes; None: bodies carry their id
 
-    release: Callable[[], None]   # gives back the connection-limit slots
+    release: Callable[[], None]  # gives back the connection-limit slots
     ended: bool = False
     parked: bool = False
-    raw: Any = None               # a parked connection's socket
-    chunked: bool = False         # ... and whether its response is chunk-framed
+    raw: Any = None  # a parked connection's socket
+    chunked: bool = False  # ... and whether its response is chunk-framed
     sink: DirectSink | None = None
-    pumping: bool = False         # a parked connection's writer greenlet runs
-    deleted: bool = False         # the stream was deleted: no `retry:` after `event: end`
+    pumping: bool = False  # a parked connection's writer greenlet runs
+    deleted: bool = False  # the stream was deleted: no `retry:` after `event: end`
     _at_end: list[Callable[[], None]] | None = None
 
     def end(self) -> None:
@@ -147,8 +148,10 @@ class StreamWriter:
         """After the last byte: a connection that stayed up resets its reconnect pacing (its
         next reconnect starts short), then it leaves everything it joined."""
         self.sub.sink = None
-        if time.monotonic() - self.opened_at >= self.svc.settings.retry_reset_after_s \
-                and not self.sub.overflowed:
+        if (
+            time.monotonic() - self.opened_at >= self.svc.settings.retry_reset_after_s
+            and not self.sub.overflowed
+        ):
             self.svc.backoff.healthy(self.pace_key)
         self.end()
         self._unwatch()
@@ -239,7 +242,7 @@ class StreamWriter:
         self.raw, self.chunked = taken
         self.parked = True
         environ[PARKED_KEY] = self  # the request log's line waits for the real end
-        self.environ = None         # pywsgi frees it, and everything else of the request
+        self.environ = None  # pywsgi frees it, and everything else of the request
         self._unwatch()
         raw, sub = self.raw, self.sub
         self.sock = None
@@ -332,9 +335,18 @@ class StreamWriter:
 class SSEConnection(StreamWriter):
     """A subscription admitted by the checks, and everything it writes (native door)."""
 
-    def __init__(self, svc: StreamingServices, checked: Checked, sid: str, retry_ms: int,
-                 environ: dict[str, Any], release: Callable[[], None], *, hello: bool = False,
-                 envelope: bool = False) -> None:
+    def __init__(
+        self,
+        svc: StreamingServices,
+        checked: Checked,
+        sid: str,
+        retry_ms: int,
+        environ: dict[str, Any],
+        release: Callable[[], None],
+        *,
+        hello: bool = False,
+        envelope: bool = False,
+    ) -> None:
         self.svc = svc
         self.checked = checked
         self.sid = sid
@@ -345,9 +357,15 @@ class SSEConnection(StreamWriter):
         self.opened_at = time.monotonic()
         self.takeover = checked.sid is not None  # a reconnect: an older connection loses
         self.sub, self.seam = svc.hub.subscribe(
-            checked.streams, svc.settings.subscriber_queue_max, expires_at=checked.expires_at,
-            jti=checked.jti, subject=checked.subject, issued_at=checked.issued_at,
-            patterns=checked.patterns, admits=checked.admits)
+            checked.streams,
+            svc.settings.subscriber_queue_max,
+            expires_at=checked.expires_at,
+            jti=checked.jti,
+            subject=checked.subject,
+            issued_at=checked.issued_at,
+            patterns=checked.patterns,
+            admits=checked.admits,
+        )
         self.sub.envelope = envelope
         self.start = self.seam if checked.resume is None else checked.resume
         svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)
@@ -357,8 +375,7 @@ class SSEConnection(StreamWriter):
 
     def _leave(self) -> None:
         """Presence first (the leave is recorded), then the hub."""
-        self.svc.presence.leave(self.sub, self.sid, self.checked.subject,
-                                takeover=self.takeover)
+        self.svc.presence.leave(self.sub, self.sid, self.checked.subject, takeover=self.takeover)
         self.svc.hub.unsubscribe(self.sub)
 
     # -- the response body --------------------------------------------------------------------
@@ -407,22 +424,33 @@ class SSEConnection(StreamWriter):
     def _catch_up(self) -> Generator[bytes, None, bool]:
         """History pages up to the seam; returns True if the subscription closed meanwhile."""
         sub = self.sub
-        streams = streams_for(self.svc.pool, self.svc.store, self.checked.streams,
-                              self.checked.patterns, self.checked.admits) if self.start < self.seam else []
-        for rows in catch_up(self.svc.pool, self.svc.store, streams, self.start,
-                             self.seam, self.svc.settings.catchup_page):
+        streams = (
+            streams_for(
+                self.svc.pool,
+                self.svc.store,
+                self.checked.streams,
+                self.checked.patterns,
+                self.checked.admits,
+            )
+            if self.start < self.seam
+            else []
+        )
+        for rows in catch_up(
+            self.svc.pool, self.svc.store, streams, self.start, self.seam, self.svc.settings.catchup_page
+        ):
             if sub.closed and not sub.overflowed:
                 return True
             if sub.envelope:
-                out = b"".join(framing.with_id(f"{self.sid}.{row.id}",
-                                               envelope_body(row.type, row.data)) for row in rows)
+                out = b"".join(
+                    framing.with_id(f"{self.sid}.{row.id}", envelope_body(row.type, row.data)) for row in rows
+                )
             else:
-                out = b"".join(framing.encode(f"{self.sid}.{row.id}", row.type, row.data)
-                               for row in rows)
+                out = b"".join(framing.encode(f"{self.sid}.{row.id}", row.type, row.data) for row in rows)
             yield from self._write(out)
             sub.last = rows[-1].position
         return False
 
     def _framed(self, event: LiveEvent) -> bytes:
-        return framing.with_id(f"{self.sid}.{event.position}",
-                               event.envelope() if self.sub.envelope else event.body)
+        return framing.with_id(
+            f"{self.sid}.{event.position}", event.envelope() if self.sub.envelope else event.body
+        )

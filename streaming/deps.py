@@ -1,6 +1,7 @@
 """What the subscriber side needs from the process: the services `runtime.services.Services`
 provides, named as a protocol so streaming depends on the shape and not on the composition root
 (which sits above it and builds it)."""
+
 from __future__ import annotations
 
 from typing import Any, Protocol

@@ -19,6 +19,7 @@ The rules that keep this correct:
 - Chunked transfer encoding is framed (`streaming.sse.http_chunk`) as pywsgi frames it, so the
   connection's later chunks and its final `0` chunk continue one valid response.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,10 +42,9 @@ class DirectSink:
 
     __slots__ = ("sub", "send", "id_prefix", "chunked")
 
-    def __init__(self, sub: Subscription, raw_socket: Any, sid: str | None,
-                 chunked: bool) -> None:
+    def __init__(self, sub: Subscription, raw_socket: Any, sid: str | None, chunked: bool) -> None:
         self.sub = sub
-        self.send = raw_socket.send        # the parked connection's non-blocking socket
+        self.send = raw_socket.send  # the parked connection's non-blocking socket
         self.id_prefix = None if sid is None else id_prefix(sid)  # None: bodies carry their id
         self.chunked = chunked
 
@@ -68,8 +68,7 @@ class DirectSink:
             if prefix is None:
                 parts = [e.body for e in lives if e.position > last]
             elif sub.envelope:
-                parts = [with_position(prefix, e.position, e.envelope()) for e in lives
-                         if e.position > last]
+                parts = [with_position(prefix, e.position, e.envelope()) for e in lives if e.position > last]
             else:
                 parts = [prefix + e.tail() for e in lives if e.position > last]
             if not parts:

@@ -5,6 +5,7 @@ byte (streaming/checks.py), and subscribe to the hub before catch-up so the seam
 and live has no gap and no duplicate. Only what they answer differs: an `SSEConnection`'s
 event stream (streaming/connection.py) or one JSON page (streaming/longpoll.py).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +33,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _last_event_id(req: RequestView) -> str | None:
-    return req.headers.get("Last-Event-ID") or req.args.get("lastEventId") \
-        or req.args.get("cursor")
+    return req.headers.get("Last-Event-ID") or req.args.get("lastEventId") or req.args.get("cursor")
 
 
 def subscribe_request(req: RequestView) -> SubscribeRequest:
@@ -50,8 +50,9 @@ def subscribe_request(req: RequestView) -> SubscribeRequest:
 
 def retry_only(retry_ms: int) -> Response:
     """200 with only `retry:`: come back later (a 5xx would stop EventSource for good)."""
-    return Response(framing.retry_only(retry_ms), status=200, mimetype=framing.content_type,
-                    headers=SSE_HEADERS)
+    return Response(
+        framing.retry_only(retry_ms), status=200, mimetype=framing.content_type, headers=SSE_HEADERS
+    )
 
 
 def _shed_retry_ms(svc: Services) -> int:
@@ -80,18 +81,28 @@ def sse() -> Response:
     connects, retry = svc.backoff.connect(bound_sid(checked.subject, sid))
     if checked.sid and connects > settings.max_reconnects:
         svc.metrics.limited.labels("reconnects").inc()
-        raise Problem(429, "reconnecting-too-fast", f"connection `{sid}` reconnected {connects} "
-                      f"times within {settings.retry_window_s} s, ignoring `retry:`",
-                      headers={"Retry-After": str(settings.retry_window_s)},
-                      limit=settings.max_reconnects)
+        raise Problem(
+            429,
+            "reconnecting-too-fast",
+            f"connection `{sid}` reconnected {connects} "
+            f"times within {settings.retry_window_s} s, ignoring `retry:`",
+            headers={"Retry-After": str(settings.retry_window_s)},
+            limit=settings.max_reconnects,
+        )
     release = svc.limits.acquire(checked.token_key, request.remote_addr, "sse")
     request.environ["sluice.sid"] = sid  # for the request log line
     svc.metrics.retry_ms.observe(retry)
-    connection = SSEConnection(svc, checked, sid, retry, request.environ, release,
-                               hello=request.args.get("hello") == "1",
-                               envelope=request.args.get("envelope") == "1")
-    response = Response(connection.stream(), status=200, mimetype=framing.content_type,
-                        headers=SSE_HEADERS)
+    connection = SSEConnection(
+        svc,
+        checked,
+        sid,
+        retry,
+        request.environ,
+        release,
+        hello=request.args.get("hello") == "1",
+        envelope=request.args.get("envelope") == "1",
+    )
+    response = Response(connection.stream(), status=200, mimetype=framing.content_type, headers=SSE_HEADERS)
     # Not `direct_passthrough`: werkzeug then skips its closing wrapper, and these callbacks
     # (and the request log's) would never run.
     response.call_on_close(connection.response_closed)  # also when the stream never started
@@ -121,22 +132,37 @@ def answer_poll(svc: Services, req: RequestView) -> tuple[dict[str, Any], dict[s
     hold = min(hold, settings.longpoll_max_s)
     if svc.hub.subscriber_count() >= settings.max_stream_connections:
         svc.metrics.shed.labels("poll").inc()
-        raise Problem(503, "overloaded", "this server holds as many connections as it may",
-                      headers={"Retry-After": str(max(1, svc.backoff.jittered_ms(4) // 1000))})
+        raise Problem(
+            503,
+            "overloaded",
+            "this server holds as many connections as it may",
+            headers={"Retry-After": str(max(1, svc.backoff.jittered_ms(4) // 1000))},
+        )
     try:
         checked = check_subscribe(svc, subscribe_request(req))
     except OriginUnavailable:
-        raise Problem(503, "origin-unavailable", "the origin did not authorize this subscription "
-                      "in time; try again", headers={"Retry-After": "2"}) from None
+        raise Problem(
+            503,
+            "origin-unavailable",
+            "the origin did not authorize this subscription in time; try again",
+            headers={"Retry-After": "2"},
+        ) from None
     # Each answer hands out a sid; a client that passes it back is paced by it (within its
     # subject), one that does not by its subject and address together.
-    pace = bound_sid(checked.subject, checked.sid) if checked.sid \
+    pace = (
+        bound_sid(checked.subject, checked.sid)
+        if checked.sid
         else unpaced_key(checked.subject, req.remote_addr)
+    )
     retry_after, refused = svc.backoff.poll(pace, settings.longpoll_max_rate)
     if refused:
-        raise Problem(429, "polling-too-fast", "this client polls far faster than allowed; "
-                      "wait for Retry-After", headers={"Retry-After": str(retry_after)},
-                      limit_per_s=settings.longpoll_max_rate)
+        raise Problem(
+            429,
+            "polling-too-fast",
+            "this client polls far faster than allowed; wait for Retry-After",
+            headers={"Retry-After": str(retry_after)},
+            limit_per_s=settings.longpoll_max_rate,
+        )
     release = svc.limits.acquire(checked.token_key, req.remote_addr, "poll")
     try:
         answer = long_poll(svc, checked, hold)

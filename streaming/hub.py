@@ -29,6 +29,7 @@ with one non-blocking send (streaming/direct.py).
 A subscriber whose queue is full is marked overflowed and dropped from the hub: its connection
 then ends with a `retry:` hint and the client resumes from its last id.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -55,9 +56,9 @@ from streaming.subscription import HEARTBEAT, LiveEvent, Mailbox, StreamEnded, S
 
 log = logging.getLogger("sluice.hub")
 
-FANOUT_SLICE = 64        # subscribers written between two yields to the event loop
-MERGE_EVENTS = 1000      # events of waiting commits merged into one pass (whole commits)
-OUTBOX_EVENTS = 50_000   # ordered events waiting for the deliverer before receivers wait
+FANOUT_SLICE = 64  # subscribers written between two yields to the event loop
+MERGE_EVENTS = 1000  # events of waiting commits merged into one pass (whole commits)
+OUTBOX_EVENTS = 50_000  # ordered events waiting for the deliverer before receivers wait
 
 
 def breathe() -> None:
@@ -71,12 +72,22 @@ def breathe() -> None:
 class Hub:
     """Orders committed events by position and fans them out to local subscribers."""
 
-    def __init__(self, store: EventStore, pool: Pool, redis: Any, *,
-                 channel: str = CHANNEL, framing: Framing | None = None,
-                 gap_wait_s: float = 0.25, poll_s: float = 0.25,
-                 redis_retry_s: float = 1.0, overflow_counter: Any = None,
-                 heartbeat_s: float = 15.0, write_timeout_s: float = 30.0,
-                 stream_cache_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        pool: Pool,
+        redis: Any,
+        *,
+        channel: str = CHANNEL,
+        framing: Framing | None = None,
+        gap_wait_s: float = 0.25,
+        poll_s: float = 0.25,
+        redis_retry_s: float = 1.0,
+        overflow_counter: Any = None,
+        heartbeat_s: float = 15.0,
+        write_timeout_s: float = 30.0,
+        stream_cache_s: float = 10.0,
+    ) -> None:
         self.store = store
         self.pool = pool
         self.relay = Relay(store, pool, redis, channel=channel, retry_s=redis_retry_s)
@@ -86,9 +97,9 @@ class Hub:
         self.framing = framing or EventStreamFraming()
         self.gap_wait_s = gap_wait_s
         self.poll_s = poll_s
-        self.position = 0          # every event with id <= position was handed to the deliverer
-        self.overflows = 0                  # subscribers cut loose because their queue filled
-        self.delivered = 0                  # events handed to subscribers (one per connection)
+        self.position = 0  # every event with id <= position was handed to the deliverer
+        self.overflows = 0  # subscribers cut loose because their queue filled
+        self.delivered = 0  # events handed to subscribers (one per connection)
         self.overflow_counter = overflow_counter  # e.g. a Prometheus Counter
         self.heartbeat_s = heartbeat_s
         self.write_timeout_s = write_timeout_s
@@ -142,19 +153,34 @@ class Hub:
             gevent.sleep(0.01)
 
     # -- subscribers --------------------------------------------------------------------------
-    def subscribe(self, streams: Iterable[str], maxsize: int, *, expires_at: float = 0.0,
-                  jti: str | None = None, subject: str = "", issued_at: float | None = None,
-                  patterns: Iterable[str] = (),
-                  admits: Callable[[str], bool] | None = None) -> tuple[Subscription, int]:
+    def subscribe(
+        self,
+        streams: Iterable[str],
+        maxsize: int,
+        *,
+        expires_at: float = 0.0,
+        jti: str | None = None,
+        subject: str = "",
+        issued_at: float | None = None,
+        patterns: Iterable[str] = (),
+        admits: Callable[[str], bool] | None = None,
+    ) -> tuple[Subscription, int]:
         """Register a subscriber; returns it and the position live delivery starts after.
 
         Everything with id <= that position must come from the store (catch-up); everything
         after it arrives in the queue, in order. No yield happens between the two. The
         subscription ends when its credential expires (`expires_at`, unix time) or is revoked.
         """
-        sub = Subscription(frozenset(streams), Mailbox(maxsize), frozenset(patterns),
-                           expires_at=expires_at, jti=jti, subject=subject, issued_at=issued_at,
-                           admits=admits)
+        sub = Subscription(
+            frozenset(streams),
+            Mailbox(maxsize),
+            frozenset(patterns),
+            expires_at=expires_at,
+            jti=jti,
+            subject=subject,
+            issued_at=issued_at,
+            admits=admits,
+        )
         return sub, self.add(sub)
 
     def add(self, sub: Subscription) -> int:
@@ -230,8 +256,8 @@ class Hub:
         ended = 0
         for sub in list(self._subs):
             if (kind == "jti" and sub.jti == value) or (
-                    kind == "sub" and sub.subject == value
-                    and (sub.issued_at is None or sub.issued_at <= at)):
+                kind == "sub" and sub.subject == value and (sub.issued_at is None or sub.issued_at <= at)
+            ):
                 self.unsubscribe(sub)
                 ended += 1
         return ended
@@ -265,8 +291,7 @@ class Hub:
                     if sub.on_stuck is not None:
                         sub.on_stuck()
                     self.unsubscribe(sub)
-                elif not sub.writing_since and now - sub.active_at >= self.heartbeat_s \
-                        and sub.queue.empty():
+                elif not sub.writing_since and now - sub.active_at >= self.heartbeat_s and sub.queue.empty():
                     sub.active_at = now
                     sink = sub.sink
                     if sink is not None:  # an idle parked connection: write it here
@@ -327,8 +352,12 @@ class Hub:
         self._outbox_events += len(fresh)
         self._outbox_ready.set()
         deliverer = self._deliverer
-        while self._outbox_events > OUTBOX_EVENTS and deliverer is not None \
-                and not deliverer.dead and gevent.getcurrent() is not deliverer:
+        while (
+            self._outbox_events > OUTBOX_EVENTS
+            and deliverer is not None
+            and not deliverer.dead
+            and gevent.getcurrent() is not deliverer
+        ):
             self._outbox_room.clear()
             self._outbox_room.wait(timeout=1.0)  # and look again: a stopped deliverer frees it
 
@@ -395,12 +424,11 @@ class Hub:
         tapped: dict[str, list[LiveEvent]] = {}
         for position, stream, event_type, data in events:
             if stream in self._taps:
-                tapped.setdefault(stream, []).append(
-                    LiveEvent(position, stream, event_type, data, b""))
+                tapped.setdefault(stream, []).append(LiveEvent(position, stream, event_type, data, b""))
             elif stream in self._by_stream or (patterns and patterns.matching(stream)):
                 by_stream.setdefault(stream, []).append(
-                    LiveEvent(position, stream, event_type, data,
-                              self.framing.body(event_type, data)))
+                    LiveEvent(position, stream, event_type, data, self.framing.body(event_type, data))
+                )
         merged: dict[Subscription, list[LiveEvent]] = {}
         room = FANOUT_SLICE
         for stream, lives in by_stream.items():
@@ -409,8 +437,9 @@ class Hub:
                 for pattern in patterns.matching(stream):  # cached per stream name
                     # a pattern delivers only what a direct subscribe would admit (`user/42/*`
                     # matches `user/42/`, which the grant `user/42/**` does not)
-                    found.update(s for s in self._by_pattern.get(pattern, ())
-                                 if s.admits is None or s.admits(stream))
+                    found.update(
+                        s for s in self._by_pattern.get(pattern, ()) if s.admits is None or s.admits(stream)
+                    )
             targets = list(found)  # a set: a stream matched twice by one subscriber counts once
             count = len(lives)
             done = 0
@@ -418,7 +447,7 @@ class Hub:
                 if room <= 0:
                     breathe()  # let requests and the next commits in
                     room = FANOUT_SLICE
-                part = targets[done:done + room]
+                part = targets[done : done + room]
                 done += len(part)
                 room -= len(part)
                 direct = 0

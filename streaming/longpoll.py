@@ -1,6 +1,7 @@
 """Long-poll: one answer per request, with the same checks, hub subscription and catch-up as
 SSE. It answers at once with events after the cursor (up to a page), else holds up to the
 timeout for live ones; every answer hands out the cursor and a `sid` to pass back."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,16 +27,23 @@ class PollAnswer:
     reset: dict[str, Any] | None = None  # history after the cursor is gone
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"events": self.events, "cursor": format_position(self.cursor),
-                                "sid": self.sid}
+        body: dict[str, Any] = {
+            "events": self.events,
+            "cursor": format_position(self.cursor),
+            "sid": self.sid,
+        }
         if self.reset is not None:
             body["reset"] = self.reset
         return body
 
 
 def poll_event(position: int, stream: str, event_type: str, data: str) -> dict[str, Any]:
-    return {"id": format_position(position), "stream": stream, "type": event_type,
-            "data": orjson.Fragment(data)}
+    return {
+        "id": format_position(position),
+        "stream": stream,
+        "type": event_type,
+        "data": orjson.Fragment(data),
+    }
 
 
 def _still_admitted(svc: StreamingServices, checked: Checked) -> None:
@@ -50,10 +58,16 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
     """Wait up to `hold_s` for events of the checked streams after its resume point."""
     page = svc.settings.catchup_page
     sid = checked.sid or new_sid()
-    sub, seam = svc.hub.subscribe(checked.streams, svc.settings.subscriber_queue_max,
-                                  expires_at=checked.expires_at, jti=checked.jti,
-                                  subject=checked.subject, issued_at=checked.issued_at,
-                                  patterns=checked.patterns, admits=checked.admits)
+    sub, seam = svc.hub.subscribe(
+        checked.streams,
+        svc.settings.subscriber_queue_max,
+        expires_at=checked.expires_at,
+        jti=checked.jti,
+        subject=checked.subject,
+        issued_at=checked.issued_at,
+        patterns=checked.patterns,
+        admits=checked.admits,
+    )
     svc.presence.join(sub, sid, checked.subject, takeover=False)
     reset = None
     try:
@@ -70,8 +84,11 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
                 start = max(seam, svc.store.last_position(conn))
         cursor = max(start, seam)
         events: list[dict[str, Any]] = []
-        streams = streams_for(svc.pool, svc.store, checked.streams, checked.patterns,
-                              checked.admits) if start < seam else []
+        streams = (
+            streams_for(svc.pool, svc.store, checked.streams, checked.patterns, checked.admits)
+            if start < seam
+            else []
+        )
         for rows in catch_up(svc.pool, svc.store, streams, start, seam, page):
             events = [poll_event(r.position, r.stream, r.type, r.data) for r in rows]
             if len(rows) == page:

@@ -17,6 +17,7 @@ and subscribe/unsubscribe notices for the origin.
   claimed by whichever live process gets to it first, so it survives a restart. Streaming never
   waits on any of this beyond one pipelined Redis round trip at connect and disconnect.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -37,13 +38,14 @@ CONN_TTL_S = 86400
 
 
 class Presence:
-    def __init__(self, redis: Any, hub: Hub, *, namespace: str, notifier: Any = None,
-                 grace_s: float = 5.0) -> None:
+    def __init__(
+        self, redis: Any, hub: Hub, *, namespace: str, notifier: Any = None, grace_s: float = 5.0
+    ) -> None:
         self.redis = redis
         self.hub = hub
-        self.ns = namespace                      # e.g. "sluice:<database identity>"
+        self.ns = namespace  # e.g. "sluice:<database identity>"
         self.process_id = secrets.token_hex(6)
-        self.notifier = notifier                 # a WebhookNotifier, or None
+        self.notifier = notifier  # a WebhookNotifier, or None
         self.grace_s = grace_s
         self._dirty: set[str] = set()
         self._by_sid: dict[str, list[tuple[Subscription, float]]] = {}
@@ -91,8 +93,7 @@ class Presence:
         try:
             fields = self.redis.hgetall(self._count_key(stream))
             fields.pop(self.process_id.encode(), None)
-            alive = self.redis.mget([self._heartbeat_key(p.decode()) for p in fields]) \
-                if fields else []
+            alive = self.redis.mget([self._heartbeat_key(p.decode()) for p in fields]) if fields else []
         except Exception:  # noqa: BLE001
             return self.hub.subscriber_count(stream)
         others = sum(int(v) for (_, v), up in zip(fields.items(), alive, strict=False) if up)
@@ -183,7 +184,7 @@ class Presence:
         except Exception:  # noqa: BLE001 - without Redis there is no cross-process answer
             return
         for i, stream in enumerate(streams):
-            held, _, was_leaving = results[3 * i: 3 * i + 3]
+            held, _, was_leaving = results[3 * i : 3 * i + 3]
             if int(held) == 1 and not was_leaving:
                 self.notifier.notify("subscribe", stream, subject, sid)
 
@@ -201,12 +202,10 @@ class Presence:
             with self.redis.pipeline(transaction=False) as pipe:
                 for stream in gone:
                     pipe.delete(self._conn_key(sid, stream))
-                    pipe.set(self._leaving_key(sid, stream), 1,
-                             px=int((self.grace_s * 4 + 30) * 1000))
+                    pipe.set(self._leaving_key(sid, stream), 1, px=int((self.grace_s * 4 + 30) * 1000))
                     # The grace check is shared: whichever live process looks first after `due`
                     # does it, so a departure is reported even if this process stops meanwhile.
-                    pipe.zadd(f"{self.ns}:leaving-due",
-                              {orjson.dumps([sid, subject, stream]): due})
+                    pipe.zadd(f"{self.ns}:leaving-due", {orjson.dumps([sid, subject, stream]): due})
                 pipe.execute()
         except Exception:  # noqa: BLE001
             return
@@ -222,4 +221,3 @@ class Presence:
             sid, subject, stream = orjson.loads(member)
             if self.redis.delete(self._leaving_key(sid, stream)):
                 self.notifier.notify("unsubscribe", stream, subject, sid)  # nobody came back
-

@@ -13,6 +13,7 @@ is delivered as any other. A deleted stream is announced on the same channel as
 The pub/sub reconnect loop is `common.pubsub.subscribe_forever` (presence and revocations use it
 too).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,8 @@ from ingest.store import EventStore
 
 log = logging.getLogger("sluice.relay")
 
-CHANNEL = "sluice:commits"       # default Redis channel: one message per committed batch
-FILL_PAGE = 2000                 # rows per Postgres read when filling a hole
+CHANNEL = "sluice:commits"  # default Redis channel: one message per committed batch
+FILL_PAGE = 2000  # rows per Postgres read when filling a hole
 
 # A batch as it travels: [[position, stream, type, data], ...]
 Events = list[list[Any]]
@@ -41,31 +42,33 @@ class Relay:
     """Carries commits and stream deletions to every process's hub, and reads the store for
     what a hub missed. `receive(after, upto, events)` and `end(stream)` are the hub's."""
 
-    def __init__(self, store: EventStore, pool: Pool, redis: Any, *, channel: str = CHANNEL,
-                 retry_s: float = 1.0) -> None:
+    def __init__(
+        self, store: EventStore, pool: Pool, redis: Any, *, channel: str = CHANNEL, retry_s: float = 1.0
+    ) -> None:
         self.store = store
         self.pool = pool
         self.redis = redis
         self.channel = channel
         self.retry_s = retry_s
-        self.up = False                 # subscribed to Redis right now
+        self.up = False  # subscribed to Redis right now
         self.receive: Callable[[int, int, Events], None] = lambda after, upto, events: None
         self.end: Callable[[str], None] = lambda stream: None
         self.changed: Callable[[], None] = lambda: None  # Redis came or went: look for holes
         self.subscribed = Event()
-        self.origin = uuid.uuid4().hex[:16]      # this process, in the messages it publishes
+        self.origin = uuid.uuid4().hex[:16]  # this process, in the messages it publishes
         self._own = orjson.dumps({"p": self.origin})[:-1] + b","  # how its messages start
 
     # -- out ------------------------------------------------------------------------------------
     def publish_commit(self, commit: Commit) -> None:
         """Batcher listener: send the batch once to the other processes, then to this one's hub
         (which may wait there while its outbox is full: backpressure on the batcher)."""
-        events = [[w.id, w.stream, ev.type, ev.data]
-                  for req in commit.requests
-                  for ev, w in zip(req.events, req.results or (), strict=False)
-                  if not w.duplicate]
-        self._publish(orjson.dumps({"p": self.origin, "a": commit.after, "u": commit.upto,
-                                    "e": events}))
+        events = [
+            [w.id, w.stream, ev.type, ev.data]
+            for req in commit.requests
+            for ev, w in zip(req.events, req.results or (), strict=False)
+            if not w.duplicate
+        ]
+        self._publish(orjson.dumps({"p": self.origin, "a": commit.after, "u": commit.upto, "e": events}))
         self.receive(commit.after, commit.upto, events)
 
     def publish_end(self, stream: str) -> None:
@@ -87,8 +90,9 @@ class Relay:
     # -- in -------------------------------------------------------------------------------------
     def listen(self) -> None:
         """The process's one Redis subscription (runs in its own greenlet until killed)."""
-        subscribe_forever(self.redis, self.channel, self._message, on_up=self._up,
-                          on_down=self._down, retry_s=self.retry_s)
+        subscribe_forever(
+            self.redis, self.channel, self._message, on_up=self._up, on_down=self._down, retry_s=self.retry_s
+        )
 
     def _message(self, data: bytes) -> None:
         if data.startswith(self._own):

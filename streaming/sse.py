@@ -10,6 +10,7 @@ Event data reaches here already JSON-encoded at ingest, so it is encoded once pe
 per subscriber, and JSON text cannot hold a raw CR or LF: nothing a publisher sends can start a
 new SSE field or event.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -54,8 +55,9 @@ class EventStreamFraming:
 
     def body(self, event_type: str, data: str) -> bytes:
         """The part of an event shared by every subscriber: encoded once per event."""
-        return (f"event: {_single_line('event', event_type)}\n"
-                f"data: {_single_line('data', data)}\n\n").encode()
+        return (
+            f"event: {_single_line('event', event_type)}\ndata: {_single_line('data', data)}\n\n"
+        ).encode()
 
     def with_id(self, event_id: str, body: bytes) -> bytes:
         """Prefix the per-connection id (it carries the connection id) to a shared body."""
@@ -75,11 +77,11 @@ class EventStreamFraming:
 
 # -- bytes shared by every subscriber, and the hub's direct writes -----------------------------
 
+
 def envelope_body(event_type: str, data: str) -> bytes:
     """`event: message` with `{"type": ..., "data": ...}`: EventSource hands every type to one
     `message` listener. Types match the event type rule (ingest.schema): nothing to escape."""
-    return b'event: message\ndata: {"type":"%s","data":%s}\n\n' % (event_type.encode(),
-                                                                     data.encode())
+    return b'event: message\ndata: {"type":"%s","data":%s}\n\n' % (event_type.encode(), data.encode())
 
 
 def envelope_reset(notice_json: str) -> bytes:

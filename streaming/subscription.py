@@ -1,5 +1,6 @@
 """What a subscriber is to the hub: its streams and bounded queue (`Subscription`), and what
 that queue carries: deliveries of `LiveEvent`s, `HEARTBEAT`, `StreamEnded`, or None (closed)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -74,7 +75,6 @@ class Mailbox:
         return self.get_nowait()
 
 
-
 @dataclass(slots=True)
 class LiveEvent:
     """A committed event on its way to subscribers; `body` is shared by all of them."""
@@ -138,10 +138,10 @@ class Subscription:
     active_at: float = field(default_factory=time.monotonic)
     writing_since: float = 0.0
     on_stuck: Callable[[], None] | None = None
-    last: int = 0                       # the last position this subscriber was sent
-    envelope: bool = False              # `?envelope=1`: every event as a typed message
+    last: int = 0  # the last position this subscriber was sent
+    envelope: bool = False  # `?envelope=1`: every event as a typed message
     # Who admitted it: ended when the credential expires or is revoked (the hub's ticker).
-    expires_at: float = 0.0             # unix time; 0: never
+    expires_at: float = 0.0  # unix time; 0: never
     jti: str | None = None
     subject: str = ""
     issued_at: float | None = None

@@ -11,6 +11,7 @@ Every request carries `Sluice-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
 "<t>.<body>">` with the webhook secret, so the origin can check it came from Sluice and is
 fresh. `verify_signature` below is how to check one (the tests use it too).
 """
+
 from __future__ import annotations
 
 import collections
@@ -53,12 +54,19 @@ def verify_signature(secret: str, body: bytes, header: str, tolerance_s: float =
 
 
 class WebhookNotifier:
-    def __init__(self, url: str, secret: str, *, timeout_s: float = 5.0, metrics: Any = None,
-                 queue_max: int = QUEUE_MAX) -> None:
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        *,
+        timeout_s: float = 5.0,
+        metrics: Any = None,
+        queue_max: int = QUEUE_MAX,
+    ) -> None:
         self.origin = OriginClient(url, timeout_s=timeout_s, user_agent="sluice-webhook")
         self.secret = secret
         self.timeout_s = timeout_s
-        self.metrics = metrics            # labelled Counter (outcome), or None
+        self.metrics = metrics  # labelled Counter (outcome), or None
         self.queue: collections.deque = collections.deque()
         self.queue_max = queue_max
         self._wake = Event()
@@ -81,9 +89,15 @@ class WebhookNotifier:
         if len(self.queue) >= self.queue_max:
             self.queue.popleft()
             self._count("dropped")
-        self.queue.append({"event": event, "stream": stream, "subject": subject, "sid": sid,
-                           "time": dt.datetime.now(dt.UTC).isoformat(
-                               timespec="milliseconds")})
+        self.queue.append(
+            {
+                "event": event,
+                "stream": stream,
+                "subject": subject,
+                "sid": sid,
+                "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            }
+        )
         self._wake.set()
 
     def _send_forever(self) -> None:
@@ -103,8 +117,9 @@ class WebhookNotifier:
 
     def _post(self, body: bytes) -> bool:
         try:
-            reply = self.origin.post(body, {"Content-Type": "application/json",
-                                            "Sluice-Signature": sign(self.secret, body)})
+            reply = self.origin.post(
+                body, {"Content-Type": "application/json", "Sluice-Signature": sign(self.secret, body)}
+            )
         except OriginError:
             return False
         return 200 <= reply.status < 300

@@ -1,6 +1,7 @@
 """Runs a browser helper script (tests/browser/*.py) in its own process and talks to it: JSON
 lines on its stdout, commands on its stdin (Playwright's sync API must not meet the test
 session's gevent patching, so Chromium is driven from a separate plain-Python process)."""
+
 import json
 import subprocess
 import sys
@@ -13,16 +14,25 @@ from tests.helpers import ROOT
 
 # Browser tests are marked `browser`, and skipped only where Debian's chromium is missing
 # (bash .ci/run installs it with apt-get when run as root).
-needs_chromium = [pytest.mark.browser, pytest.mark.skipif(
-    not Path("/usr/bin/chromium").exists(),
-    reason="Debian's chromium is not installed (bash .ci/run installs it with apt-get)")]
+needs_chromium = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not Path("/usr/bin/chromium").exists(),
+        reason="Debian's chromium is not installed (bash .ci/run installs it with apt-get)",
+    ),
+]
 
 
 class BrowserHelper:
     def __init__(self, script: str, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "browser" / script),
-                                      *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "browser" / script), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
 
     def read(self, timeout: float = 90) -> dict:
         """The helper's next JSON line."""

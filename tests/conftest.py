@@ -6,6 +6,7 @@ each other's events. Fault tests start their own Postgres so they can stop, kill
 Set DATABASE_URL / REDIS_URL to run against servers you started instead (no fault tests then need
 them: those always start their own).
 """
+
 from gevent import monkey
 
 monkey.patch_all()
@@ -74,8 +75,10 @@ def make_server(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., Sluice
     counter = itertools.count(1)
 
     def factory(database_url: str, start: bool = True, **env: str) -> SluiceServer:
-        server = SluiceServer(server_env(database_url, redis_url, tmp_path / "data", **env),
-                              tmp_path / f"server-{next(counter)}.log")
+        server = SluiceServer(
+            server_env(database_url, redis_url, tmp_path / "data", **env),
+            tmp_path / f"server-{next(counter)}.log",
+        )
         servers.append(server)
         return server.start() if start else server
 
@@ -90,12 +93,14 @@ def server(make_server: Callable[..., SluiceServer], database_url: str) -> Sluic
 
 
 @pytest.fixture(scope="module")
-def module_server(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str,
-                  redis_url: str) -> Iterator[SluiceServer]:
+def module_server(
+    tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str, redis_url: str
+) -> Iterator[SluiceServer]:
     """One server for a whole module of tests that leave no trace (e.g. rejected input)."""
     tmp = tmp_path_factory.mktemp("module-server")
-    server = SluiceServer(server_env(fresh_database(pg_admin_url), redis_url, tmp / "data"),
-                          tmp / "server.log").start()
+    server = SluiceServer(
+        server_env(fresh_database(pg_admin_url), redis_url, tmp / "data"), tmp / "server.log"
+    ).start()
     yield server
     server.stop()
 

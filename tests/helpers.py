@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: real servers, tokens, waiting, and databases cloned from a
 migrated template. Fixtures live in conftest.py; test modules import from here, never from each
 other."""
+
 from __future__ import annotations
 
 import itertools
@@ -42,8 +43,9 @@ class PositionLock:
         self.conn.close()
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.02,
-               message: str = "condition") -> object:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.02, message: str = "condition"
+) -> object:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -86,7 +88,6 @@ def fresh_database(admin_url: str) -> str:
     return with_database(admin_url, name)
 
 
-
 def ingest_request(client: str = "c", n: int = 1, stream: str = "s", key: str | None = None):
     """An IngestRequest of `n` events, for tests that drive the store or batcher directly."""
     from ingest.events import IngestRequest, NewEvent
@@ -94,8 +95,14 @@ def ingest_request(client: str = "c", n: int = 1, stream: str = "s", key: str | 
     return IngestRequest(client, [NewEvent(stream, "message", str(i), key) for i in range(n)])
 
 
-def token(sub: str = "client-1", publish=("**",), subscribe=("**",), ttl_s: float = 3600,
-          secret: str = SECRET, **claims) -> str:
+def token(
+    sub: str = "client-1",
+    publish=("**",),
+    subscribe=("**",),
+    ttl_s: float = 3600,
+    secret: str = SECRET,
+    **claims,
+) -> str:
     return mint(secret, sub, publish=publish, subscribe=subscribe, ttl_s=ttl_s, **claims)
 
 
@@ -115,8 +122,14 @@ class SluiceServer:
 
     def start(self, timeout: float = 30.0) -> SluiceServer:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
 
         def up() -> bool:
@@ -173,11 +186,17 @@ class SluiceServer:
 
 def server_env(database_url: str, redis_url: str, data_dir: Path, **env: str) -> dict[str, str]:
     full_env = {k: v for k, v in os.environ.items() if k not in ("DYNO", "SLUICE_ENV")}
-    full_env.update({
-        "PORT": str(free_port()), "HOST": "127.0.0.1", "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url, "SLUICE_SECRET": SECRET, "SLUICE_DATA_DIR": str(data_dir),
-        "PYTHONUNBUFFERED": "1",
-    })
+    full_env.update(
+        {
+            "PORT": str(free_port()),
+            "HOST": "127.0.0.1",
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "SLUICE_SECRET": SECRET,
+            "SLUICE_DATA_DIR": str(data_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     full_env.update({k: str(v) for k, v in env.items()})
     return full_env
 
@@ -194,21 +213,26 @@ def publish(server: SluiceServer, stream: str, data: Any, type_: str = "message"
     return r.json()["events"][0]["id"]
 
 
-def open_stream(server: SluiceServer, streams: Any, headers: dict[str, str] | None = None,
-                **params: Any) -> Any:
+def open_stream(
+    server: SluiceServer, streams: Any, headers: dict[str, str] | None = None, **params: Any
+) -> Any:
     """An SSE connection to `streams` with a token for everything (headers override)."""
     from tests.sse import Stream
 
-    return Stream(server.url + SSE, headers={**auth(), **(headers or {})},
-                  params={"stream": streams, **params})
+    return Stream(
+        server.url + SSE, headers={**auth(), **(headers or {})}, params={"stream": streams, **params}
+    )
 
 
 def open_sse(server: SluiceServer, streams: Any, tok: str | None = None, **params: Any) -> Any:
     """An SSE connection to `streams` with the given token (default: one for everything)."""
     from tests.sse import Stream
 
-    return Stream(server.url + SSE, headers={"Authorization": f"Bearer {tok or token()}"},
-                  params={"stream": streams, **params})
+    return Stream(
+        server.url + SSE,
+        headers={"Authorization": f"Bearer {tok or token()}"},
+        params={"stream": streams, **params},
+    )
 
 
 def procfile() -> dict[str, str]:
@@ -224,8 +248,14 @@ def procfile() -> dict[str, str]:
 def run_env(database_url: str, redis_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment for a Procfile command run with the test interpreter."""
     env = {k: v for k, v in os.environ.items() if k not in ("DYNO", "SLUICE_ENV")}
-    env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, SLUICE_SECRET=SECRET,
-               SLUICE_DATA_DIR=str(tmp_path / "data"), PYTHONUNBUFFERED="1", **extra)
+    env.update(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        SLUICE_SECRET=SECRET,
+        SLUICE_DATA_DIR=str(tmp_path / "data"),
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
     return env
 
 

@@ -1,5 +1,6 @@
 """An SSE client for tests: follows the WHATWG event-stream interpretation steps, incrementally,
 and records everything a browser would act on (events, `retry`, `id`, comments, the end)."""
+
 from __future__ import annotations
 
 import socket
@@ -26,13 +27,12 @@ class Parser:
         self._buf += chunk.decode("utf-8")
         out = []
         while True:
-            cut = min((i for i in (self._buf.find("\r"), self._buf.find("\n")) if i >= 0),
-                      default=-1)
+            cut = min((i for i in (self._buf.find("\r"), self._buf.find("\n")) if i >= 0), default=-1)
             if cut < 0 or (self._buf[cut] == "\r" and cut + 1 == len(self._buf)):
                 break  # no complete line yet (a lone CR may be half of CRLF)
             line = self._buf[:cut]
-            step = 2 if self._buf[cut:cut + 2] == "\r\n" else 1
-            self._buf = self._buf[cut + step:]
+            step = 2 if self._buf[cut : cut + 2] == "\r\n" else 1
+            self._buf = self._buf[cut + step :]
             out += self._line(line)
         self.items += out
         return out
@@ -81,8 +81,15 @@ class Stream:
     """A live SSE connection over a raw socket (no client-side buffering), read by a greenlet;
     parsed items arrive on `queue`, and ("end",) when the server closes."""
 
-    def __init__(self, url: str, headers: dict | None = None, params=None, cookies=None,
-                 recv_delay: float = 0.0, recv_size: int = 65536) -> None:
+    def __init__(
+        self,
+        url: str,
+        headers: dict | None = None,
+        params=None,
+        cookies=None,
+        recv_delay: float = 0.0,
+        recv_size: int = 65536,
+    ) -> None:
         parts = urlsplit(url)
         query = urlencode(params or {}, doseq=True)
         target = parts.path + ("?" + query if query else "")
@@ -93,11 +100,13 @@ class Stream:
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         self._buf = b""
-        self.recv_delay = recv_delay   # a slow reader: sleep this long after each recv
+        self.recv_delay = recv_delay  # a slow reader: sleep this long after each recv
         self.recv_size = recv_size
         head = self._until(b"\r\n\r\n").decode("iso-8859-1").split("\r\n")
-        self.response = Response(int(head[0].split()[1]), {
-            k.strip(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])})
+        self.response = Response(
+            int(head[0].split()[1]),
+            {k.strip(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])},
+        )
         self.parser = Parser()
         self.queue: Queue = Queue()
         self.reader = gevent.spawn(self._read)

@@ -1,5 +1,6 @@
 """Each attack class of SECURITY.md's table against a real server (or the matcher itself): the
 request that froze, crashed or fooled the landed server, and what it gets now."""
+
 from __future__ import annotations
 
 import re
@@ -23,6 +24,7 @@ HEALTHZ_BUDGET_S = 0.25  # API.md: /healthz answers within 250 ms while any requ
 
 # -- 1. linear-time matching ------------------------------------------------------------------
 
+
 def _timed(fn, *args) -> float:
     began = time.perf_counter()
     fn(*args)
@@ -30,11 +32,15 @@ def _timed(fn, *args) -> float:
 
 
 _OPS = st.sampled_from(["", "+", "#", ".", "/", ";", "?", "&"])
-_TEMPLATE = st.lists(st.tuples(st.text("a/?&=.,;#", max_size=3), _OPS),
-                     min_size=1, max_size=MAX_EXPRESSIONS).map(
-    lambda parts: "".join(f"{lit}{{{op}a}}" for lit, op in parts) + "?")
-_TOPIC = st.builds(lambda ch, n, tail: ch * n + tail, st.sampled_from("a/?&=.,;#"),
-                   st.integers(500, 4000), st.text("ab/?", max_size=3))
+_TEMPLATE = st.lists(
+    st.tuples(st.text("a/?&=.,;#", max_size=3), _OPS), min_size=1, max_size=MAX_EXPRESSIONS
+).map(lambda parts: "".join(f"{lit}{{{op}a}}" for lit, op in parts) + "?")
+_TOPIC = st.builds(
+    lambda ch, n, tail: ch * n + tail,
+    st.sampled_from("a/?&=.,;#"),
+    st.integers(500, 4000),
+    st.text("ab/?", max_size=3),
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -44,9 +50,11 @@ def test_hostile_uri_templates_match_any_topic_within_a_fixed_budget(template, t
     assert _timed(matcher.matches, template, topic) < MATCH_BUDGET_S
 
 
-_PATTERN = st.builds(lambda ps, tail: "user/42/" + "".join(ps) + tail,
-                     st.lists(st.sampled_from(["*a", "a*a", "*b", "*ab"]), min_size=1,
-                              max_size=MAX_WILDCARDS - 1), st.sampled_from(["", "*", "b"]))
+_PATTERN = st.builds(
+    lambda ps, tail: "user/42/" + "".join(ps) + tail,
+    st.lists(st.sampled_from(["*a", "a*a", "*b", "*ab"]), min_size=1, max_size=MAX_WILDCARDS - 1),
+    st.sampled_from(["", "*", "b"]),
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -84,8 +92,12 @@ def test_a_new_stream_is_tested_only_against_patterns_that_can_match_it():
 
 
 def test_selectors_past_the_bounds_are_refused_before_the_first_byte(make_server, database_url):
-    server = make_server(database_url, MERCURE_ANONYMOUS="1",
-                         MERCURE_PUBLISHER_JWT_KEY="p" * 40, MERCURE_SUBSCRIBER_JWT_KEY="s" * 40)
+    server = make_server(
+        database_url,
+        MERCURE_ANONYMOUS="1",
+        MERCURE_PUBLISHER_JWT_KEY="p" * 40,
+        MERCURE_SUBSCRIBER_JWT_KEY="s" * 40,
+    )
     too_many = "{+a}" * (MAX_EXPRESSIONS + 1) + "?"
     r = server.get(HUB, params={"topic": too_many}, stream=True)
     assert r.status_code == 400 and r.json()["field"] == "topic"
@@ -99,22 +111,33 @@ def test_the_freezing_attacks_leave_healthz_answering(make_server, database_url)
     import jwt
 
     pub_key = "p" * 40
-    server = make_server(database_url, MERCURE_ANONYMOUS="1", MERCURE_PUBLISHER_JWT_KEY=pub_key,
-                         MERCURE_SUBSCRIBER_JWT_KEY="s" * 40)
+    server = make_server(
+        database_url,
+        MERCURE_ANONYMOUS="1",
+        MERCURE_PUBLISHER_JWT_KEY=pub_key,
+        MERCURE_SUBSCRIBER_JWT_KEY="s" * 40,
+    )
     publisher = jwt.encode({"mercure": {"publish": ["*"]}}, pub_key, algorithm="HS256")
     selector = Stream(server.url + HUB, params={"topic": "{+a}" * MAX_EXPRESSIONS + "?"})
     pattern = "user/42/" + "*a" * (MAX_WILDCARDS - 1) + "*b"
-    native = Stream(server.url + SSE, params={"stream": pattern},
-                    headers={"Authorization": f"Bearer {token('u', subscribe=['user/42/**'])}"})
+    native = Stream(
+        server.url + SSE,
+        params={"stream": pattern},
+        headers={"Authorization": f"Bearer {token('u', subscribe=['user/42/**'])}"},
+    )
     try:
         assert selector.response.status_code == 200 and native.response.status_code == 200
         with HealthProbe(server) as probe:
             for n in range(5):
-                r = server.post(HUB, data={"topic": "a" * (1000 + n), "data": "x"},
-                                headers={"Authorization": f"Bearer {publisher}"})
+                r = server.post(
+                    HUB,
+                    data={"topic": "a" * (1000 + n), "data": "x"},
+                    headers={"Authorization": f"Bearer {publisher}"},
+                )
                 assert r.status_code == 200, r.text
-                r = server.post(EVENTS, json={"stream": "user/42/" + "a" * (180 + n),
-                                              "data": n}, headers=auth())
+                r = server.post(
+                    EVENTS, json={"stream": "user/42/" + "a" * (180 + n), "data": n}, headers=auth()
+                )
                 assert r.status_code == 201, r.text
             time.sleep(0.5)  # the probe keeps asking while the fan-out runs
     finally:
@@ -126,6 +149,7 @@ def test_the_freezing_attacks_leave_healthz_answering(make_server, database_url)
 
 
 # -- 25.2 nothing holds the event loop unseen --------------------------------------------------
+
 
 def test_the_loop_lag_is_measured_and_a_block_is_logged_with_its_greenlet(caplog):
     import logging
@@ -152,6 +176,7 @@ def test_the_loop_lag_is_measured_and_a_block_is_logged_with_its_greenlet(caplog
 
 # -- 7. a pattern delivers only what a direct subscribe admits --------------------------------
 
+
 def test_a_pattern_delivers_only_streams_the_grant_admits_live_and_from_history(server):
     reader = {"Authorization": f"Bearer {token('u', subscribe=['user/42/**'])}"}
     assert server.get(SSE, params={"stream": "user/42/"}, headers=reader).status_code in (403, 404)
@@ -162,18 +187,17 @@ def test_a_pattern_delivers_only_streams_the_grant_admits_live_and_from_history(
 
     post("user/42/", 0)  # matched by `user/42/*` (an empty segment), not granted by the token
     post("user/42/x", 1)
-    assert server.get(SSE, params={"stream": "user/42/", "timeout": "0"},
-                      headers=reader).status_code == 403
-    sse = Stream(server.url + SSE, headers=reader, params={"stream": "user/42/*",
-                                                            "lastEventId": "0"})
+    assert server.get(SSE, params={"stream": "user/42/", "timeout": "0"}, headers=reader).status_code == 403
+    sse = Stream(server.url + SSE, headers=reader, params={"stream": "user/42/*", "lastEventId": "0"})
     try:
         assert sse.response.status_code == 200
         got = sse.events(1)
         post("user/42/", 2)
         post("user/42/y", 3)
         got += sse.events(1)
-        polled = server.get("/api/v1/poll", params={"stream": "user/42/*", "cursor": "0",
-                                                    "timeout": "0"}, headers=reader).json()
+        polled = server.get(
+            "/api/v1/poll", params={"stream": "user/42/*", "cursor": "0", "timeout": "0"}, headers=reader
+        ).json()
     finally:
         sse.close()
     assert [e[2] for e in got] == ["1", "3"]
@@ -181,6 +205,7 @@ def test_a_pattern_delivers_only_streams_the_grant_admits_live_and_from_history(
 
 
 # -- 31.1 no request can crash the process ----------------------------------------------------
+
 
 def _gauge(server, name: str, label: str = "") -> float:
     for line in server.get("/metrics").text.splitlines():
@@ -200,13 +225,17 @@ def _mercure_publisher() -> str:
 
 def test_a_non_ascii_resume_id_neither_crashes_nor_leaks(make_server, database_url):
     server = make_server(database_url, MERCURE_ANONYMOUS="1", **MERCURE_KEYS)
-    r = server.post(HUB, data={"topic": "x", "data": "1", "id": "price-€"},
-                    headers={"Authorization": f"Bearer {_mercure_publisher()}"})
+    r = server.post(
+        HUB,
+        data={"topic": "x", "data": "1", "id": "price-€"},
+        headers={"Authorization": f"Bearer {_mercure_publisher()}"},
+    )
     assert r.status_code == 200 and r.text == "price-€"
     for _attempt in range(3):
         via_query = Stream(server.url + HUB, params={"topic": "x", "lastEventID": "price-€"})
-        via_header = Stream(server.url + HUB, params={"topic": "x"},
-                            headers={"Last-Event-ID": "price-€"})  # sent as UTF-8
+        via_header = Stream(
+            server.url + HUB, params={"topic": "x"}, headers={"Last-Event-ID": "price-€"}
+        )  # sent as UTF-8
         try:
             for s in (via_query, via_header):
                 assert s.response.status_code == 200
@@ -243,11 +272,13 @@ def _abort(server, request: bytes) -> None:
 
 
 def test_streams_opened_failed_and_aborted_on_every_door_leak_nothing(make_server, database_url):
-    server = make_server(database_url, MERCURE_ANONYMOUS="1", MAX_CONNECTIONS_PER_TOKEN="2",
-                         **MERCURE_KEYS)
+    server = make_server(database_url, MERCURE_ANONYMOUS="1", MAX_CONNECTIONS_PER_TOKEN="2", **MERCURE_KEYS)
     tok = token("leaky")
-    server.post(HUB, data={"topic": "x", "data": "1", "id": "ünï"},
-                headers={"Authorization": f"Bearer {_mercure_publisher()}"})
+    server.post(
+        HUB,
+        data={"topic": "x", "data": "1", "id": "ünï"},
+        headers={"Authorization": f"Bearer {_mercure_publisher()}"},
+    )
     publish_ok = server.post(EVENTS, json={"stream": "s", "data": 1}, headers=auth())
     assert publish_ok.status_code == 201
     wait_until(lambda: _gauge(server, "sluice_subscribers") == 0)
@@ -283,8 +314,10 @@ def test_streams_opened_failed_and_aborted_on_every_door_leak_nothing(make_serve
     wait_until(lambda: _gauge(server, "sluice_greenlets") <= greenlets_before + 2)
     wait_until(lambda: _fds(server) <= fds_before + 2)
     # every limit slot came back: the token's two connections are admitted again
-    both = [Stream(server.url + SSE, params={"stream": "s"},
-                   headers={"Authorization": f"Bearer {tok}"}) for _ in range(2)]
+    both = [
+        Stream(server.url + SSE, params={"stream": "s"}, headers={"Authorization": f"Bearer {tok}"})
+        for _ in range(2)
+    ]
     try:
         assert [s.response.status_code for s in both] == [200, 200]
     finally:
@@ -300,8 +333,9 @@ AS_CHUNKED = b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
 LAST = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
-def _conversation(server, head: bytes, body: bytes,
-                  first: bytes = b"POST /healthz HTTP/1.1\r\nHost: x\r\n") -> list[bytes]:
+def _conversation(
+    server, head: bytes, body: bytes, first: bytes = b"POST /healthz HTTP/1.1\r\nHost: x\r\n"
+) -> list[bytes]:
     """Send one request (`head` holds its header lines) with `body`, then a last request that
     closes; return the status lines of everything that came back."""
     import socket
@@ -314,58 +348,81 @@ def _conversation(server, head: bytes, body: bytes,
     return re.findall(rb"HTTP/1\.[01] [0-9]{3} [^\r\n]*", got)
 
 
-@pytest.mark.parametrize("head, body", [
-    (b"Content-Length: 0\r\nContent-Length: %d\r\n" % len(SMUGGLED), SMUGGLED),
-    (b"Content-Length: %d\r\nContent-Length: 0\r\n" % len(SMUGGLED), SMUGGLED),
-    (b"Transfer-Encoding : chunked\r\n", AS_CHUNKED),
-    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", AS_CHUNKED),
-    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", AS_CHUNKED),
-    (b"Transfer-Encoding: gzip, chunked\r\n", AS_CHUNKED),
-    (b"Transfer-Encoding: chunked, gzip\r\n", AS_CHUNKED),
-    (b"X-Pad: a\r\n Transfer-Encoding: chunked\r\n", AS_CHUNKED),
-    (b"Transfer-Encoding:\r\n chunked\r\n", AS_CHUNKED),
-    (b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(AS_CHUNKED), AS_CHUNKED),
-    (b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n", AS_CHUNKED),
-    (b"Content-Length: 1_0\r\n", SMUGGLED),
-    (b"Content-Length: +%d\r\n" % len(SMUGGLED), SMUGGLED),
-    (b"Content-Length: 0x%x\r\n" % len(SMUGGLED), SMUGGLED),
-    (b"Content-Length: \xb2\r\n", SMUGGLED),
-    (b"Content-Length: -1\r\n", SMUGGLED),
-    (b"Content-Length : %d\r\n" % len(SMUGGLED), SMUGGLED),
-    (b"Host: y\r\n", b""),
-])
+@pytest.mark.parametrize(
+    "head, body",
+    [
+        (b"Content-Length: 0\r\nContent-Length: %d\r\n" % len(SMUGGLED), SMUGGLED),
+        (b"Content-Length: %d\r\nContent-Length: 0\r\n" % len(SMUGGLED), SMUGGLED),
+        (b"Transfer-Encoding : chunked\r\n", AS_CHUNKED),
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", AS_CHUNKED),
+        (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", AS_CHUNKED),
+        (b"Transfer-Encoding: gzip, chunked\r\n", AS_CHUNKED),
+        (b"Transfer-Encoding: chunked, gzip\r\n", AS_CHUNKED),
+        (b"X-Pad: a\r\n Transfer-Encoding: chunked\r\n", AS_CHUNKED),
+        (b"Transfer-Encoding:\r\n chunked\r\n", AS_CHUNKED),
+        (b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(AS_CHUNKED), AS_CHUNKED),
+        (b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n", AS_CHUNKED),
+        (b"Content-Length: 1_0\r\n", SMUGGLED),
+        (b"Content-Length: +%d\r\n" % len(SMUGGLED), SMUGGLED),
+        (b"Content-Length: 0x%x\r\n" % len(SMUGGLED), SMUGGLED),
+        (b"Content-Length: \xb2\r\n", SMUGGLED),
+        (b"Content-Length: -1\r\n", SMUGGLED),
+        (b"Content-Length : %d\r\n" % len(SMUGGLED), SMUGGLED),
+        (b"Host: y\r\n", b""),
+    ],
+)
 def test_each_smuggling_shape_is_400_with_connection_close(module_server, head, body):
     statuses = _conversation(module_server, head, body)
     assert statuses == [b"HTTP/1.1 400 Bad Request"], statuses  # and the connection closed
 
 
 def test_plain_framing_still_reads_one_body(module_server):
-    ingest = (b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              + f"Authorization: {auth()['Authorization']}\r\n".encode())
-    for head, body in [(b"Content-Length: %d\r\n" % len(SMUGGLED), SMUGGLED),
-                       (b"Content-Length: %d, %d\r\n" % (len(SMUGGLED), len(SMUGGLED)), SMUGGLED),
-                       (b"Transfer-Encoding: chunked\r\n", AS_CHUNKED),
-                       (b"Transfer-Encoding: Chunked\r\n", AS_CHUNKED)]:
+    ingest = (
+        b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: {auth()['Authorization']}\r\n".encode()
+    )
+    for head, body in [
+        (b"Content-Length: %d\r\n" % len(SMUGGLED), SMUGGLED),
+        (b"Content-Length: %d, %d\r\n" % (len(SMUGGLED), len(SMUGGLED)), SMUGGLED),
+        (b"Transfer-Encoding: chunked\r\n", AS_CHUNKED),
+        (b"Transfer-Encoding: Chunked\r\n", AS_CHUNKED),
+    ]:
         statuses = _conversation(module_server, head, body, first=ingest)
         # the body is read as the ingest's (not JSON: 400), then the last request is answered
         assert statuses == [b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 200 OK"], (head, statuses)
 
 
-_FRAMING_LINES = st.sampled_from([
-    b"Content-Length: %d" % len(SMUGGLED), b"Content-Length: 0", b"Content-Length: 10",
-    b"Content-Length: %d" % len(AS_CHUNKED), b"Content-Length: 1_0", b"Content-Length:  7 ",
-    b"Transfer-Encoding: chunked", b"Transfer-Encoding : chunked", b"Transfer-Encoding: gzip",
-    b"Transfer-Encoding: identity", b"Transfer-Encoding: gzip, chunked", b"Transfer-encoding: CHUNKED",
-    b" chunked", b"\tTransfer-Encoding: chunked", b"X-Other: 1", b"Transfer-Encoding:\x0bchunked",
-])
+_FRAMING_LINES = st.sampled_from(
+    [
+        b"Content-Length: %d" % len(SMUGGLED),
+        b"Content-Length: 0",
+        b"Content-Length: 10",
+        b"Content-Length: %d" % len(AS_CHUNKED),
+        b"Content-Length: 1_0",
+        b"Content-Length:  7 ",
+        b"Transfer-Encoding: chunked",
+        b"Transfer-Encoding : chunked",
+        b"Transfer-Encoding: gzip",
+        b"Transfer-Encoding: identity",
+        b"Transfer-Encoding: gzip, chunked",
+        b"Transfer-encoding: CHUNKED",
+        b" chunked",
+        b"\tTransfer-Encoding: chunked",
+        b"X-Other: 1",
+        b"Transfer-Encoding:\x0bchunked",
+    ]
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from([(b"Content-Length: %d" % len(SMUGGLED), SMUGGLED),
-                        (b"Transfer-Encoding: chunked", AS_CHUNKED)]),
-       st.lists(_FRAMING_LINES, max_size=3), st.integers(0, 3))
-def test_no_mix_of_framing_headers_lets_a_body_be_read_as_a_request(module_server, framing,
-                                                                    noise, at):
+@given(
+    st.sampled_from(
+        [(b"Content-Length: %d" % len(SMUGGLED), SMUGGLED), (b"Transfer-Encoding: chunked", AS_CHUNKED)]
+    ),
+    st.lists(_FRAMING_LINES, max_size=3),
+    st.integers(0, 3),
+)
+def test_no_mix_of_framing_headers_lets_a_body_be_read_as_a_request(module_server, framing, noise, at):
     """The body holds a request under its true framing; whatever framing lines are mixed in,
     that request is never answered (400, or read as the body it is)."""
     true_line, body = framing
@@ -389,7 +446,8 @@ def _drain(stream, timeout: float = 20) -> list:
 
 
 def test_hundreds_of_opens_racing_a_jti_revocation_across_two_processes_leave_no_one_in(
-        make_server, database_url):
+    make_server, database_url
+):
     a, b = make_server(database_url), make_server(database_url)
     a.put("/api/v1/streams/race/1", headers=auth())
     tokens = [token("racer", subscribe=["race/**"], jti="race-1", n=n) for n in range(300)]
@@ -402,8 +460,16 @@ def test_hundreds_of_opens_racing_a_jti_revocation_across_two_processes_leave_no
             r = a.post("/api/v1/revocations", json={"jti": "race-1"}, headers=REVOKER)
             assert r.status_code == 202, r.text
             revoked.set()
-        streams.append((revoked.is_set(), Stream(server.url + SSE, params={"stream": "race/1"},
-                        headers={"Authorization": f"Bearer {tokens[n]}"})))
+        streams.append(
+            (
+                revoked.is_set(),
+                Stream(
+                    server.url + SSE,
+                    params={"stream": "race/1"},
+                    headers={"Authorization": f"Bearer {tokens[n]}"},
+                ),
+            )
+        )
 
     gevent.joinall([gevent.spawn(open_one, n) for n in range(300)], raise_error=True)
     assert revoked.is_set()
@@ -420,8 +486,7 @@ def test_hundreds_of_opens_racing_a_jti_revocation_across_two_processes_leave_no
         s.close()
     for server in (a, b):  # nothing is left registered
         wait_until(lambda server=server: _gauge(server, "sluice_subscribers") == 0)
-    late = Stream(b.url + SSE, params={"stream": "race/1"},
-                  headers={"Authorization": f"Bearer {tokens[0]}"})
+    late = Stream(b.url + SSE, params={"stream": "race/1"}, headers={"Authorization": f"Bearer {tokens[0]}"})
     assert late.response.status_code == 401
     late.close()
     assert deliveries == 0, (deliveries, admitted)
@@ -429,13 +494,16 @@ def test_hundreds_of_opens_racing_a_jti_revocation_across_two_processes_leave_no
 
 # -- 31.3 revocations and single-use tokens fail closed ----------------------------------------
 
+
 def _poll_status(server, tok: str) -> int:
-    return server.get("/api/v1/poll", params={"stream": "fc/1", "timeout": "0"},
-                      headers={"Authorization": f"Bearer {tok}"}).status_code
+    return server.get(
+        "/api/v1/poll", params={"stream": "fc/1", "timeout": "0"}, headers={"Authorization": f"Bearer {tok}"}
+    ).status_code
 
 
 def test_revocations_and_spent_tokens_survive_redis_and_process_restarts(
-        make_server, database_url, own_redis):
+    make_server, database_url, own_redis
+):
     import redis as redis_client
 
     server = make_server(database_url, REDIS_URL=own_redis.url)
@@ -443,8 +511,9 @@ def test_revocations_and_spent_tokens_survive_redis_and_process_restarts(
     victim = token("victim", subscribe=["fc/**"])
     once = token("single", subscribe=["fc/**"], once=True, jti="only-once")
     assert _poll_status(server, victim) == 200
-    r = server.get("/api/v1/poll", params={"stream": "fc/1", "timeout": "0"},
-                   headers={"Authorization": f"Bearer {once}"})
+    r = server.get(
+        "/api/v1/poll", params={"stream": "fc/1", "timeout": "0"}, headers={"Authorization": f"Bearer {once}"}
+    )
     assert r.status_code == 200, r.text  # spends it
     assert _poll_status(server, once) == 401
     r = server.post("/api/v1/revocations", json={"sub": "victim"}, headers=REVOKER)
@@ -461,8 +530,11 @@ def test_revocations_and_spent_tokens_survive_redis_and_process_restarts(
     # Redis lacks; the spent single-use token stays spent.
     own_redis.start()
     client = redis_client.Redis.from_url(own_redis.url)
-    wait_until(lambda: any(client.hexists(k, "victim") for k in client.keys("*revoked-sub")),
-               timeout=30, message="the revocation written back to the empty Redis")
+    wait_until(
+        lambda: any(client.hexists(k, "victim") for k in client.keys("*revoked-sub")),
+        timeout=30,
+        message="the revocation written back to the empty Redis",
+    )
     assert _poll_status(server, victim) == 401
     assert _poll_status(server, once) == 401
     assert _poll_status(server, token("victim", subscribe=["fc/**"], iat=time.time() + 5)) == 200
@@ -470,45 +542,63 @@ def test_revocations_and_spent_tokens_survive_redis_and_process_restarts(
 
 # -- 25.4 cookies read; writes need the right origin -------------------------------------------
 
+
 def test_a_cookie_authenticated_publish_needs_an_allowed_origin(make_server, database_url):
-    server = make_server(database_url, MERCURE_PUBLISH_ORIGINS="https://app.example",
-                         **MERCURE_KEYS)
+    server = make_server(database_url, MERCURE_PUBLISH_ORIGINS="https://app.example", **MERCURE_KEYS)
     import jwt
 
-    watcher = Stream(server.url + HUB, params={"topic": "csrf"},
-                     headers={"Authorization": "Bearer " + jwt.encode(
-                         {"mercure": {"subscribe": ["*"]}}, "s" * 40, algorithm="HS256")})
+    watcher = Stream(
+        server.url + HUB,
+        params={"topic": "csrf"},
+        headers={
+            "Authorization": "Bearer "
+            + jwt.encode({"mercure": {"subscribe": ["*"]}}, "s" * 40, algorithm="HS256")
+        },
+    )
     assert watcher.response.status_code == 200
     watcher.next(("retry",))
     cookie = {"mercureAuthorization": _mercure_publisher()}
 
     def form(n: str, **headers) -> int:
-        return server.post(HUB, data={"topic": "csrf", "data": n}, cookies=cookie,
-                           headers=headers).status_code
+        return server.post(
+            HUB, data={"topic": "csrf", "data": n}, cookies=cookie, headers=headers
+        ).status_code
 
-    refused = [form("evil-origin", Origin="https://evil.example"),
-               form("null-origin", Origin="null"),
-               form("cross-site", **{"Sec-Fetch-Site": "cross-site"}),
-               form("same-site", **{"Sec-Fetch-Site": "same-site"}),
-               form("evil-referer", Referer="https://evil.example/page"),
-               form("nothing-said")]
+    refused = [
+        form("evil-origin", Origin="https://evil.example"),
+        form("null-origin", Origin="null"),
+        form("cross-site", **{"Sec-Fetch-Site": "cross-site"}),
+        form("same-site", **{"Sec-Fetch-Site": "same-site"}),
+        form("evil-referer", Referer="https://evil.example/page"),
+        form("nothing-said"),
+    ]
     assert refused == [403] * 6
-    accepted = [form("allowed-origin", Origin="https://app.example"),
-                form("same-origin", **{"Sec-Fetch-Site": "same-origin"}),
-                form("own-origin", Origin=server.url),
-                form("allowed-referer", Referer="https://app.example/editor")]
+    accepted = [
+        form("allowed-origin", Origin="https://app.example"),
+        form("same-origin", **{"Sec-Fetch-Site": "same-origin"}),
+        form("own-origin", Origin=server.url),
+        form("allowed-referer", Referer="https://app.example/editor"),
+    ]
     assert accepted == [200] * 4
-    r = server.post(HUB, data={"topic": "csrf", "data": "header-token"},  # not a cookie: as before
-                    headers={"Authorization": f"Bearer {_mercure_publisher()}",
-                             "Origin": "https://evil.example"})
+    r = server.post(
+        HUB,
+        data={"topic": "csrf", "data": "header-token"},  # not a cookie: as before
+        headers={"Authorization": f"Bearer {_mercure_publisher()}", "Origin": "https://evil.example"},
+    )
     assert r.status_code == 200
     got = [e[2] for e in watcher.events(5)]
     watcher.close()
-    assert got == ["allowed-origin", "same-origin", "own-origin", "allowed-referer",
-                   "header-token"]  # nothing refused was stored or sent
+    assert got == [
+        "allowed-origin",
+        "same-origin",
+        "own-origin",
+        "allowed-referer",
+        "header-token",
+    ]  # nothing refused was stored or sent
 
 
 # -- 25.9 the development server binds what it says --------------------------------------------
+
 
 def _listening_addresses(port: int) -> set[str]:
     found = set()
@@ -535,6 +625,7 @@ def test_python_app_py_binds_loopback_unless_host_says_otherwise(make_server, da
 
 
 # -- 25.6 / 31.7 one spelling per token, no 5xx, a bad event fails alone -----------------------
+
 
 def _jws(header: dict, payload: dict, key: str) -> str:
     import base64
@@ -567,30 +658,41 @@ def test_one_spelling_per_token_and_malformed_tokens_are_401(make_server, databa
     server = make_server(database_url, MAX_CONNECTIONS_PER_TOKEN="1", **MERCURE_KEYS)
     server.put("/api/v1/streams/sp/1", headers=auth())
     tok = token("speller")
-    held = Stream(server.url + SSE, params={"stream": "sp/1"},
-                  headers={"Authorization": f"Bearer {tok}"})
+    held = Stream(server.url + SSE, params={"stream": "sp/1"}, headers={"Authorization": f"Bearer {tok}"})
     assert held.response.status_code == 200
     now = int(time.time())
     claims = {"sub": "x", "exp": now + 600, "publish": ["**"], "subscribe": ["**"]}
-    spellings = [tok + "=", tok + "==", _altered_last_bits(tok),
-                 _jws({"alg": ["HS256"], "typ": "JWT"}, claims, SECRET),
-                 _jws({"alg": "HS256", "kid": ["default"]}, claims, SECRET),
-                 _jws({"alg": "HS256"}, {**claims, "sub": "user-\ud800"}, SECRET),
-                 _jws({"alg": "HS256"}, {**claims, "jti": "\udfff"}, SECRET),
-                 "a.b", "a.b.c.d", "." * 2, "é.é.é", tok.replace(".", "..", 1)]
+    spellings = [
+        tok + "=",
+        tok + "==",
+        _altered_last_bits(tok),
+        _jws({"alg": ["HS256"], "typ": "JWT"}, claims, SECRET),
+        _jws({"alg": "HS256", "kid": ["default"]}, claims, SECRET),
+        _jws({"alg": "HS256"}, {**claims, "sub": "user-\ud800"}, SECRET),
+        _jws({"alg": "HS256"}, {**claims, "jti": "\udfff"}, SECRET),
+        "a.b",
+        "a.b.c.d",
+        "." * 2,
+        "é.é.é",
+        tok.replace(".", "..", 1),
+    ]
     for spelled in spellings:
-        for method, path, kw in (("get", SSE, {"params": {"stream": "sp/1"}}),
-                                 ("post", EVENTS, {"json": {"stream": "sp/1", "data": 1}})):
-            r = getattr(server, method)(path, headers={"Authorization": f"Bearer {spelled}"},
-                                        stream=True, **kw)
+        for method, path, kw in (
+            ("get", SSE, {"params": {"stream": "sp/1"}}),
+            ("post", EVENTS, {"json": {"stream": "sp/1", "data": 1}}),
+        ):
+            r = getattr(server, method)(
+                path, headers={"Authorization": f"Bearer {spelled}"}, stream=True, **kw
+            )
             assert r.status_code == 401, (spelled, path, r.status_code)
             r.close()
-    mercure_bad = [_jws({"alg": ["HS256"]}, {"mercure": {"publish": ["*"]}}, "p" * 40),
-                   _jws({"alg": "HS256"}, {"mercure": {"publish": ["\ud800"]}}, "p" * 40),
-                   _mercure_publisher() + "="]
+    mercure_bad = [
+        _jws({"alg": ["HS256"]}, {"mercure": {"publish": ["*"]}}, "p" * 40),
+        _jws({"alg": "HS256"}, {"mercure": {"publish": ["\ud800"]}}, "p" * 40),
+        _mercure_publisher() + "=",
+    ]
     for spelled in mercure_bad:
-        r = server.post(HUB, data={"topic": "t", "data": "x"},
-                        headers={"Authorization": f"Bearer {spelled}"})
+        r = server.post(HUB, data={"topic": "t", "data": "x"}, headers={"Authorization": f"Bearer {spelled}"})
         assert r.status_code == 401, (spelled, r.status_code)
     held.close()
 
@@ -607,31 +709,65 @@ def test_inputs_that_gave_500_get_a_4xx_problem(make_server, database_url):
         r = server.post(EVENTS, data=body, headers={**auth(), "Content-Type": "application/json"})
         assert r.status_code == status, (depth, r.text)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /api/v1/sse?stream=deep/1 HTTP/1.1\r\nHost: x\r\n"
-                     b"Cookie: session=a\rb\r\n\r\n")
+        sock.sendall(b"GET /api/v1/sse?stream=deep/1 HTTP/1.1\r\nHost: x\r\nCookie: session=a\rb\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 400")
     assert server.get("/healthz").status_code == 200
 
 
-_QUERY_VALUE = st.one_of(st.text(max_size=12), st.sampled_from(
-    ["²", "-1", "1e9", "nan", "inf", "0x10", " 1", "1 ", "\u0660", "99999999999999999999999",
-     "1.5", "", "%", "\x00", "earliest", "a.1", "abc.99", "\ud800"]))
+_QUERY_VALUE = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "²",
+            "-1",
+            "1e9",
+            "nan",
+            "inf",
+            "0x10",
+            " 1",
+            "1 ",
+            "\u0660",
+            "99999999999999999999999",
+            "1.5",
+            "",
+            "%",
+            "\x00",
+            "earliest",
+            "a.1",
+            "abc.99",
+            "\ud800",
+        ]
+    ),
+)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from([("/api/v1/events", ("clientId", "after", "limit", "stream")),
-                        ("/api/v1/poll", ("stream", "cursor", "timeout", "sid", "lastEventId")),
-                        ("/api/v1/sse", ("stream", "lastEventId", "sid", "envelope", "token")),
-                        ("/api/v1/stats", ("token", "stream")),
-                        ("/.well-known/mercure", ("topic", "lastEventID", "authorization"))]),
-       st.lists(st.tuples(st.integers(0, 4), _QUERY_VALUE), max_size=4),
-       st.one_of(st.none(), st.text(max_size=40).map(  # what an HTTP client can send at all
-           lambda t: "".join(c for c in t if c not in "\r\n\x00").strip())))
+@given(
+    st.sampled_from(
+        [
+            ("/api/v1/events", ("clientId", "after", "limit", "stream")),
+            ("/api/v1/poll", ("stream", "cursor", "timeout", "sid", "lastEventId")),
+            ("/api/v1/sse", ("stream", "lastEventId", "sid", "envelope", "token")),
+            ("/api/v1/stats", ("token", "stream")),
+            ("/.well-known/mercure", ("topic", "lastEventID", "authorization")),
+        ]
+    ),
+    st.lists(st.tuples(st.integers(0, 4), _QUERY_VALUE), max_size=4),
+    st.one_of(
+        st.none(),
+        st.text(max_size=40).map(  # what an HTTP client can send at all
+            lambda t: "".join(c for c in t if c not in "\r\n\x00").strip()
+        ),
+    ),
+)
 def test_no_query_or_token_gives_a_5xx(module_server, route, params, raw_token):
     path, names = route
     query = [(names[i % len(names)], v.encode("utf-8", "surrogatepass")) for i, v in params]
-    headers = {**auth()} if raw_token is None else {
-        "Authorization": "Bearer " + raw_token.encode("utf-8", "surrogatepass").decode("latin-1")}
+    headers = (
+        {**auth()}
+        if raw_token is None
+        else {"Authorization": "Bearer " + raw_token.encode("utf-8", "surrogatepass").decode("latin-1")}
+    )
     if path == "/api/v1/poll":
         query.append(("timeout", b"0"))
     r = module_server.get(path, params=query, headers=headers, stream=True, timeout=30)
@@ -642,8 +778,10 @@ def test_no_query_or_token_gives_a_5xx(module_server, route, params, raw_token):
 
 # -- 31.4 deadlines on bodies too ---------------------------------------------------------------
 
-def _answer_then_closed(server, head: bytes, trickle: bytes = b"", every: float = 0.2,
-                        wait_s: float = 20.0) -> bytes:
+
+def _answer_then_closed(
+    server, head: bytes, trickle: bytes = b"", every: float = 0.2, wait_s: float = 20.0
+) -> bytes:
     """Send `head`, then trickle bytes; return the answer once the server has closed the
     connection (a connection still open after `wait_s` fails the test)."""
     import socket
@@ -657,7 +795,7 @@ def _answer_then_closed(server, head: bytes, trickle: bytes = b"", every: float 
             gevent.sleep(every)
             if sent < len(trickle):
                 try:
-                    sock.send(trickle[sent:sent + 1])
+                    sock.send(trickle[sent : sent + 1])
                     sent += 1
                 except OSError:
                     pass
@@ -677,38 +815,39 @@ def _answer_then_closed(server, head: bytes, trickle: bytes = b"", every: float 
 
 def test_unread_slow_and_missing_bodies_do_not_hold_connections(make_server, database_url):
     server = make_server(database_url, HEADER_TIMEOUT_S="2", BODY_TIMEOUT_S="1")
-    ingest = b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + \
-        f"Authorization: {auth()['Authorization']}\r\n".encode()
-    missing = _answer_then_closed(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
-                                          b"Content-Length: 100\r\n\r\n")
+    ingest = (
+        b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: {auth()['Authorization']}\r\n".encode()
+    )
+    missing = _answer_then_closed(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
     assert missing.startswith(b"HTTP/1.1 200")
-    slow = _answer_then_closed(server, ingest + b"Content-Length: 100\r\n\r\n{",
-                               trickle=b"x" * 99)
+    slow = _answer_then_closed(server, ingest + b"Content-Length: 100\r\n\r\n{", trickle=b"x" * 99)
     assert slow.startswith(b"HTTP/1.1 408")
-    big = _answer_then_closed(server, ingest + b"Content-Length: 99999999999\r\n\r\n",
-                              trickle=b"x" * 200)
+    big = _answer_then_closed(server, ingest + b"Content-Length: 99999999999\r\n\r\n", trickle=b"x" * 200)
     assert big.startswith(b"HTTP/1.1 413")
-    chunked = _answer_then_closed(server, b"POST /healthz HTTP/1.1\r\nHost: x\r\n"
-                                          b"Transfer-Encoding: chunked\r\n\r\n5\r\nab",
-                                  trickle=b"cdefghijklmnop")
+    chunked = _answer_then_closed(
+        server,
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+        trickle=b"cdefghijklmnop",
+    )
     assert chunked.startswith(b"HTTP/1.1 405")
     assert server.get("/healthz").status_code == 200
 
 
 # -- 31.5 limits that heal --------------------------------------------------------------------
 
-def test_slots_taken_while_redis_was_away_are_counted_and_given_back(make_server, database_url,
-                                                                    own_redis):
+
+def test_slots_taken_while_redis_was_away_are_counted_and_given_back(make_server, database_url, own_redis):
     import redis as redis_client
 
-    server = make_server(database_url, REDIS_URL=own_redis.url, MAX_CONNECTIONS_PER_TOKEN="3",
-                         MAX_CONNECTIONS_PER_IP="5")
+    server = make_server(
+        database_url, REDIS_URL=own_redis.url, MAX_CONNECTIONS_PER_TOKEN="3", MAX_CONNECTIONS_PER_IP="5"
+    )
     server.put("/api/v1/streams/lim/1", headers=auth())
     tok = token("limited")
 
     def open_one(t: str = tok) -> Stream:
-        return Stream(server.url + SSE, params={"stream": "lim/1"},
-                      headers={"Authorization": f"Bearer {t}"})
+        return Stream(server.url + SSE, params={"stream": "lim/1"}, headers={"Authorization": f"Bearer {t}"})
 
     own_redis.stop()
     held = [open_one() for _ in range(3)]  # counted by this process alone
@@ -720,9 +859,14 @@ def test_slots_taken_while_redis_was_away_are_counted_and_given_back(make_server
     assert [s.response.status_code for s in others] == [200, 200]
     own_redis.start()  # back, and empty
     client = redis_client.Redis.from_url(own_redis.url)
-    wait_until(lambda: sorted(int(v) for k in client.keys("*:limit:t:*")
-                              for v in client.hgetall(k).values()) == [1, 1, 3], timeout=30,
-               message="the renewal to write the slots taken meanwhile")
+    wait_until(
+        lambda: (
+            sorted(int(v) for k in client.keys("*:limit:t:*") for v in client.hgetall(k).values())
+            == [1, 1, 3]
+        ),
+        timeout=30,
+        message="the renewal to write the slots taken meanwhile",
+    )
     refused = open_one(token("sixth"))
     assert refused.response.status_code == 429  # the address holds 5, counted in Redis now
     refused.close()
@@ -731,8 +875,11 @@ def test_slots_taken_while_redis_was_away_are_counted_and_given_back(make_server
     wait_until(lambda: _gauge(server, "sluice_connections", '{transport="sse"}') == 0)
     again = []
     try:
-        wait_until(lambda: (again.append(open_one()) or again[-1].response.status_code == 200),
-                   timeout=15, message="the token admitted again once its slots came back")
+        wait_until(
+            lambda: again.append(open_one()) or again[-1].response.status_code == 200,
+            timeout=15,
+            message="the token admitted again once its slots came back",
+        )
         more = [open_one() for _ in range(2)]
         again += more
         assert [s.response.status_code for s in more] == [200, 200]  # all three slots healed
@@ -743,32 +890,36 @@ def test_slots_taken_while_redis_was_away_are_counted_and_given_back(make_server
 
 # -- 25.8 Mercure ids cannot be hijacked --------------------------------------------------------
 
+
 def test_a_publisher_cannot_reuse_another_publishers_update_id(make_server, database_url):
     import jwt
 
     server = make_server(database_url, **MERCURE_KEYS)
 
     def publisher(sub: str, selectors: list[str]) -> dict:
-        tok = jwt.encode({"sub": sub, "mercure": {"publish": selectors}}, "p" * 40,
-                         algorithm="HS256")
+        tok = jwt.encode({"sub": sub, "mercure": {"publish": selectors}}, "p" * 40, algorithm="HS256")
         return {"Authorization": f"Bearer {tok}"}
 
     owner, other = publisher("owner", ["*"]), publisher("intruder", ["public/{x}"])
-    subscriber = {"Authorization": "Bearer " + jwt.encode(
-        {"mercure": {"subscribe": ["*"]}}, "s" * 40, algorithm="HS256")}
+    subscriber = {
+        "Authorization": "Bearer "
+        + jwt.encode({"mercure": {"subscribe": ["*"]}}, "s" * 40, algorithm="HS256")
+    }
     first = server.post(HUB, data={"topic": "public/1", "data": "a", "id": "u-1"}, headers=owner)
-    secret = server.post(HUB, data={"topic": "private/1", "data": "s", "private": "on"},
-                         headers=owner)
+    secret = server.post(HUB, data={"topic": "private/1", "data": "s", "private": "on"}, headers=owner)
     assert first.status_code == 200 and secret.status_code == 200
     hijack = server.post(HUB, data={"topic": "public/2", "data": "b", "id": "u-1"}, headers=other)
     assert hijack.status_code == 409 and hijack.json()["type"].endswith("/id-in-use")
     # its own ids a publisher may reuse (the newest update with the id is where a resume starts)
-    assert server.post(HUB, data={"topic": "public/3", "data": "c", "id": "mine"},
-                       headers=other).status_code == 200
-    assert server.post(HUB, data={"topic": "public/4", "data": "d", "id": "mine"},
-                       headers=other).status_code == 200
-    resumed = Stream(server.url + HUB, params={"topic": "*", "lastEventID": "u-1"},
-                     headers=subscriber)
+    assert (
+        server.post(HUB, data={"topic": "public/3", "data": "c", "id": "mine"}, headers=other).status_code
+        == 200
+    )
+    assert (
+        server.post(HUB, data={"topic": "public/4", "data": "d", "id": "mine"}, headers=other).status_code
+        == 200
+    )
+    resumed = Stream(server.url + HUB, params={"topic": "*", "lastEventID": "u-1"}, headers=subscriber)
     try:
         assert resumed.response.status_code == 200
         got = [(e[0], e[2]) for e in resumed.events(3)]
@@ -780,6 +931,7 @@ def test_a_publisher_cannot_reuse_another_publishers_update_id(make_server, data
 
 # -- 25.9 / 31.8 pacing without a sid; a sid is bound to its subject ----------------------------
 
+
 def test_a_sid_is_bound_to_its_subject_and_polls_without_one_are_paced(make_server, database_url):
     server = make_server(database_url, MAX_RECONNECTS="5", LONGPOLL_MAX_RATE="1")
     server.put("/api/v1/streams/pace/1", headers=auth())
@@ -789,15 +941,13 @@ def test_a_sid_is_bound_to_its_subject_and_polls_without_one_are_paced(make_serv
     held.next(("retry",))
     attacker = {"Authorization": f"Bearer {token('attacker')}"}
     for _ in range(8):  # past MAX_RECONNECTS for that sid, as another subject
-        s = Stream(server.url + SSE, params={"stream": "pace/1", "sid": "victimsid"},
-                   headers=attacker)
+        s = Stream(server.url + SSE, params={"stream": "pace/1", "sid": "victimsid"}, headers=attacker)
         s.close()
     r = server.post(EVENTS, json={"stream": "pace/1", "data": "still here"}, headers=auth())
     assert r.status_code == 201
     assert held.events(1)[0][2] == '"still here"'  # no one else took its connection over
     held.close()
-    again = Stream(server.url + SSE, params={"stream": "pace/1", "sid": "victimsid"},
-                   headers=victim)
+    again = Stream(server.url + SSE, params={"stream": "pace/1", "sid": "victimsid"}, headers=victim)
     try:
         assert again.response.status_code == 200  # the victim's own budget is untouched
     finally:
@@ -805,8 +955,7 @@ def test_a_sid_is_bound_to_its_subject_and_polls_without_one_are_paced(make_serv
     # Without a sid, polls are paced by subject and address: fast ones are slowed, then 429.
     statuses, slowed = [], 0
     for _ in range(60):
-        r = server.get("/api/v1/poll", params={"stream": "pace/1", "timeout": "0"},
-                       headers=attacker)
+        r = server.get("/api/v1/poll", params={"stream": "pace/1", "timeout": "0"}, headers=attacker)
         statuses.append(r.status_code)
         slowed += "Retry-After" in r.headers
     assert 429 in statuses and slowed > 0
@@ -815,6 +964,7 @@ def test_a_sid_is_bound_to_its_subject_and_polls_without_one_are_paced(make_serv
 
 
 # -- 25.2 every attack class against one live server, /healthz probed throughout ---------------
+
 
 def test_every_attack_class_leaves_healthz_answering_within_250_ms(make_server, database_url):
     """bench/attacks.py's classes, half a second each (the bench prints the figures)."""
@@ -834,7 +984,8 @@ def test_every_attack_class_leaves_healthz_answering_within_250_ms(make_server, 
 
 
 def test_with_postgres_stopped_revocations_and_single_use_tokens_are_refused_not_lost(
-        make_server, own_postgres):
+    make_server, own_postgres
+):
     server = make_server(own_postgres.url)
     server.put("/api/v1/streams/fc/1", headers=auth())
     victim = token("pg-victim", subscribe=["fc/**"])
@@ -844,9 +995,13 @@ def test_with_postgres_stopped_revocations_and_single_use_tokens_are_refused_not
     once = token("pg-single", subscribe=["fc/**"], once=True, jti="pg-once")
     assert _poll_status(server, once) == 503  # cannot be checked durably: not accepted
     own_postgres.start()
-    wait_until(lambda: server.post("/api/v1/revocations", json={"sub": "pg-victim"},
-                                   headers=REVOKER).status_code == 202, timeout=30,
-               message="the revocation kept once Postgres is back")
+    wait_until(
+        lambda: (
+            server.post("/api/v1/revocations", json={"sub": "pg-victim"}, headers=REVOKER).status_code == 202
+        ),
+        timeout=30,
+        message="the revocation kept once Postgres is back",
+    )
     assert _poll_status(server, victim) == 401
     assert _poll_status(server, once) == 200  # its first use, now that it can be recorded
     assert _poll_status(server, once) == 401

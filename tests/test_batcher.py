@@ -1,4 +1,5 @@
 """The batcher against a real Postgres: group commit, backpressure, isolation, draining."""
+
 import gevent
 import pytest
 
@@ -47,8 +48,7 @@ def test_max_events_bounds_a_batch_but_never_splits_a_request(pool):
 
 
 def test_backlog_is_bounded(pool):
-    batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=60000,
-                      max_backlog=10).start()
+    batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=60000, max_backlog=10).start()
     batcher.submit(req(n=6))
     batcher.submit(req(n=4))
     with pytest.raises(Backpressure) as info:
@@ -147,6 +147,7 @@ def test_two_batches_in_flight_commit_and_notify_in_order(pool):
     """While one batch is written the next is prepared (its keys claimed, its transaction held
     open): commits, wake-ups and listeners stay in batch order, ranges contiguous, every key
     stored once, the pending list complete."""
+
     class CountingStore(EventStore):
         early = 0
 
@@ -183,6 +184,7 @@ def test_keys_are_not_looked_up_until_a_batch_meets_a_stored_one(pool, monkeypat
     """Most keys are new: a batch is written as if none were stored. A stored one fails the key
     table's primary key and the batch is planned again with its keys looked up (a duplicate
     with the original id, or 422); from then on keys are looked up for LOOKUP_AFTER_REPEAT_S."""
+
     class RecordingStore(EventStore):
         def __init__(self):
             super().__init__()
@@ -218,8 +220,7 @@ def test_keys_are_not_looked_up_until_a_batch_meets_a_stored_one(pool, monkeypat
     batcher.stop()
 
 
-def test_a_request_that_cannot_be_encoded_fails_alone_and_the_batcher_carries_on(pool,
-                                                                                 database_url):
+def test_a_request_that_cannot_be_encoded_fails_alone_and_the_batcher_carries_on(pool, database_url):
     """A lone surrogate (which no encoder takes) in one request of a group commit: that request
     gets a 400, the other five commit, and the batcher keeps writing."""
     batcher = Batcher(EventStore(), pool, max_events=1000, max_wait_ms=50).start()

@@ -2,6 +2,7 @@
 
 The browser runs in a helper process (tests/browser/eventsource.py); see its docstring.
 """
+
 import json
 import re
 import signal
@@ -27,8 +28,11 @@ class Browser(BrowserHelper):
 
 def sse_requests(server, status):
     text = server.get("/metrics").text
-    match = re.search(rf'sluice_http_responses_total{{route="/api/v1/sse",status="{status}"}} '
-                      r'([0-9.]+)', text)
+    match = re.search(
+        rf'sluice_http_responses_total{{route="/api/v1/sse",status="{status}"}} '
+        r"([0-9.]+)",
+        text,
+    )
     return float(match.group(1)) if match else 0.0
 
 
@@ -52,8 +56,12 @@ def test_receives_keeps_its_connection_id_and_resumes_after_a_restart(make_serve
 
     server.signal(signal.SIGTERM)  # the stream gets a final retry:, then the process exits
     assert server.wait(timeout=25) == 0
-    missed = [other.post("/api/v1/events", json={"stream": "browser/1", "data": d},
-                         headers=auth()).json()["events"][0]["id"] for d in ("m1", "m2")]
+    missed = [
+        other.post("/api/v1/events", json={"stream": "browser/1", "data": d}, headers=auth()).json()[
+            "events"
+        ][0]["id"]
+        for d in ("m1", "m2")
+    ]
     server.start()
     b.send()
     done = b.read()
@@ -74,7 +82,7 @@ class CuttingProxy:
         from gevent.server import StreamServer
 
         self.upstream_port = upstream_port
-        self.streams = []   # [{"last_event_id": ..., "retry": ...}] per SSE connection
+        self.streams = []  # [{"last_event_id": ..., "retry": ...}] per SSE connection
         self.live = []
         self.server = StreamServer(("127.0.0.1", 0), self._handle)
         self.server.start()
@@ -84,6 +92,7 @@ class CuttingProxy:
 
     def _handle(self, client, _address):
         import socket as socket_module
+
         upstream = socket_module.create_connection(("127.0.0.1", self.upstream_port))
         self.live.append((client, upstream))
         current = {}  # the SSE request this connection carries now (keep-alive reuses them)
@@ -107,9 +116,17 @@ class CuttingProxy:
         def request(data):
             if data.startswith(b"GET /api/v1/sse"):
                 lines = data.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
-                rec = {"last_event_id": next((h.split(":", 1)[1].strip() for h in lines[1:]
-                                              if h.lower().startswith("last-event-id:")), None),
-                       "seen": b""}
+                rec = {
+                    "last_event_id": next(
+                        (
+                            h.split(":", 1)[1].strip()
+                            for h in lines[1:]
+                            if h.lower().startswith("last-event-id:")
+                        ),
+                        None,
+                    ),
+                    "seen": b"",
+                }
                 current["rec"] = rec
                 self.streams.append(rec)
 
@@ -127,6 +144,7 @@ class CuttingProxy:
 
     def cut_all(self):
         import socket as socket_module
+
         for pair in self.live:
             for sock in pair:
                 try:
@@ -150,13 +168,19 @@ def test_reconnecting_again_and_again_gets_a_growing_retry(make_server, database
     assert b.read()["step"] == "open"
     published = []
     for n in range(6):
-        wait_until(lambda n=n: len(proxy.streams) == n + 1 and "retry" in proxy.streams[-1],
-                   timeout=30, message=f"connection {n + 1} through the proxy")
-        published.append(server.post("/api/v1/events", json={"stream": "browser/storm",
-                                                              "data": n},
-                                     headers=auth()).json()["events"][0]["id"])
-        wait_until(lambda n=n: len(b.report()["got"]) == n + 1, timeout=30,
-                   message=f"event {n} in the browser")
+        wait_until(
+            lambda n=n: len(proxy.streams) == n + 1 and "retry" in proxy.streams[-1],
+            timeout=30,
+            message=f"connection {n + 1} through the proxy",
+        )
+        published.append(
+            server.post("/api/v1/events", json={"stream": "browser/storm", "data": n}, headers=auth()).json()[
+                "events"
+            ][0]["id"]
+        )
+        wait_until(
+            lambda n=n: len(b.report()["got"]) == n + 1, timeout=30, message=f"event {n} in the browser"
+        )
         proxy.cut_all()  # a network drop: EventSource reconnects with Last-Event-ID
     report = b.report()
     b.finish()
@@ -164,18 +188,18 @@ def test_reconnecting_again_and_again_gets_a_growing_retry(make_server, database
     retries = [s["retry"] for s in proxy.streams]
     sid = report["got"][0]["id"].split(".")[0]
     # Every reconnect named the same connection id and the last event the browser had.
-    assert [s["last_event_id"] for s in proxy.streams[1:]] == \
-        [f"{sid}.{i}" for i in published[:len(proxy.streams) - 1]]
+    assert [s["last_event_id"] for s in proxy.streams[1:]] == [
+        f"{sid}.{i}" for i in published[: len(proxy.streams) - 1]
+    ]
     # Full jitter under a doubling ceiling: each retry within its ceiling, and it grows.
-    ceilings = [min(3200, 200 * 2 ** n) for n in range(len(retries))]
+    ceilings = [min(3200, 200 * 2**n) for n in range(len(retries))]
     assert retries[0] == 200 and all(200 <= r <= c for r, c in zip(retries, ceilings, strict=False))
     assert max(retries[3:]) > 400  # a 1-in-10^5 chance of three draws at the bottom
     assert [g["data"] for g in report["got"]] == list(range(6))  # nothing missed, once each
     assert report["state"] != 2  # still reconnecting: it never gave up
 
 
-def test_cross_origin_eventsource_with_credentials_follows_cors_origins(make_server,
-                                                                        database_url):
+def test_cross_origin_eventsource_with_credentials_follows_cors_origins(make_server, database_url):
     """A page on http://localhost:P opens EventSource to http://127.0.0.1:Q (another origin):
     with credentials it works only where that origin is listed; `*` serves it only without
     credentials; an unlisted origin gets nothing."""
@@ -187,16 +211,18 @@ def test_cross_origin_eventsource_with_credentials_follows_cors_origins(make_ser
     listed.put("/api/v1/streams/room/1", headers=auth())
     listed.post("/api/v1/events", json={"stream": "room/1", "data": {"hello": 1}}, headers=auth())
     query = f"/api/v1/sse?stream=room/1&lastEventId=0&token={token()}"
-    targets = [{"url": listed.url + query, "credentials": True},
-               {"url": wildcard.url + query, "credentials": False},
-               {"url": wildcard.url + query, "credentials": True},
-               {"url": unlisted.url + query, "credentials": False}]
+    targets = [
+        {"url": listed.url + query, "credentials": True},
+        {"url": wildcard.url + query, "credentials": False},
+        {"url": wildcard.url + query, "credentials": True},
+        {"url": unlisted.url + query, "credentials": False},
+    ]
     b = BrowserHelper("eventsource.py", "cors", page_origin, "-", "-")
     report = b.command(json.dumps(targets))
     b.finish()
     assert report["origin"] == page_origin
     results = report["results"]
-    assert results[0]["got"] == {"hello": 1}       # listed origin, with credentials
-    assert results[1]["got"] == {"hello": 1}       # wildcard, without credentials
+    assert results[0]["got"] == {"hello": 1}  # listed origin, with credentials
+    assert results[1]["got"] == {"hello": 1}  # wildcard, without credentials
     assert results[2] == {"got": None, "state": 2}  # wildcard never carries credentials
     assert results[3] == {"got": None, "state": 2}  # origin not listed

@@ -1,5 +1,6 @@
 """static/sluice.js in headless Chromium against real servers: both transports, a server restart
 in the middle, a refusal, and the fall back to long-poll behind a buffering proxy."""
+
 import signal
 import socket
 
@@ -17,35 +18,44 @@ class Page(BrowserHelper):
     """tests/browser/client.py: a page using static/sluice.js."""
 
     def __init__(self, page_url, sluice_url, stream, transport, tok=None, last_event_id=None):
-        super().__init__("client.py", page_url, sluice_url, tok or token(), stream, transport,
-                         *([last_event_id] if last_event_id else []))
+        super().__init__(
+            "client.py",
+            page_url,
+            sluice_url,
+            tok or token(),
+            stream,
+            transport,
+            *([last_event_id] if last_event_id else []),
+        )
 
     def report(self):
         return self.command("report")
 
     def wait_for_events(self, n, timeout=40):
-        return wait_until(lambda: (r := self.report()) and len(r["got"]) >= n and r, timeout,
-                          0.2, f"{n} events in the page")
+        return wait_until(
+            lambda: (r := self.report()) and len(r["got"]) >= n and r, timeout, 0.2, f"{n} events in the page"
+        )
 
 
 def held_by(server, stream):
     """Wait until the server holds the page's subscription. A first poll without a cursor
     starts at "now" when it reaches the server, and the page says `polling` when it sends it:
     events published before it arrives are not its to see (a loaded CI run once lost them)."""
-    wait_until(lambda: server.get(f"/api/v1/streams/{stream}", headers=auth()).json()
-               ["subscribers"] >= 1, 20, message="the page's subscription on the server")
+    wait_until(
+        lambda: server.get(f"/api/v1/streams/{stream}", headers=auth()).json()["subscribers"] >= 1,
+        20,
+        message="the page's subscription on the server",
+    )
 
 
 def publish(server, stream, data, type_="message"):
-    r = server.post("/api/v1/events", json={"stream": stream, "type": type_, "data": data},
-                    headers=auth())
+    r = server.post("/api/v1/events", json={"stream": stream, "type": type_, "data": data}, headers=auth())
     assert r.status_code == 201, r.text
     return r.json()["events"][0]["id"]
 
 
 @pytest.mark.parametrize("transport", ["sse", "poll"])
-def test_client_receives_and_resumes_across_a_server_restart(make_server, database_url,
-                                                             transport):
+def test_client_receives_and_resumes_across_a_server_restart(make_server, database_url, transport):
     server = make_server(database_url, RETRY_BASE_MS="300", RETRY_MAX_MS="1000")
     other = make_server(database_url)  # publishes while the first is down
     server.put("/api/v1/streams/live/1", headers=auth())
@@ -109,8 +119,7 @@ class BufferingProxy:
             lines = head.decode("latin-1").split("\r\n")
             if lines[0].startswith("GET /api/v1/sse"):
                 self.sse_requests += 1
-            kept = [h for h in lines[1:] if h.split(":")[0].lower() not in
-                    ("connection", "keep-alive")]
+            kept = [h for h in lines[1:] if h.split(":")[0].lower() not in ("connection", "keep-alive")]
             request = "\r\n".join([lines[0], *kept, "Connection: close", "", ""]).encode()
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             upstream.sendall(request + body)
@@ -164,11 +173,9 @@ def test_client_polls_where_eventsource_is_missing(make_server, database_url):
 
 
 @pytest.mark.parametrize("transport", ["sse", "poll"])
-def test_client_surfaces_history_gone_then_gets_what_is_left(make_server, database_url,
-                                                            transport):
+def test_client_surfaces_history_gone_then_gets_what_is_left(make_server, database_url, transport):
     server = make_server(database_url, STORAGE_SLICE_POSITIONS="10", RETENTION_PRUNE_S="0.2")
-    server.put("/api/v1/streams/short/browser", json={"retention": {"maxEvents": 2}},
-               headers=auth())
+    server.put("/api/v1/streams/short/browser", json={"retention": {"maxEvents": 2}}, headers=auth())
     ids = [publish(server, "short/browser", n) for n in range(5)]
 
     def pruned():
@@ -180,6 +187,5 @@ def test_client_surfaces_history_gone_then_gets_what_is_left(make_server, databa
     assert page.read()["step"] == "subscribed"
     report = page.wait_for_events(2)
     page.finish()
-    assert report["resets"] == [{"reason": "history-gone", "streams": ["short/browser"],
-                                 "oldest": ids[3]}]
+    assert report["resets"] == [{"reason": "history-gone", "streams": ["short/browser"], "oldest": ids[3]}]
     assert [(g["id"], g["data"]) for g in report["got"]] == [(ids[3], 3), (ids[4], 4)]

@@ -4,6 +4,7 @@ unacknowledged requests retried on the other process with the same keys) and 200
 long-poll clients read, reconnecting to whichever process answers. Every acknowledged event is
 stored exactly once, and every client gets every event of its stream exactly once and in order.
 The test prints the longest gap a client saw."""
+
 from __future__ import annotations
 
 import itertools
@@ -54,8 +55,11 @@ def sse_reader(fleet: Fleet, reader: Reader, stop) -> None:
     while not stop.is_set():
         server = fleet.pick()
         try:
-            s = Stream(server.url + SSE, headers={**auth(), "Last-Event-ID": last_id},
-                       params={"stream": reader.stream})
+            s = Stream(
+                server.url + SSE,
+                headers={**auth(), "Last-Event-ID": last_id},
+                params={"stream": reader.stream},
+            )
         except (OSError, EOFError, ValueError):  # refused, or closed mid-answer: restarting
             gevent.sleep(0.2)
             continue
@@ -105,14 +109,17 @@ def publisher(fleet: Fleet, batch: int, per_s: float, acked: dict, stop, tag: st
     t0 = time.monotonic()
     while not stop.is_set():
         gevent.sleep(max(0.0, t0 + n / per_s - time.monotonic()))
-        body = [{"stream": STREAMS[(n * batch + i) % len(STREAMS)], "data": n,
-                 "key": f"{tag}-{n}-{i}"} for i in range(batch)]
+        body = [
+            {"stream": STREAMS[(n * batch + i) % len(STREAMS)], "data": n, "key": f"{tag}-{n}-{i}"}
+            for i in range(batch)
+        ]
         n += 1
         while True:
             server = fleet.pick()
             try:
-                r = requests.post(server.url + EVENTS, json=body if batch > 1 else body[0],
-                                  headers=auth(), timeout=10)
+                r = requests.post(
+                    server.url + EVENTS, json=body if batch > 1 else body[0], headers=auth(), timeout=10
+                )
             except requests.RequestException:
                 gevent.sleep(0.1)
                 continue
@@ -124,8 +131,13 @@ def publisher(fleet: Fleet, batch: int, per_s: float, acked: dict, stop, tag: st
 
 
 def test_rolling_restarts_lose_nothing_and_repeat_nothing(make_server, database_url):
-    env = {"HEARTBEAT_S": "2", "RETRY_BASE_MS": "200", "RETRY_MAX_MS": "1000",
-           "MAX_RECONNECTS": "1000", "LONGPOLL_MAX_RATE": "50"}
+    env = {
+        "HEARTBEAT_S": "2",
+        "RETRY_BASE_MS": "200",
+        "RETRY_MAX_MS": "1000",
+        "MAX_RECONNECTS": "1000",
+        "LONGPOLL_MAX_RATE": "50",
+    }
     servers = [make_server(database_url, **env), make_server(database_url, **env)]
     for name in STREAMS:
         servers[0].put(f"/api/v1/streams/{name}", headers=auth())
@@ -133,19 +145,18 @@ def test_rolling_restarts_lose_nothing_and_repeat_nothing(make_server, database_
     stop_readers, stop_publishing = gevent.event.Event(), gevent.event.Event()
     readers = [Reader(STREAMS[i % len(STREAMS)]) for i in range(SSE_CLIENTS + POLL_CLIENTS)]
     greenlets = [gevent.spawn(sse_reader, fleet, r, stop_readers) for r in readers[:SSE_CLIENTS]]
-    greenlets += [gevent.spawn(poll_reader, fleet, r, stop_readers)
-                  for r in readers[SSE_CLIENTS:]]
+    greenlets += [gevent.spawn(poll_reader, fleet, r, stop_readers) for r in readers[SSE_CLIENTS:]]
     acked: dict[str, int] = {}
     # ~1,300 events/s offered: four single-event publishers and three of 50-event batches.
-    publishers = [gevent.spawn(publisher, fleet, 1, 25, acked, stop_publishing, f"one{i}")
-                  for i in range(4)]
-    publishers += [gevent.spawn(publisher, fleet, 50, 8, acked, stop_publishing, f"many{i}")
-                   for i in range(3)]
+    publishers = [gevent.spawn(publisher, fleet, 1, 25, acked, stop_publishing, f"one{i}") for i in range(4)]
+    publishers += [
+        gevent.spawn(publisher, fleet, 50, 8, acked, stop_publishing, f"many{i}") for i in range(3)
+    ]
     started = time.monotonic()
     gevent.sleep(3)
     for _ in range(3):  # each process restarted in turn, three times
         for server in servers:
-            server.stop()   # SIGTERM: drains, streams get retry:, the batcher flushes
+            server.stop()  # SIGTERM: drains, streams get retry:, the batcher flushes
             server.start()
             gevent.sleep(2)
     stop_publishing.set()
@@ -154,8 +165,7 @@ def test_rolling_restarts_lose_nothing_and_repeat_nothing(make_server, database_
 
     conn = psycopg2.connect(database_url)
     with conn.cursor() as cur:
-        cur.execute("SELECT key, count(*), min(id) FROM events WHERE key IS NOT NULL "
-                    "GROUP BY key")
+        cur.execute("SELECT key, count(*), min(id) FROM events WHERE key IS NOT NULL GROUP BY key")
         stored = {key: (count, first) for key, count, first in cur.fetchall()}
         cur.execute("SELECT stream, id FROM events ORDER BY id")
         by_stream: dict[str, list[int]] = {}
@@ -174,6 +184,8 @@ def test_rolling_restarts_lose_nothing_and_repeat_nothing(make_server, database_
     for r in readers:
         assert r.positions == by_stream[r.stream], f"a client of {r.stream} missed or repeated"
     longest = max(r.gap() for r in readers)
-    print(f"\nrolling restarts: {len(acked):,} events acknowledged in {elapsed:.0f} s "
-          f"({len(acked) / elapsed:,.0f}/s), {SSE_CLIENTS} SSE + {POLL_CLIENTS} long-poll "
-          f"clients, longest gap a client saw: {longest:.2f} s")
+    print(
+        f"\nrolling restarts: {len(acked):,} events acknowledged in {elapsed:.0f} s "
+        f"({len(acked) / elapsed:,.0f}/s), {SSE_CLIENTS} SSE + {POLL_CLIENTS} long-poll "
+        f"clients, longest gap a client saw: {longest:.2f} s"
+    )

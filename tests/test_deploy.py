@@ -6,6 +6,7 @@ Postgres and Redis URLs, as a Heroku dyno would.
 The virtualenv is cached per (requirements.txt, Python version) under `~/.cache/sluice/`, so
 only the first run on a machine pays for the install; pip's own wheel cache covers the rest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,9 +43,20 @@ def runtime_venv() -> Path:
     # The venv records its own path in scripts: build it in place, then mark it complete.
     shutil.rmtree(venv, ignore_errors=True)
     building.rename(venv)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                    "--disable-pip-version-check", "-r", str(ROOT / "requirements.txt")],
-                   check=True, timeout=900)
+    subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+            str(ROOT / "requirements.txt"),
+        ],
+        check=True,
+        timeout=900,
+    )
     (venv / "installed").write_text(digest)
     return venv
 
@@ -53,17 +65,29 @@ def dyno_env(venv: Path, database_url: str, redis_url: str, tmp_path: Path) -> d
     """What a dyno's process sees: the venv first on PATH, config vars, nothing of the tests."""
     return {
         "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(tmp_path), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
-        "DYNO": "web.1", "PORT": str(free_port()), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2",
-        "DATABASE_URL": database_url, "REDIS_URL": redis_url, "SLUICE_SECRET": SECRET,
-        "SLUICE_DATA_DIR": str(tmp_path / "data"), "DB_POOL_SIZE": "2",
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "DYNO": "web.1",
+        "PORT": str(free_port()),
+        "HOST": "127.0.0.1",
+        "WEB_CONCURRENCY": "2",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "SLUICE_SECRET": SECRET,
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),
+        "DB_POOL_SIZE": "2",
     }
 
 
 def test_runtime_install_boots_the_procfile_as_deployed(pg_admin_url, redis_url, tmp_path):
     venv = runtime_venv()
-    installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list",
-                                "--format=json"], capture_output=True, text=True, check=True)
+    installed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     names = {p["name"].lower() for p in json.loads(installed.stdout)}
     assert "gunicorn" in names and "pytest" not in names  # runtime only: nothing hides a gap
 
@@ -74,8 +98,15 @@ def test_runtime_install_boots_the_procfile_as_deployed(pg_admin_url, redis_url,
     env = dyno_env(venv, database_url, redis_url, tmp_path)
     commands = procfile()
 
-    release = subprocess.run(["/bin/sh", "-c", commands["release"]], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    release = subprocess.run(
+        ["/bin/sh", "-c", commands["release"]],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert release.returncode == 0, release.stdout + release.stderr
     conn = psycopg2.connect(database_url)
     with conn.cursor() as cur:
@@ -85,10 +116,17 @@ def test_runtime_install_boots_the_procfile_as_deployed(pg_admin_url, redis_url,
 
     log_path = tmp_path / "web.log"
     with open(log_path, "wb") as log:
-        web = subprocess.Popen(["/bin/sh", "-c", "exec " + commands["web"]], cwd=ROOT, env=env,
-                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        web = subprocess.Popen(
+            ["/bin/sh", "-c", "exec " + commands["web"]],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     url = f"http://127.0.0.1:{env['PORT']}"
     try:
+
         def ready() -> bool:
             assert web.poll() is None, log_path.read_text()
             try:
@@ -106,15 +144,18 @@ def test_runtime_install_boots_the_procfile_as_deployed(pg_admin_url, redis_url,
             assert stream.response.status_code == 200
             assert stream.response.headers["Content-Type"].startswith("text/event-stream")
             assert stream.next(kinds=("retry",))[0] == "retry"  # the preamble: subscribed
-            r = requests.post(url + "/api/v1/events", headers=auth(), timeout=20,
-                              json={"stream": "deploy/check", "data": {"n": 1}, "key": "k1"})
+            r = requests.post(
+                url + "/api/v1/events",
+                headers=auth(),
+                timeout=20,
+                json={"stream": "deploy/check", "data": {"n": 1}, "key": "k1"},
+            )
             assert r.status_code == 201, r.text
             event_id = r.json()["events"][0]["id"]
-            (sse_id, sse_type, sse_data), = stream.events(1, timeout=20)
+            ((sse_id, sse_type, sse_data),) = stream.events(1, timeout=20)
         finally:
             stream.close()
-        assert (sse_id.rsplit(".", 1)[1], sse_type, json.loads(sse_data)) == \
-            (event_id, "message", {"n": 1})
+        assert (sse_id.rsplit(".", 1)[1], sse_type, json.loads(sse_data)) == (event_id, "message", {"n": 1})
 
         metrics = requests.get(url + "/metrics", timeout=10)
         assert metrics.status_code == 200

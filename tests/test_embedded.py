@@ -1,5 +1,6 @@
 """The embedded PostgreSQL's data folders: a throwaway server leaves nothing behind, and
 relocated folders (root runs keep data under /var/tmp) whose origin is gone are swept."""
+
 import os
 from pathlib import Path
 

@@ -2,6 +2,7 @@
 route does: the same statuses, bodies and headers for success and every refusal, the same
 metrics and request-log line. A request with an `Origin` header takes the Flask route, so each
 case is sent both ways against one real server and compared."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,17 @@ def cases(tag: str):
         ("no token", dict(json=ok)),
         ("bad token", dict(json=ok, headers={"Authorization": "Bearer nope"})),
         ("not bearer", dict(json=ok, headers={"Authorization": "Basic abc"})),
-        ("not granted", dict(json={"stream": "other/1", "data": 1},
-                             headers={"Authorization": f"Bearer {token(publish=['fast/*'])}"})),
-        ("too large", dict(data=b"[" + b"1," * 600_000 + b"1]",
-                           headers={**auth(), "Content-Type": "application/json"})),
+        (
+            "not granted",
+            dict(
+                json={"stream": "other/1", "data": 1},
+                headers={"Authorization": f"Bearer {token(publish=['fast/*'])}"},
+            ),
+        ),
+        (
+            "too large",
+            dict(data=b"[" + b"1," * 600_000 + b"1]", headers={**auth(), "Content-Type": "application/json"}),
+        ),
         ("media type", dict(data=b"x", headers={**auth(), "Content-Type": "text/plain"})),
         ("key reused", dict(json={**ok, "data": {"n": 2}}, headers=auth())),
     ]
@@ -41,8 +49,13 @@ def answer(r):
         e["stream"] = e["stream"].rsplit("/", 1)[0]
         e["key"] = e["key"] and e["key"].rsplit("-", 1)[0]
     if "detail" in body:
-        body["detail"] = body["detail"].replace("fast/a", "fast/X").replace("fast/b", "fast/X") \
-            .replace("k-a", "k-X").replace("k-b", "k-X")
+        body["detail"] = (
+            body["detail"]
+            .replace("fast/a", "fast/X")
+            .replace("fast/b", "fast/X")
+            .replace("k-a", "k-X")
+            .replace("k-b", "k-X")
+        )
     for k in ("key", "stream"):
         if isinstance(body.get(k), str):
             body[k] = body[k].replace("k-a", "k-X").replace("k-b", "k-X")
@@ -66,8 +79,16 @@ def test_the_fast_route_counts_and_logs_like_the_others(module_server):
     after = module_server.get("/metrics").text
 
     def count(text):
-        line = next((x for x in text.splitlines() if x.startswith("sluice_http_responses_total{")
-                     and 'route="/api/v1/events"' in x and 'status="201"' in x), None)
+        line = next(
+            (
+                x
+                for x in text.splitlines()
+                if x.startswith("sluice_http_responses_total{")
+                and 'route="/api/v1/events"' in x
+                and 'status="201"' in x
+            ),
+            None,
+        )
         return float(line.split()[-1]) if line else 0.0
 
     assert count(after) == count(before) + 1
@@ -81,37 +102,50 @@ def test_the_fast_route_counts_and_logs_like_the_others(module_server):
     assert mine[-1]["path"] == "/api/v1/events" and mine[-1]["method"] == "POST"
 
 
-@pytest.mark.parametrize("environ", [
-    {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/v1/events"},
-    {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/events", "QUERY_STRING": "a=1"},
-    {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/events", "HTTP_ORIGIN": "http://x"},
-    {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/events/"},
-    {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/sse"},
-])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/v1/events"},
+        {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/events", "QUERY_STRING": "a=1"},
+        {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/events", "HTTP_ORIGIN": "http://x"},
+        {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/events/"},
+        {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/sse"},
+    ],
+)
 def test_everything_else_goes_to_flask(environ):
     seen = []
-    routes = FastRoutes(lambda env, start: seen.append(env) or [b"flask"],
-                        SimpleNamespace(settings=SimpleNamespace(request_log=False)))
+    routes = FastRoutes(
+        lambda env, start: seen.append(env) or [b"flask"],
+        SimpleNamespace(settings=SimpleNamespace(request_log=False)),
+    )
     assert routes(environ, lambda *a: None) == [b"flask"] and seen == [environ]
 
 
 def test_the_fast_poll_answers_as_the_flask_route_does(module_server):
     server = module_server
-    first = server.post(EVENTS, json={"stream": "fastpoll/1", "data": {"n": 1}},
-                        headers=auth()).json()["events"][0]["id"]
+    first = server.post(EVENTS, json={"stream": "fastpoll/1", "data": {"n": 1}}, headers=auth()).json()[
+        "events"
+    ][0]["id"]
     polls = [
-        ("events", dict(params={"stream": "fastpoll/1", "cursor": "0", "timeout": "0"},
-                        headers=auth())),
-        ("nothing new", dict(params={"stream": "fastpoll/1", "cursor": first, "timeout": "0"},
-                             headers=auth())),
+        ("events", dict(params={"stream": "fastpoll/1", "cursor": "0", "timeout": "0"}, headers=auth())),
+        (
+            "nothing new",
+            dict(params={"stream": "fastpoll/1", "cursor": first, "timeout": "0"}, headers=auth()),
+        ),
         ("bad timeout", dict(params={"stream": "fastpoll/1", "timeout": "soon"}, headers=auth())),
         ("no token", dict(params={"stream": "fastpoll/1", "timeout": "0"})),
-        ("token in the query", dict(params={"stream": "fastpoll/1", "cursor": "0", "timeout": "0",
-                                            "token": token()})),
-        ("not granted", dict(params={"stream": "fastpoll/1", "timeout": "0"},
-                             headers={"Authorization": f"Bearer {token(subscribe=['x/*'])}"})),
-        ("unknown stream", dict(params={"stream": "fastpoll/none", "timeout": "0"},
-                                headers=auth())),
+        (
+            "token in the query",
+            dict(params={"stream": "fastpoll/1", "cursor": "0", "timeout": "0", "token": token()}),
+        ),
+        (
+            "not granted",
+            dict(
+                params={"stream": "fastpoll/1", "timeout": "0"},
+                headers={"Authorization": f"Bearer {token(subscribe=['x/*'])}"},
+            ),
+        ),
+        ("unknown stream", dict(params={"stream": "fastpoll/none", "timeout": "0"}, headers=auth())),
         ("too many parameters", dict(params=[("stream", "fastpoll/1")] * 70, headers=auth())),
     ]
 
@@ -122,8 +156,7 @@ def test_the_fast_poll_answers_as_the_flask_route_does(module_server):
 
     for name, kw in polls:
         fast = seen(server.get("/api/v1/poll", **kw))
-        slow = seen(server.get("/api/v1/poll", **{**kw, "headers": {**kw.get("headers", {}),
-                                                                    **FLASK}}))
+        slow = seen(server.get("/api/v1/poll", **{**kw, "headers": {**kw.get("headers", {}), **FLASK}}))
         assert fast == slow, name
     statuses = [seen(server.get("/api/v1/poll", **kw))[0] for _, kw in polls]
     assert statuses == [200, 200, 400, 401, 200, 403, 404, 400]
@@ -134,12 +167,27 @@ def test_the_plain_header_view_answers_as_werkzeugs():
 
     from web.fast import PlainHeaders
 
-    environ = {"HTTP_AUTHORIZATION": "Bearer t", "HTTP_LAST_EVENT_ID": "abc.7",
-               "CONTENT_TYPE": "application/json", "HTTP_X_MULTI_PART_NAME": "v",
-               "CONTENT_LENGTH": "", "QUERY_STRING": "a=1", "REQUEST_METHOD": "GET"}
+    environ = {
+        "HTTP_AUTHORIZATION": "Bearer t",
+        "HTTP_LAST_EVENT_ID": "abc.7",
+        "CONTENT_TYPE": "application/json",
+        "HTTP_X_MULTI_PART_NAME": "v",
+        "CONTENT_LENGTH": "",
+        "QUERY_STRING": "a=1",
+        "REQUEST_METHOD": "GET",
+    }
     plain, werkzeug = PlainHeaders(environ), EnvironHeaders(environ)
-    for name in ("Authorization", "authorization", "Last-Event-ID", "last-event-id",
-                 "Content-Type", "Content-Length", "X-Multi-Part-Name", "Cookie", "Origin"):
+    for name in (
+        "Authorization",
+        "authorization",
+        "Last-Event-ID",
+        "last-event-id",
+        "Content-Type",
+        "Content-Length",
+        "X-Multi-Part-Name",
+        "Cookie",
+        "Origin",
+    ):
         assert plain.get(name) == werkzeug.get(name), name
         assert plain.get(name, "d") == werkzeug.get(name, "d"), name
     assert list(plain.items()) == list(werkzeug.items())

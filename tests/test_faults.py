@@ -3,6 +3,7 @@ with SIGKILL under load, SIGTERM while busy, backpressure, and the connection bo
 
 Each load loop is bounded in count and time and targets only 127.0.0.1.
 """
+
 import collections
 import os
 import signal
@@ -26,8 +27,8 @@ class Load:
 
     def __init__(self, server, producers: int = 10, max_requests: int = 5000) -> None:
         self.server = server
-        self.acked: dict[str, list[str]] = {}      # request tag -> keys, for 2xx answers
-        self.unacked: dict[str, list[str]] = {}    # request tag -> keys, for anything else
+        self.acked: dict[str, list[str]] = {}  # request tag -> keys, for 2xx answers
+        self.unacked: dict[str, list[str]] = {}  # request tag -> keys, for anything else
         self.statuses: collections.Counter = collections.Counter()
         self.retry_after_on_503 = True
         self.stopped = False
@@ -91,8 +92,11 @@ def test_postgres_stopped_mid_ingest(make_server, own_postgres):
     assert ready.status_code == 503 and ready.json()["database"].startswith("unavailable")
     own_postgres.start()
     acked_before = len(load.acked)
-    wait_until(lambda: len(load.acked) >= acked_before + 20, timeout=30,
-               message="ingest to recover without a restart")
+    wait_until(
+        lambda: len(load.acked) >= acked_before + 20,
+        timeout=30,
+        message="ingest to recover without a restart",
+    )
     load.stop()
     keys = stored_keys(own_postgres.url)
     assert all(keys[k] == 1 for batch in load.acked.values() for k in batch)
@@ -140,8 +144,13 @@ def test_sigterm_while_busy_flushes_and_exits(make_server, database_url):
 
 
 def test_backlog_full_is_503_with_retry_after(make_server, database_url):
-    server = make_server(database_url, INGEST_MAX_BACKLOG="20", MAX_BATCH_EVENTS="10",
-                         BATCH_MAX_EVENTS="1000", INGEST_COMMIT_TIMEOUT_S="30")
+    server = make_server(
+        database_url,
+        INGEST_MAX_BACKLOG="20",
+        MAX_BATCH_EVENTS="10",
+        BATCH_MAX_EVENTS="1000",
+        INGEST_COMMIT_TIMEOUT_S="30",
+    )
     lock = PositionLock(database_url)  # nothing commits: what is accepted stays in the backlog
     body = [{"stream": "bp", "data": i} for i in range(10)]
     results = [gevent.spawn(server.post, EVENTS, json=body, headers=auth()) for _ in range(5)]
@@ -162,12 +171,18 @@ def test_pool_bound_holds_under_http_load(make_server, database_url):
     peak = 0
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
-    readers = [gevent.spawn(lambda: [server.get(EVENTS, params={"stream": "load/1"}, headers=auth())
-                                     for _ in range(20)]) for _ in range(6)]
+    readers = [
+        gevent.spawn(
+            lambda: [server.get(EVENTS, params={"stream": "load/1"}, headers=auth()) for _ in range(20)]
+        )
+        for _ in range(6)
+    ]
     while not all(g.dead for g in load.greenlets):
         with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sluice'"
-                        " AND datname = current_database()")
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sluice'"
+                " AND datname = current_database()"
+            )
             peak = max(peak, cur.fetchone()[0])
         gevent.sleep(0.01)
     gevent.joinall(readers, raise_error=True)
@@ -179,24 +194,33 @@ def test_pool_bound_holds_under_http_load(make_server, database_url):
 
 def test_production_refuses_to_start_without_a_secret(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("SLUICE_SECRET", "SLUICE_SECRETS")}
-    env.update(SLUICE_ENV="production", DATABASE_URL="postgresql://x@127.0.0.1:1/x",
-               REDIS_URL="redis://127.0.0.1:1", PORT=str(free_port()))
-    r = subprocess.run([sys.executable, str(ROOT / "app.py")], env=env, capture_output=True,
-                       text=True, timeout=60)
+    env.update(
+        SLUICE_ENV="production",
+        DATABASE_URL="postgresql://x@127.0.0.1:1/x",
+        REDIS_URL="redis://127.0.0.1:1",
+        PORT=str(free_port()),
+    )
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "app.py")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and "SLUICE_SECRET" in r.stderr
 
 
 def test_embedded_default_starts_serves_and_stops_cleanly(tmp_path):
     """`python app.py` with no URLs: real embedded Postgres and Redis, cleaned up on SIGTERM."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "REDIS_URL", "SLUICE_SECRET", "SLUICE_SECRETS", "DYNO",
-                        "SLUICE_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "SLUICE_SECRET", "SLUICE_SECRETS", "DYNO", "SLUICE_ENV")
+    }
     port = free_port()
     env.update(PORT=str(port), SLUICE_DATA_DIR=str(tmp_path / "data"), PYTHONUNBUFFERED="1")
     log = open(tmp_path / "out.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py")], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+    )
     try:
+
         def token_line():
             lines = (tmp_path / "out.log").read_text().splitlines()
             for i, line in enumerate(lines):
@@ -210,13 +234,17 @@ def test_embedded_default_starts_serves_and_stops_cleanly(tmp_path):
         assert "embedded PostgreSQL" in out and "embedded Redis" in out and "WARNING" in out
         # The README's first example, as written, with the token it printed.
         bearer = {"Authorization": f"Bearer {dev_token}"}
-        r = requests.post(f"http://127.0.0.1:{port}{EVENTS}", headers=bearer, timeout=10,
-                          json={"stream": "client/1", "data": {"hello": "world"}})
+        r = requests.post(
+            f"http://127.0.0.1:{port}{EVENTS}",
+            headers=bearer,
+            timeout=10,
+            json={"stream": "client/1", "data": {"hello": "world"}},
+        )
         assert r.status_code == 201
-        page = requests.get(f"http://127.0.0.1:{port}{EVENTS}", params={"clientId": "client-1"},
-                            headers=bearer, timeout=10).json()
-        assert [(e["stream"], e["data"]) for e in page["events"]] == [("client/1",
-                                                                       {"hello": "world"})]
+        page = requests.get(
+            f"http://127.0.0.1:{port}{EVENTS}", params={"clientId": "client-1"}, headers=bearer, timeout=10
+        ).json()
+        assert [(e["stream"], e["data"]) for e in page["events"]] == [("client/1", {"hello": "world"})]
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
         children = child_pids(proc.pid)
         assert len(children) >= 2  # postgres and redis

@@ -1,6 +1,7 @@
 """Every process sees the same truth: events accepted but not yet committed by one process show
 as pending in history reads on another, never twice and never after they commit; a killed
 process's pending entries disappear; without Redis a read says its pending part is local."""
+
 from __future__ import annotations
 
 import gevent
@@ -17,21 +18,27 @@ def page(server, **params):
     return r.json()
 
 
-def test_pending_on_one_process_is_seen_on_another_then_committed_once(make_server,
-                                                                      database_url):
+def test_pending_on_one_process_is_seen_on_another_then_committed_once(make_server, database_url):
     a = make_server(database_url, INGEST_COMMIT_TIMEOUT_S="30")
     b = make_server(database_url)
     a.put("/api/v1/streams/f/1", headers=auth())
     lock = PositionLock(database_url)
     try:
-        posting = gevent.spawn(a.post, EVENTS, headers=auth(), timeout=40,
-                               json=[{"stream": "f/1", "data": 1, "key": "one"},
-                                     {"stream": "f/1", "data": 2}])
-        seen = wait_until(lambda: (p := page(b))["events"] and p, timeout=15,
-                          message="A's pending events in a read on B")
+        posting = gevent.spawn(
+            a.post,
+            EVENTS,
+            headers=auth(),
+            timeout=40,
+            json=[{"stream": "f/1", "data": 1, "key": "one"}, {"stream": "f/1", "data": 2}],
+        )
+        seen = wait_until(
+            lambda: (p := page(b))["events"] and p, timeout=15, message="A's pending events in a read on B"
+        )
         assert seen["pendingScope"] == "fleet"
-        assert [(e["data"], e["id"], e.get("pending")) for e in seen["events"]] == \
-            [(1, None, True), (2, None, True)]
+        assert [(e["data"], e["id"], e.get("pending")) for e in seen["events"]] == [
+            (1, None, True),
+            (2, None, True),
+        ]
         assert [e["data"] for e in page(b, stream="f/1")["events"]] == [1, 2]  # by stream too
         assert not posting.ready()  # really not committed: the request is still waiting
     finally:
@@ -42,8 +49,7 @@ def test_pending_on_one_process_is_seen_on_another_then_committed_once(make_serv
 
     def committed():
         p = page(b)
-        return [(e["id"], e.get("pending", False)) for e in p["events"]] == \
-            [(ids[0], False), (ids[1], False)]
+        return [(e["id"], e.get("pending", False)) for e in p["events"]] == [(ids[0], False), (ids[1], False)]
 
     wait_until(committed, timeout=15, message="the events committed, once, on B")
 
@@ -53,34 +59,35 @@ def test_a_killed_process_takes_its_pending_entries_with_it(make_server, databas
     b = make_server(database_url)
     lock = PositionLock(database_url)
     try:
-        gevent.spawn(a.post, EVENTS, headers=auth(), timeout=40,
-                     json={"stream": "f/2", "data": "lost"})
+        gevent.spawn(a.post, EVENTS, headers=auth(), timeout=40, json={"stream": "f/2", "data": "lost"})
         wait_until(lambda: page(b)["events"], timeout=15, message="the pending event on B")
         # SIGKILL: the request was never acknowledged. Its batch statement (written without a
         # key lookup, so it waits for the lock with its COMMIT already sent) must not commit
         # when the lock frees: Postgres notices the dead client and rolls it back.
         a.kill()
-        wait_until(lambda: page(b)["events"] == [], timeout=15,
-                   message="the dead process's pending entries to expire")
+        wait_until(
+            lambda: page(b)["events"] == [],
+            timeout=15,
+            message="the dead process's pending entries to expire",
+        )
     finally:
         lock.release()
     assert page(b)["events"] == []  # it never committed, and nothing else shows
 
 
-def test_without_redis_reads_say_their_pending_part_is_this_process(make_server, database_url,
-                                                                   own_redis):
+def test_without_redis_reads_say_their_pending_part_is_this_process(make_server, database_url, own_redis):
     server = make_server(database_url, REDIS_URL=own_redis.url)
     assert page(server)["pendingScope"] == "fleet"
     own_redis.stop()
     p = page(server)
     assert p["pendingScope"] == "process" and p["events"] == []
     own_redis.start()
-    wait_until(lambda: page(server)["pendingScope"] == "fleet", timeout=20,
-               message="the fleet view back with Redis")
+    wait_until(
+        lambda: page(server)["pendingScope"] == "fleet", timeout=20, message="the fleet view back with Redis"
+    )
 
 
-def test_connection_limits_count_across_processes_and_a_killed_one_stops(make_server,
-                                                                         database_url):
+def test_connection_limits_count_across_processes_and_a_killed_one_stops(make_server, database_url):
     env = {"MAX_CONNECTIONS_PER_TOKEN": "2", "MAX_CONNECTIONS_PER_IP": "3"}
     a = make_server(database_url, **env)
     b = make_server(database_url, **env)

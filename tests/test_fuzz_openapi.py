@@ -8,6 +8,7 @@ The one schemathesis check left out is `positive_data_acceptance`: the API has r
 cannot state (an `Idempotency-Key` header applies to a single event; `data` has a size limit;
 token grants), so a schema-valid request can rightly be refused with 400, 403 or 413.
 """
+
 import collections
 import itertools
 import os
@@ -30,11 +31,18 @@ def fuzz_server(tmp_path_factory, pg_admin_url, redis_url):
 
     tmp = tmp_path_factory.mktemp("fuzz")
     # Short holds so a generated long-poll answers quickly; small pages keep reads cheap.
-    server = SluiceServer(server_env(fresh_database(pg_admin_url), redis_url, tmp / "data",
-                                      LONGPOLL_MAX_S="0.2", INGEST_COMMIT_TIMEOUT_S="5",
-                                      MERCURE_PUBLISHER_JWT_KEY=MERCURE_PUB_KEY,
-                                      MERCURE_SUBSCRIBER_JWT_KEY=MERCURE_SUB_KEY),
-                          tmp / "server.log").start()
+    server = SluiceServer(
+        server_env(
+            fresh_database(pg_admin_url),
+            redis_url,
+            tmp / "data",
+            LONGPOLL_MAX_S="0.2",
+            INGEST_COMMIT_TIMEOUT_S="5",
+            MERCURE_PUBLISHER_JWT_KEY=MERCURE_PUB_KEY,
+            MERCURE_SUBSCRIBER_JWT_KEY=MERCURE_SUB_KEY,
+        ),
+        tmp / "server.log",
+    ).start()
     # A few streams exist, so generated names sometimes hit one.
     for name in ("a", "a/1", "b"):
         server.put(f"/api/v1/streams/{name}", headers=auth())
@@ -82,19 +90,32 @@ def test_every_operation_answers_as_documented_and_never_5xx(fuzz_server):
     for op, mode in itertools.product(ops, (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)):
         if mode is GenerationMode.NEGATIVE and not has_inputs(op):
             continue  # nothing to make invalid
+
         @given(case=op.as_strategy(generation_mode=mode))
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):  # run at once below, within this iteration: `op` and `mode` are its
             sent[mode.value] += 1  # noqa: B023
-            response = case.call(base_url=fuzz_server.url, headers=headers_for(op.path),  # noqa: B023
-                                 timeout=10)
+            response = case.call(
+                base_url=fuzz_server.url,
+                headers=headers_for(op.path),  # noqa: B023
+                timeout=10,
+            )
             assert response.status_code < 500, (
                 f"{response.status_code} for {case.method} {case.formatted_path} "
-                f"{case.query} {case.body!r}: {response.text[:300]}")
-            case.validate_response(response, headers=headers_for(op.path),  # noqa: B023
-                                   excluded_checks=[positive_data_acceptance])
+                f"{case.query} {case.body!r}: {response.text[:300]}"
+            )
+            case.validate_response(
+                response,
+                headers=headers_for(op.path),  # noqa: B023
+                excluded_checks=[positive_data_acceptance],
+            )
 
         try:
             check()

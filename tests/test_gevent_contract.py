@@ -1,6 +1,7 @@
 """What Sluice assumes of gevent's internals, checked against the pinned gevent: if an upgrade
 renames or reshapes any of it, this fails loudly instead of parking quietly turning off (idle
 memory per stream ~5 KB → ~20 KB) with every other test green (issue 26, point 6)."""
+
 from __future__ import annotations
 
 import _socket
@@ -16,10 +17,16 @@ from web.wsgi import HeaderDeadline, OneSend, Parking, SluiceHandler
 
 # pywsgi methods the handler mixins override (private ones included), as pywsgi defines them.
 OVERRIDDEN = [
-    (HeaderDeadline, "handle_one_request"), (HeaderDeadline, "read_requestline"),
-    (HeaderDeadline, "read_request"), (HeaderDeadline, "run_application"),
-    (OneSend, "_write_with_headers"), (OneSend, "finalize_headers"), (OneSend, "_sendall"),
-    (SluiceHandler, "get_environ"), (SluiceHandler, "handle"), (SluiceHandler, "log_request"),
+    (HeaderDeadline, "handle_one_request"),
+    (HeaderDeadline, "read_requestline"),
+    (HeaderDeadline, "read_request"),
+    (HeaderDeadline, "run_application"),
+    (OneSend, "_write_with_headers"),
+    (OneSend, "finalize_headers"),
+    (OneSend, "_sendall"),
+    (SluiceHandler, "get_environ"),
+    (SluiceHandler, "handle"),
+    (SluiceHandler, "log_request"),
 ]
 
 
@@ -34,8 +41,16 @@ def test_every_overridden_pywsgi_method_still_exists_with_the_same_parameters(mi
 
 def test_the_pywsgi_state_the_handler_reads_and_writes_is_still_there():
     source = inspect.getsource(gevent.pywsgi.WSGIHandler)
-    for attribute in ("headers_sent", "response_use_chunked", "response_headers", "status",
-                      "provided_date", "close_connection", "wsgi_input", "response_length"):
+    for attribute in (
+        "headers_sent",
+        "response_use_chunked",
+        "response_headers",
+        "status",
+        "provided_date",
+        "close_connection",
+        "wsgi_input",
+        "response_length",
+    ):
         assert f"self.{attribute}" in source, attribute
     body = gevent.pywsgi.Input(None, 0)
     for attribute in ("chunked_input", "chunk_length", "position", "content_length"):
@@ -79,8 +94,9 @@ def test_parked_streams_hold_no_greenlet_of_their_own(make_server, database_url)
         raise AssertionError("no sluice_greenlets")
 
     before = greenlets()
-    streams = [Stream(server.url + "/api/v1/sse", headers=auth(), params={"stream": "idle/1"})
-               for _ in range(60)]
+    streams = [
+        Stream(server.url + "/api/v1/sse", headers=auth(), params={"stream": "idle/1"}) for _ in range(60)
+    ]
     try:
         for s in streams:
             s.next(("retry",))

@@ -3,6 +3,7 @@ command, two workers) comes up, then the old one gets SIGTERM while writers publ
 stream and long-poll clients hold. Nothing acknowledged is lost, every SSE client is told
 `retry:` and resumes on the new process from its Last-Event-ID with no gap and no duplicate,
 every held poll gets an answer, and the old process exits well inside 30 s."""
+
 import signal
 import subprocess
 import time
@@ -22,13 +23,21 @@ EVENTS = "/api/v1/events"
 
 def start_web(database_url, redis_url, tmp_path, name):
     port = free_port()
-    env = run_env(database_url, redis_url, tmp_path, PORT=str(port), WEB_CONCURRENCY="2",
-                  DB_POOL_SIZE="2", HOST="127.0.0.1", RETRY_BASE_MS="200", RETRY_MAX_MS="400",
-                  MAX_RECONNECTS="1000")
+    env = run_env(
+        database_url,
+        redis_url,
+        tmp_path,
+        PORT=str(port),
+        WEB_CONCURRENCY="2",
+        DB_POOL_SIZE="2",
+        HOST="127.0.0.1",
+        RETRY_BASE_MS="200",
+        RETRY_MAX_MS="400",
+        MAX_RECONNECTS="1000",
+    )
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = open(tmp_path / f"{name}.log", "wb")
-    proc = subprocess.Popen(argv(procfile()["web"]), cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv(procfile()["web"]), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -43,7 +52,8 @@ def start_web(database_url, redis_url, tmp_path, name):
 
 
 def test_sigterm_under_load_loses_nothing_and_everyone_resumes_on_the_new_process(
-        pg_admin_url, redis_url, tmp_path):
+    pg_admin_url, redis_url, tmp_path
+):
     database_url = fresh_database(pg_admin_url)
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
@@ -62,8 +72,7 @@ def test_sigterm_under_load_loses_nothing_and_everyone_resumes_on_the_new_proces
             body = [{"stream": "g", "data": [w, n, j], "key": f"{w}-{n}-{j}"} for j in range(2)]
             while True:  # until acknowledged: the same keys again, wherever the router sends it
                 try:
-                    r = session.post(target["url"] + EVENTS, json=body, headers=auth("writer"),
-                                     timeout=20)
+                    r = session.post(target["url"] + EVENTS, json=body, headers=auth("writer"), timeout=20)
                     if r.status_code in (200, 201):
                         acknowledged.update(e["id"] for e in r.json()["events"])
                         break
@@ -80,8 +89,7 @@ def test_sigterm_under_load_loses_nothing_and_everyone_resumes_on_the_new_proces
             return total["n"] and len(got) >= total["n"]
 
         while not done():
-            s = Stream(url + "/api/v1/sse", headers={**auth(), "Last-Event-ID": last},
-                       params={"stream": "g"})
+            s = Stream(url + "/api/v1/sse", headers={**auth(), "Last-Event-ID": last}, params={"stream": "g"})
             if s.response.status_code != 200:
                 s.close()
                 gevent.sleep(0.1)
@@ -107,8 +115,9 @@ def test_sigterm_under_load_loses_nothing_and_everyone_resumes_on_the_new_proces
 
     def poller(k):
         """Holds a long-poll on the old process across the SIGTERM; returns its status."""
-        r = requests.get(old_url + "/api/v1/poll", params={"stream": "quiet", "timeout": "25"},
-                         headers=auth(), timeout=40)
+        r = requests.get(
+            old_url + "/api/v1/poll", params={"stream": "quiet", "timeout": "25"}, headers=auth(), timeout=40
+        )
         return r.status_code
 
     total = {"n": 0}
@@ -130,9 +139,12 @@ def test_sigterm_under_load_loses_nothing_and_everyone_resumes_on_the_new_proces
     # Everything acknowledged is stored, once.
     history, after = [], "0"
     while True:
-        page = requests.get(new_url + EVENTS, params={"stream": "g", "after": after,
-                                                      "limit": "1000"},
-                            headers=auth(), timeout=20).json()
+        page = requests.get(
+            new_url + EVENTS,
+            params={"stream": "g", "after": after, "limit": "1000"},
+            headers=auth(),
+            timeout=20,
+        ).json()
         if not page["events"]:
             break
         history += [e["id"] for e in page["events"]]

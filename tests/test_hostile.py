@@ -1,5 +1,6 @@
 """Hostile clients against a real server: grants across every read path, connection limits,
 CORS, request-size limits, and malformed or slow HTTP on raw sockets."""
+
 import socket
 import time
 
@@ -30,6 +31,7 @@ def greenlets(server) -> float:
 
 # -- a subscriber granted a/* never sees b/1 ---------------------------------------------------
 
+
 def test_a_star_grant_never_yields_b_events_in_sse_poll_or_history(server):
     for name in ("a/1", "a/2", "b/1"):
         server.put(f"/api/v1/streams/{name}", headers=auth())
@@ -42,8 +44,7 @@ def test_a_star_grant_never_yields_b_events_in_sse_poll_or_history(server):
             r = server.get(path, params={"stream": streams, "timeout": "0"}, headers=reader)
             assert r.status_code == 403, (path, streams)
     # Granted streams from the start (lastEventId=0 replays history) and live.
-    sse = Stream(server.url + SSE, headers=reader, params={"stream": ["a/1", "a/2"],
-                                                            "lastEventId": "0"})
+    sse = Stream(server.url + SSE, headers=reader, params={"stream": ["a/1", "a/2"], "lastEventId": "0"})
     try:
         assert sse.response.status_code == 200
         got = [sse.events(1)[0]]
@@ -51,8 +52,9 @@ def test_a_star_grant_never_yields_b_events_in_sse_poll_or_history(server):
             publish(server, "b/1", {"secret": n})
             publish(server, "a/2", {"n": n})
         got += sse.events(3)
-        polled = server.get(POLL, params={"stream": ["a/1", "a/2"], "cursor": "0",
-                                          "timeout": "0"}, headers=reader).json()["events"]
+        polled = server.get(
+            POLL, params={"stream": ["a/1", "a/2"], "cursor": "0", "timeout": "0"}, headers=reader
+        ).json()["events"]
     finally:
         sse.close()
     assert [e[2] for e in got] == ['{"n":0}', '{"n":1}', '{"n":2}', '{"n":3}']
@@ -66,6 +68,7 @@ def test_a_star_grant_never_yields_b_events_in_sse_poll_or_history(server):
 
 
 # -- connection limits -------------------------------------------------------------------------
+
 
 def test_connections_per_token_are_limited_and_freed_on_close(make_server, database_url):
     srv = make_server(database_url, MAX_CONNECTIONS_PER_TOKEN="2", LONGPOLL_MAX_S="2")
@@ -87,8 +90,7 @@ def test_connections_per_token_are_limited_and_freed_on_close(make_server, datab
     refused = [429, 429]  # the third SSE connection and the first poll
 
     def freed() -> bool:
-        status = srv.get(POLL, params={"stream": "room/1", "timeout": "0"},
-                         headers=mine).status_code
+        status = srv.get(POLL, params={"stream": "room/1", "timeout": "0"}, headers=mine).status_code
         if status == 429:  # the server has not noticed the close yet (a loaded machine)
             refused.append(status)
         return status == 200
@@ -96,8 +98,10 @@ def test_connections_per_token_are_limited_and_freed_on_close(make_server, datab
     wait_until(freed, 10)
     for s in held:
         s.close()
-    assert f'sluice_connection_limit_refusals_total{{limit="token"}} {len(refused)}.0' \
+    assert (
+        f'sluice_connection_limit_refusals_total{{limit="token"}} {len(refused)}.0'
         in srv.get("/metrics").text
+    )
 
 
 def test_connections_per_ip_use_the_trusted_forwarded_address(make_server, database_url):
@@ -105,12 +109,13 @@ def test_connections_per_ip_use_the_trusted_forwarded_address(make_server, datab
     srv.put("/api/v1/streams/room/1", headers=auth())
 
     def open_from(address, sub):
-        return Stream(srv.url + SSE, headers={**auth(sub), "X-Forwarded-For": address},
-                      params={"stream": "room/1"})
+        return Stream(
+            srv.url + SSE, headers={**auth(sub), "X-Forwarded-For": address}, params={"stream": "room/1"}
+        )
 
     first = open_from("203.0.113.7", "u1")
-    second = open_from("203.0.113.7", "u2")     # same address, another token
-    third = open_from("198.51.100.9", "u3")     # another address
+    second = open_from("203.0.113.7", "u2")  # same address, another token
+    third = open_from("198.51.100.9", "u3")  # another address
     # A client cannot pick its address: only the last hop (the trusted proxy's) counts.
     spoof = open_from("10.0.0.1, 203.0.113.7", "u4")
     try:
@@ -125,6 +130,7 @@ def test_connections_per_ip_use_the_trusted_forwarded_address(make_server, datab
 
 # -- CORS --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def cors_srv(make_server, database_url):
     srv = make_server(database_url, CORS_ORIGINS="https://app.example.com, http://localhost:3000")
@@ -133,38 +139,48 @@ def cors_srv(make_server, database_url):
 
 
 def test_cors_echoes_listed_origins_with_credentials_and_nothing_for_others(cors_srv):
-    r = cors_srv.get(POLL, params={"stream": "room/1", "timeout": "0"},
-                     headers={**auth(), "Origin": "https://app.example.com"})
+    r = cors_srv.get(
+        POLL,
+        params={"stream": "room/1", "timeout": "0"},
+        headers={**auth(), "Origin": "https://app.example.com"},
+    )
     assert r.status_code == 200
     assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
     assert r.headers["Access-Control-Allow-Credentials"] == "true"
     assert "Origin" in r.headers["Vary"]
     assert "Retry-After" in r.headers["Access-Control-Expose-Headers"]
-    r = cors_srv.get(POLL, params={"stream": "room/1", "timeout": "0"},
-                     headers={**auth(), "Origin": "https://evil.example.net"})
+    r = cors_srv.get(
+        POLL,
+        params={"stream": "room/1", "timeout": "0"},
+        headers={**auth(), "Origin": "https://evil.example.net"},
+    )
     assert "Access-Control-Allow-Origin" not in r.headers
     assert "Access-Control-Allow-Credentials" not in r.headers
     # Refusals carry the headers too, so a page can read why it was refused.
-    r = cors_srv.get(SSE, params={"stream": "nope"},
-                     headers={**auth(), "Origin": "http://localhost:3000"})
+    r = cors_srv.get(SSE, params={"stream": "nope"}, headers={**auth(), "Origin": "http://localhost:3000"})
     assert r.status_code == 404
     assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
 
 
 def test_cors_preflight_allows_listed_origins_and_refuses_others(cors_srv):
-    ask = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
-           "Access-Control-Request-Headers": "authorization, content-type"}
+    ask = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
     r = requests.options(cors_srv.url + EVENTS, headers=ask, timeout=10)
     assert r.status_code == 204
     assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
     assert "POST" in r.headers["Access-Control-Allow-Methods"]
     assert "authorization" in r.headers["Access-Control-Allow-Headers"]
-    r = requests.options(cors_srv.url + EVENTS, headers={**ask, "Origin": "https://evil.test"},
-                         timeout=10)
+    r = requests.options(cors_srv.url + EVENTS, headers={**ask, "Origin": "https://evil.test"}, timeout=10)
     assert r.status_code == 403
     assert "Access-Control-Allow-Origin" not in r.headers
-    r = requests.options(cors_srv.url + EVENTS, headers={
-        **ask, "Access-Control-Request-Headers": "x-something-else"}, timeout=10)
+    r = requests.options(
+        cors_srv.url + EVENTS,
+        headers={**ask, "Access-Control-Request-Headers": "x-something-else"},
+        timeout=10,
+    )
     assert r.status_code == 403
 
 
@@ -182,6 +198,7 @@ def test_cors_origins_must_be_origins(make_server, database_url):
 
 
 # -- request limits ----------------------------------------------------------------------------
+
 
 def test_too_many_query_parameters_is_400(server):
     params = [("stream", f"s{i}") for i in range(65)]
@@ -206,8 +223,10 @@ def test_a_body_that_never_finishes_is_408_and_holds_no_pool_slot(make_server, d
     srv = make_server(database_url, BODY_TIMEOUT_S="1", DB_POOL_SIZE="1")
     srv.put("/api/v1/streams/s", headers=auth())
     body = b'{"stream": "s", "data": "never finished"}'
-    head = (f"POST {EVENTS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {token()}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST {EVENTS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {token()}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     slow = socket.create_connection(("127.0.0.1", srv.port), timeout=15)
     slow.sendall(head + body[:10])
     # Meanwhile the one pooled connection serves everyone else.
@@ -220,6 +239,7 @@ def test_a_body_that_never_finishes_is_408_and_holds_no_pool_slot(make_server, d
 
 
 # -- malformed and slow HTTP on raw sockets ----------------------------------------------------
+
 
 @pytest.fixture
 def raw_srv(make_server, database_url):
@@ -238,13 +258,16 @@ def recv_all(sock: socket.socket) -> bytes:
         return out
 
 
-@pytest.mark.parametrize("request_bytes, expected", [
-    (b"\x00\xff\xfe garbage \x01\r\n\r\n", b"HTTP/1.1 400"),
-    (b"GET / HTTP/9.9\r\n\r\n", b"HTTP/1.1 400"),
-    (b"GET /healthz HTTP/1.1\r\nNo colon here\r\n\r\n", b"HTTP/1.1 400"),
-    (b"POST /api/v1/events HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"HTTP/1.1 400"),
-    (b"POST /api/v1/events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"HTTP/1.1 4"),
-])
+@pytest.mark.parametrize(
+    "request_bytes, expected",
+    [
+        (b"\x00\xff\xfe garbage \x01\r\n\r\n", b"HTTP/1.1 400"),
+        (b"GET / HTTP/9.9\r\n\r\n", b"HTTP/1.1 400"),
+        (b"GET /healthz HTTP/1.1\r\nNo colon here\r\n\r\n", b"HTTP/1.1 400"),
+        (b"POST /api/v1/events HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"HTTP/1.1 400"),
+        (b"POST /api/v1/events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"HTTP/1.1 4"),
+    ],
+)
 def test_garbage_gets_4xx_and_the_connection_closed(raw_srv, request_bytes, expected):
     sock = socket.create_connection(("127.0.0.1", raw_srv.port), timeout=15)
     sock.sendall(request_bytes)
@@ -288,8 +311,7 @@ def test_slow_headers_idle_and_truncated_connections_are_closed_and_leave_nothin
     assert len(closed_by_server) == len(slow)
     for s in slow:
         s.close()
-    wait_until(lambda: greenlets(raw_srv) <= baseline + 2, 15,
-               message="greenlets back to baseline")
+    wait_until(lambda: greenlets(raw_srv) <= baseline + 2, 15, message="greenlets back to baseline")
 
 
 def test_keep_alive_is_not_cut_while_a_client_is_actively_requesting(raw_srv):
@@ -304,30 +326,31 @@ def test_keep_alive_is_not_cut_while_a_client_is_actively_requesting(raw_srv):
 
 # -- reconnects per connection id --------------------------------------------------------------
 
+
 def test_a_client_ignoring_retry_is_refused_after_max_reconnects(make_server, database_url):
     srv = make_server(database_url, MAX_RECONNECTS="3")
     srv.put("/api/v1/streams/room/1", headers=auth())
     statuses = []
     for _ in range(5):
-        s = Stream(srv.url + SSE, headers={**auth(), "Last-Event-ID": "hammersid.0"},
-                   params={"stream": "room/1"})
+        s = Stream(
+            srv.url + SSE, headers={**auth(), "Last-Event-ID": "hammersid.0"}, params={"stream": "room/1"}
+        )
         statuses.append(s.response.status_code)
         s.close()
     assert statuses == [200, 200, 200, 429, 429]
     # Another connection id is unaffected.
-    s = Stream(srv.url + SSE, headers={**auth(), "Last-Event-ID": "calmsid.0"},
-               params={"stream": "room/1"})
+    s = Stream(srv.url + SSE, headers={**auth(), "Last-Event-ID": "calmsid.0"}, params={"stream": "room/1"})
     assert s.response.status_code == 200
     s.close()
 
 
 def test_a_connection_that_stayed_up_resets_its_reconnect_count(make_server, database_url):
-    srv = make_server(database_url, MAX_RECONNECTS="2", RETRY_RESET_AFTER_S="0.3",
-                      HEARTBEAT_S="0.1")
+    srv = make_server(database_url, MAX_RECONNECTS="2", RETRY_RESET_AFTER_S="0.3", HEARTBEAT_S="0.1")
     srv.put("/api/v1/streams/room/1", headers=auth())
     for _ in range(4):  # each stays up past RETRY_RESET_AFTER_S, so none counts against it
-        s = Stream(srv.url + SSE, headers={**auth(), "Last-Event-ID": "steadysid.0"},
-                   params={"stream": "room/1"})
+        s = Stream(
+            srv.url + SSE, headers={**auth(), "Last-Event-ID": "steadysid.0"}, params={"stream": "room/1"}
+        )
         assert s.response.status_code == 200
         for _ in range(5):
             s.next(("comment",))  # heartbeats: the stream is up

@@ -2,6 +2,7 @@
 
 These tests share one server: each asserts that it left nothing behind.
 """
+
 import time
 
 import jwt
@@ -13,6 +14,7 @@ from tests.helpers import SECRET, auth
 @pytest.fixture
 def server(module_server):
     return module_server
+
 
 EVENTS = "/api/v1/events"
 PROBLEM = "application/problem+json"
@@ -33,20 +35,23 @@ def assert_problem(r, status, **fields):
     return body
 
 
-@pytest.mark.parametrize("body, field, index", [
-    ([{"stream": "ok", "data": 1}, {"stream": "bad name!", "data": 2}], "stream", 1),
-    ([{"stream": "ok", "data": 1}, {"stream": "/leading-slash", "data": 2}], "stream", 1),
-    ([{"stream": "ok", "data": 1}, {"data": 2}], "stream", 1),
-    ([{"stream": "ok", "data": 1}, {"stream": "ok"}], "data", 1),
-    ([{"stream": "ok", "type": "has space", "data": 1}], "type", 0),
-    ([{"stream": "ok", "type": "x" * 65, "data": 1}], "type", 0),
-    ([{"stream": "ok", "data": 1, "key": ""}], "key", 0),
-    ([{"stream": "ok", "data": 1, "extra": True}], "extra", 0),
-    ([{"stream": "s" * 201, "data": 1}], "stream", 0),
-    # Python's `$` matches before a final newline: names must be matched whole.
-    ([{"stream": "ok", "data": 1}, {"stream": "ok\n", "data": 2}], "stream", 1),
-    ([{"stream": "ok", "type": "message\n", "data": 1}], "type", 0),
-])
+@pytest.mark.parametrize(
+    "body, field, index",
+    [
+        ([{"stream": "ok", "data": 1}, {"stream": "bad name!", "data": 2}], "stream", 1),
+        ([{"stream": "ok", "data": 1}, {"stream": "/leading-slash", "data": 2}], "stream", 1),
+        ([{"stream": "ok", "data": 1}, {"data": 2}], "stream", 1),
+        ([{"stream": "ok", "data": 1}, {"stream": "ok"}], "data", 1),
+        ([{"stream": "ok", "type": "has space", "data": 1}], "type", 0),
+        ([{"stream": "ok", "type": "x" * 65, "data": 1}], "type", 0),
+        ([{"stream": "ok", "data": 1, "key": ""}], "key", 0),
+        ([{"stream": "ok", "data": 1, "extra": True}], "extra", 0),
+        ([{"stream": "s" * 201, "data": 1}], "stream", 0),
+        # Python's `$` matches before a final newline: names must be matched whole.
+        ([{"stream": "ok", "data": 1}, {"stream": "ok\n", "data": 2}], "stream", 1),
+        ([{"stream": "ok", "type": "message\n", "data": 1}], "type", 0),
+    ],
+)
 def test_invalid_event_names_index_and_field(server, body, field, index):
     r = server.post(EVENTS, json=body, headers=auth())
     assert_problem(r, 400, field=field, index=index)
@@ -80,6 +85,7 @@ def test_oversized_chunked_body_is_413(server):
         for _ in range(20):
             yield b"x" * 65536
         yield b'"}'
+
     r = server.post(EVENTS, data=chunks(), headers={**auth(), "Content-Type": "application/json"})
     assert r.status_code == 413
     assert_nothing_stored(server)
@@ -104,8 +110,7 @@ def test_wrong_content_type_is_415(server):
 
 
 def test_idempotency_header_with_batch_is_400(server):
-    r = server.post(EVENTS, json=[{"stream": "a", "data": 1}],
-                    headers={**auth(), "Idempotency-Key": "k"})
+    r = server.post(EVENTS, json=[{"stream": "a", "data": 1}], headers={**auth(), "Idempotency-Key": "k"})
     assert_problem(r, 400)
     assert_nothing_stored(server)
 
@@ -119,20 +124,23 @@ def _claims(**over):
     return {"sub": "client-1", "exp": now + 600, "publish": ["**"], "subscribe": ["**"], **over}
 
 
-@pytest.mark.parametrize("bearer", [
-    None,
-    "not-a-jwt",
-    _tok(_claims(), key="another-secret-entirely-0123456789abcdef"),
-    _tok(_claims(exp=int(time.time()) - 120)),
-    _tok(_claims(nbf=int(time.time()) + 600)),
-    _tok({k: v for k, v in _claims().items() if k != "sub"}),
-    _tok({k: v for k, v in _claims().items() if k != "exp"}),
-    _tok(_claims(publish="**")),
-    _tok(_claims(publish=["a\n"])),  # a pattern is matched whole, like a stream name
-    _tok(_claims(), headers={"kid": "unknown"}),
-    jwt.encode(_claims(), None, algorithm="none"),
-    jwt.encode(_claims(), SECRET + SECRET, algorithm="HS512"),
-])
+@pytest.mark.parametrize(
+    "bearer",
+    [
+        None,
+        "not-a-jwt",
+        _tok(_claims(), key="another-secret-entirely-0123456789abcdef"),
+        _tok(_claims(exp=int(time.time()) - 120)),
+        _tok(_claims(nbf=int(time.time()) + 600)),
+        _tok({k: v for k, v in _claims().items() if k != "sub"}),
+        _tok({k: v for k, v in _claims().items() if k != "exp"}),
+        _tok(_claims(publish="**")),
+        _tok(_claims(publish=["a\n"])),  # a pattern is matched whole, like a stream name
+        _tok(_claims(), headers={"kid": "unknown"}),
+        jwt.encode(_claims(), None, algorithm="none"),
+        jwt.encode(_claims(), SECRET + SECRET, algorithm="HS512"),
+    ],
+)
 def test_bad_tokens_are_401_and_store_nothing(server, bearer):
     headers = {} if bearer is None else {"Authorization": f"Bearer {bearer}"}
     r = server.post(EVENTS, json={"stream": "a", "data": 1}, headers=headers)
@@ -154,8 +162,13 @@ def test_stream_not_granted_is_403_for_the_whole_batch(server):
 
 
 def test_read_parameters_are_validated(server):
-    for params in ({}, {"clientId": "c", "limit": "0"}, {"clientId": "c", "limit": "x"},
-                   {"clientId": "c", "after": "abc"}, {"stream": "bad name"}):
+    for params in (
+        {},
+        {"clientId": "c", "limit": "0"},
+        {"clientId": "c", "limit": "x"},
+        {"clientId": "c", "after": "abc"},
+        {"stream": "bad name"},
+    ):
         assert_problem(server.get(EVENTS, params=params, headers=auth()), 400)
 
 

@@ -1,4 +1,5 @@
 """The ingest and read API against a real server (real Postgres, real Redis, real HTTP)."""
+
 import gevent
 import orjson
 import pytest
@@ -29,7 +30,8 @@ def test_single_event_is_committed_and_readable_by_client(server):
     assert written["stream"] == "client/1" and written["id"].isdigit()
     page = history(server, clientId="client-1")
     assert [(e["id"], e["data"], e["type"], e["clientId"]) for e in page["events"]] == [
-        (written["id"], {"n": 1}, "message", "client-1")]
+        (written["id"], {"n": 1}, "message", "client-1")
+    ]
     assert page["next"] == written["id"]
     assert page["events"][0]["createdAt"].endswith("Z")
 
@@ -49,8 +51,7 @@ def test_array_and_ndjson_bodies_keep_order(server):
 def test_repeated_key_returns_original_id_never_a_second_row(server):
     first = post(server, {"stream": "k", "data": {"a": 1, "b": 2}, "key": "abc"})
     again = post(server, {"stream": "k", "data": {"b": 2, "a": 1}, "key": "abc"})  # same JSON
-    by_header = post(server, {"stream": "k", "data": {"a": 1, "b": 2}},
-                     headers={"Idempotency-Key": "abc"})
+    by_header = post(server, {"stream": "k", "data": {"a": 1, "b": 2}}, headers={"Idempotency-Key": "abc"})
     assert first.status_code == 201
     assert again.status_code == 200 and by_header.status_code == 200
     assert again.json()["events"][0]["id"] == first.json()["events"][0]["id"]
@@ -103,8 +104,10 @@ def test_both_filters_at_once(server):
 
 
 def test_reads_return_only_granted_streams(server):
-    post(server, [{"stream": "a/1", "data": 1}, {"stream": "b/1", "data": 2},
-                  {"stream": "a/1/deep", "data": 3}])
+    post(
+        server,
+        [{"stream": "a/1", "data": 1}, {"stream": "b/1", "data": 2}, {"stream": "a/1/deep", "data": 3}],
+    )
     h = auth("reader", subscribe=["a/*"])
     page = server.get(EVENTS, params={"clientId": "client-1"}, headers=h).json()
     assert [e["stream"] for e in page["events"]] == ["a/1"]
@@ -134,7 +137,9 @@ def test_pending_events_are_shown_marked_and_never_twice(make_server, database_u
     assert slow.get(timeout=15).status_code == 201
     events = history(server, clientId="client-1")["events"]
     assert [(e["data"], e.get("pending", False)) for e in events] == [
-        ("committed", False), ("pending", False)]
+        ("committed", False),
+        ("pending", False),
+    ]
     # Resuming from the page that showed it pending yields it once, now committed.
     later = history(server, clientId="client-1", after=first_next)["events"]
     assert [e["data"] for e in later] == ["pending"]
@@ -188,9 +193,13 @@ def test_openapi_lists_every_route_the_app_serves(server):
     app = flask.Flask("route-table")
     for blueprint in (ingest_bp, auth_bp, streaming_bp, ops_bp, dashboard_bp, mercure_bp):
         app.register_blueprint(blueprint)
-    served = {(rule.rule.replace("<path:stream>", "{stream}"), method.lower())
-              for rule in app.url_map.iter_rules() if rule.endpoint != "static"
-              for method in rule.methods - {"HEAD", "OPTIONS"}}
-    documented = {(path, method) for path, item in doc["paths"].items()
-                  for method in item if method != "parameters"}
+    served = {
+        (rule.rule.replace("<path:stream>", "{stream}"), method.lower())
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    documented = {
+        (path, method) for path, item in doc["paths"].items() for method in item if method != "parameters"
+    }
     assert served == documented

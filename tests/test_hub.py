@@ -1,4 +1,5 @@
 """The hub against real Postgres and Redis: global order, holes filled, Redis down, overflow."""
+
 import random
 import uuid
 
@@ -32,11 +33,20 @@ class Process:
     def __init__(self, database_url, redis_client, channel, late_publish=False, **hub_kw):
         self.pool = Pool(database_url, 3, timeout_s=10)
         self.batcher = Batcher(EventStore(), self.pool, max_events=50, max_wait_ms=2).start()
-        self.hub = Hub(EventStore(), self.pool, redis_client, channel=channel, gap_wait_s=0.1,
-                       poll_s=0.1, redis_retry_s=0.1, **hub_kw).start()
+        self.hub = Hub(
+            EventStore(),
+            self.pool,
+            redis_client,
+            channel=channel,
+            gap_wait_s=0.1,
+            poll_s=0.1,
+            redis_retry_s=0.1,
+            **hub_kw,
+        ).start()
         if late_publish:  # publish each batch a random moment late, as a busy process might
-            self.batcher.add_listener(lambda c: gevent.spawn_later(random.uniform(0, 0.03),
-                                                                   self.hub.on_commit, c))
+            self.batcher.add_listener(
+                lambda c: gevent.spawn_later(random.uniform(0, 0.03), self.hub.on_commit, c)
+            )
         else:
             self.batcher.add_listener(self.hub.on_commit)
 
@@ -81,8 +91,10 @@ def test_two_processes_with_late_publishers_deliver_in_global_order(database_url
     one = Process(database_url, rconn, channel, late_publish=True)
     two = Process(database_url, rconn, channel, late_publish=True)
     sub, _ = one.hub.subscribe(["s"], maxsize=10000)
-    jobs = [gevent.spawn(lambda p=p: [p.publish("s", n=random.randint(1, 3)) for _ in range(40)])
-            for p in (one, two, one, two)]
+    jobs = [
+        gevent.spawn(lambda p=p: [p.publish("s", n=random.randint(1, 3)) for _ in range(40)])
+        for p in (one, two, one, two)
+    ]
     gevent.joinall(jobs, raise_error=True)
     everything = []
     for batch in (j.value for j in jobs):
@@ -112,8 +124,7 @@ def test_a_lost_message_is_filled_from_postgres(database_url, rconn, channel):
     p.close()
 
 
-def test_own_commits_reach_the_hub_at_once_and_their_echo_is_dropped(database_url, rconn,
-                                                                     channel):
+def test_own_commits_reach_the_hub_at_once_and_their_echo_is_dropped(database_url, rconn, channel):
     p = Process(database_url, rconn, channel)
     wait_until(lambda: p.hub.redis_up, message="the hub to subscribe")
     sub, _ = p.hub.subscribe(["s"], maxsize=100)
@@ -192,7 +203,7 @@ class Recorder:
     """A sink, as a parked idle connection offers one: records each delivery it is handed."""
 
     def __init__(self, order, on_first=None):
-        self.order = order          # shared by all: who was handed a delivery, in turn
+        self.order = order  # shared by all: who was handed a delivery, in turn
         self.calls = []
         self.on_first = on_first
 
@@ -239,8 +250,7 @@ def test_a_large_fan_out_lets_the_event_loop_run_between_slices(database_url, rc
         p.close()
 
 
-def test_commits_that_arrive_during_a_pass_go_out_together_in_the_next(database_url, rconn,
-                                                                       channel):
+def test_commits_that_arrive_during_a_pass_go_out_together_in_the_next(database_url, rconn, channel):
     p = Process(database_url, rconn, channel)
 
     def two_more():  # as the Redis listener hands on commits while the pass yields
@@ -257,8 +267,7 @@ def test_commits_that_arrive_during_a_pass_go_out_together_in_the_next(database_
     p.close()
 
 
-def test_a_full_outbox_makes_the_commit_receiver_wait(database_url, rconn, channel,
-                                                      monkeypatch):
+def test_a_full_outbox_makes_the_commit_receiver_wait(database_url, rconn, channel, monkeypatch):
     monkeypatch.setattr(hub_module, "OUTBOX_EVENTS", 3)
     p = Process(database_url, rconn, channel)
     waiting = []  # the outbox's size each time the receiver got its call back

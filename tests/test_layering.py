@@ -4,6 +4,7 @@ imports Flask, Werkzeug, `app` or `web`, and config/settings.py imports no featu
 
 Every import counts, including those inside functions (a lazy import is still a dependency).
 """
+
 from __future__ import annotations
 
 import ast
@@ -14,8 +15,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-PACKAGES = ("common", "config", "auth", "ingest", "streaming", "mercure", "runtime", "web",
-            "embedded")
+PACKAGES = ("common", "config", "auth", "ingest", "streaming", "mercure", "runtime", "web", "embedded")
 # Each layer may import only itself and the layers before it (embedded: the dev servers, used by
 # the development environment only).
 LAYERS = [
@@ -26,7 +26,7 @@ LAYERS = [
     ("streaming",),
     ("mercure",),  # the Mercure door: a second front over the same hub and store
     ("embedded", "runtime"),
-    ("http",),   # every */http.py and all of web/
+    ("http",),  # every */http.py and all of web/
     ("app",),
 ]
 FRAMEWORK = ("flask", "werkzeug")
@@ -72,15 +72,17 @@ def sluice_target(name: str) -> str | None:
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_dependencies_point_one_way(module):
     mine = layer_of(module)
-    upward = [name for name in imports_of(MODULES[module])
-              if (target := sluice_target(name)) is not None and layer_of(target) > mine]
+    upward = [
+        name
+        for name in imports_of(MODULES[module])
+        if (target := sluice_target(name)) is not None and layer_of(target) > mine
+    ]
     assert not upward, f"{module} (layer {LAYERS[mine]}) imports from above it: {upward}"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if layer_of(m) < layer_of("web")))
 def test_below_http_no_framework_app_or_web(module):
-    bad = [name for name in imports_of(MODULES[module])
-           if name.split(".")[0] in FRAMEWORK + ("app", "web")]
+    bad = [name for name in imports_of(MODULES[module]) if name.split(".")[0] in FRAMEWORK + ("app", "web")]
     assert not bad, f"{module} is below the HTTP layer but imports {bad}"
 
 
@@ -97,8 +99,9 @@ def test_the_sdk_imports_nothing_of_sluice():
     for path in paths:
         names = imports_of(path)
         assert not [n for n in names if sluice_target(n)], path
-        assert {n.split(".")[0] for n in names} <= set(sys.stdlib_module_names) | {
-            "jwt", "sluice_client"}, path
+        assert {n.split(".")[0] for n in names} <= set(sys.stdlib_module_names) | {"jwt", "sluice_client"}, (
+            path
+        )
 
 
 def test_settings_import_no_feature_code():

@@ -2,6 +2,7 @@
 selectors (exact, URI templates, `*`), private updates, the three token locations, resume by
 update id from durable history in another process and after a restart, `earliest`, and bad
 input refused with nothing stored or sent."""
+
 from __future__ import annotations
 
 import re
@@ -61,13 +62,11 @@ def publish(server, topic, data="", **fields) -> str:
     return r.text
 
 
-def subscribe(server, *selectors, tok: str | None = None, headers=None, cookies=None,
-              **params) -> Stream:
+def subscribe(server, *selectors, tok: str | None = None, headers=None, cookies=None, **params) -> Stream:
     h = dict(headers or {})
     if tok is not None:
         h["Authorization"] = f"Bearer {tok}"
-    s = Stream(server.url + HUB, headers=h, params={"topic": list(selectors), **params},
-               cookies=cookies)
+    s = Stream(server.url + HUB, headers=h, params={"topic": list(selectors), **params}, cookies=cookies)
     assert s.response.status_code == 200
     s.next(("retry",))  # the preamble: subscribed from here on
     return s
@@ -80,31 +79,35 @@ def hub(make_server, database_url):
 
 # -- selectors, without a server ------------------------------------------------------------
 
-@pytest.mark.parametrize("selector, topic, matched", [
-    ("*", "anything at all", True),
-    ("https://ex.net/a", "https://ex.net/a", True),
-    ("https://ex.net/a", "https://ex.net/ab", False),
-    ("https://ex.net/books/{id}", "https://ex.net/books/42", True),
-    ("https://ex.net/books/{id}", "https://ex.net/books/42/pages", False),
-    ("https://ex.net/books/{id}", "https://ex.net/authors/42", False),
-    ("https://ex.net/{+path}", "https://ex.net/a/b/c", True),
-    ("https://ex.net/u{/seg*}", "https://ex.net/u/1/2", True),
-    ("https://ex.net/users/foo/{?topic}", "https://ex.net/users/foo/?topic=https%3A%2F%2Fx", True),
-    ("https://ex.net/s{?q,lang}", "https://ex.net/s?q=a&lang=fr", True),
-    ("https://ex.net/a{#frag}", "https://ex.net/a#top", True),
-    ("{x}", "", True),
-    ("bad}{", "bad}{", True),     # not a template: only itself
-    ("bad}{", "bad}x{", False),
-    ("https://ex.net/{}", "https://ex.net/x", False),
-    ("https://ex.net/{ bad }", "https://ex.net/x", False),
-])
+
+@pytest.mark.parametrize(
+    "selector, topic, matched",
+    [
+        ("*", "anything at all", True),
+        ("https://ex.net/a", "https://ex.net/a", True),
+        ("https://ex.net/a", "https://ex.net/ab", False),
+        ("https://ex.net/books/{id}", "https://ex.net/books/42", True),
+        ("https://ex.net/books/{id}", "https://ex.net/books/42/pages", False),
+        ("https://ex.net/books/{id}", "https://ex.net/authors/42", False),
+        ("https://ex.net/{+path}", "https://ex.net/a/b/c", True),
+        ("https://ex.net/u{/seg*}", "https://ex.net/u/1/2", True),
+        ("https://ex.net/users/foo/{?topic}", "https://ex.net/users/foo/?topic=https%3A%2F%2Fx", True),
+        ("https://ex.net/s{?q,lang}", "https://ex.net/s?q=a&lang=fr", True),
+        ("https://ex.net/a{#frag}", "https://ex.net/a#top", True),
+        ("{x}", "", True),
+        ("bad}{", "bad}{", True),  # not a template: only itself
+        ("bad}{", "bad}x{", False),
+        ("https://ex.net/{}", "https://ex.net/x", False),
+        ("https://ex.net/{ bad }", "https://ex.net/x", False),
+    ],
+)
 def test_selector_matching(selector, topic, matched):
     assert Selectors().matches(selector, topic) is matched
 
 
 def test_only_valid_templates_compile():
     assert compile_template("https://ex.net/{id}") is not None
-    assert compile_template("plain") is None   # no expression: equality decides
+    assert compile_template("plain") is None  # no expression: equality decides
     assert compile_template("a{b") is None and compile_template("a}b{c}") is None
 
 
@@ -115,13 +118,20 @@ def test_update_bytes_split_data_lines_as_eventsource_reads_them():
 
 # -- publish and subscribe -------------------------------------------------------------------
 
+
 def test_symfony_encoded_update_reaches_a_template_subscriber_with_its_fields(hub):
     s = subscribe(hub, "https://example.com/books/{id}")
     other = subscribe(hub, "https://example.com/authors/{id}")
     data = 'line one & "two"\nline + three = 3%'
-    body = symfony_form({"topic": ["https://example.com/books/1", "https://example.com/alt/1"],
-                         "data": data, "id": "urn:book:1:v2", "type": "book.updated",
-                         "retry": "2500"})
+    body = symfony_form(
+        {
+            "topic": ["https://example.com/books/1", "https://example.com/alt/1"],
+            "data": data,
+            "id": "urn:book:1:v2",
+            "type": "book.updated",
+            "retry": "2500",
+        }
+    )
     assert "topic=https" in body and "topic%5B" not in body and "+" in body
     r = post(hub, body)
     assert (r.status_code, r.text) == (200, "urn:book:1:v2")
@@ -142,10 +152,12 @@ def test_ids_are_generated_and_alternate_topics_match(hub):
 
 
 def test_private_updates_reach_only_subscribers_whose_claims_match(hub):
-    allowed = subscribe(hub, "https://ex.net/doc/{id}",
-                        tok=mtoken(SUB_KEY, subscribe=["https://ex.net/users/7/{?topic}"]))
-    other = subscribe(hub, "https://ex.net/doc/{id}",
-                      tok=mtoken(SUB_KEY, subscribe=["https://ex.net/users/8/{?topic}"]))
+    allowed = subscribe(
+        hub, "https://ex.net/doc/{id}", tok=mtoken(SUB_KEY, subscribe=["https://ex.net/users/7/{?topic}"])
+    )
+    other = subscribe(
+        hub, "https://ex.net/doc/{id}", tok=mtoken(SUB_KEY, subscribe=["https://ex.net/users/8/{?topic}"])
+    )
     anonymous = subscribe(hub, "*")
     topics = ["https://ex.net/doc/1", "https://ex.net/users/7/?topic=https%3A%2F%2Fex.net%2Fdoc%2F1"]
     secret = publish(hub, topics, "for user 7", private="on")
@@ -168,6 +180,7 @@ def test_the_same_id_and_update_again_is_not_sent_twice(hub):
 
 # -- resume from durable history ---------------------------------------------------------------
 
+
 def test_resume_by_id_in_another_process_and_after_a_restart(make_server, database_url):
     a = make_server(database_url, MERCURE_ANONYMOUS="1", **MERCURE)
     b = make_server(database_url, MERCURE_ANONYMOUS="1", **MERCURE)
@@ -175,8 +188,7 @@ def test_resume_by_id_in_another_process_and_after_a_restart(make_server, databa
     publish(a, "elsewhere", "not for the room")
     s = Stream(b.url + HUB, headers={"Last-Event-ID": ids[0]}, params={"topic": "room"})
     assert s.response.headers["Last-Event-ID"] == ids[0]
-    assert [(e[0], e[2]) for e in s.events(3)] == [(i, f"m{n + 1}") for n, i in
-                                                     enumerate(ids[1:])]
+    assert [(e[0], e[2]) for e in s.events(3)] == [(i, f"m{n + 1}") for n, i in enumerate(ids[1:])]
     live = publish(a, "room", "live")
     assert s.events(1)[0][0] == live  # then live, from the other process
     s.close()
@@ -207,42 +219,55 @@ def test_earliest_and_unknown_ids(hub):
 
 def test_the_header_beats_the_query_parameter(hub):
     ids = [publish(hub, "h", str(i)) for i in range(3)]
-    s = Stream(hub.url + HUB, headers={"Last-Event-ID": ids[1]},
-               params={"topic": "h", "lastEventID": ids[0]})
+    s = Stream(hub.url + HUB, headers={"Last-Event-ID": ids[1]}, params={"topic": "h", "lastEventID": ids[0]})
     assert [e[0] for e in s.events(1)] == [ids[2]]
     s.close()
 
 
 # -- tokens ---------------------------------------------------------------------------------
 
+
 def test_token_locations_in_the_protocols_order(make_server, database_url):
     hub = make_server(database_url, **MERCURE)  # no anonymous subscribers
     good = mtoken(SUB_KEY, subscribe=["*"])
     assert hub.get(HUB, params={"topic": "t"}).status_code == 401
-    for s in (subscribe(hub, "t", tok=good),
-              subscribe(hub, "t", authorization=good),
-              subscribe(hub, "t", cookies={"mercureAuthorization": good})):
+    for s in (
+        subscribe(hub, "t", tok=good),
+        subscribe(hub, "t", authorization=good),
+        subscribe(hub, "t", cookies={"mercureAuthorization": good}),
+    ):
         assert s.response.headers["Content-Type"].startswith("text/event-stream")
         s.close()
     query = Stream(hub.url + HUB, params={"topic": "t", "authorization": good})
     assert "private" in query.response.headers["Cache-Control"]
     query.close()
     # The header wins: a bad header is not rescued by a good cookie.
-    r = hub.get(HUB, params={"topic": "t"}, headers={"Authorization": "Bearer nope"},
-                cookies={"mercureAuthorization": good}, stream=True)
+    r = hub.get(
+        HUB,
+        params={"topic": "t"},
+        headers={"Authorization": "Bearer nope"},
+        cookies={"mercureAuthorization": good},
+        stream=True,
+    )
     assert r.status_code == 401
-    assert hub.get(HUB, params={"topic": "t", "authorization": mtoken(PUB_KEY, subscribe=["*"])},
-                   stream=True).status_code == 401  # signed with the publisher's key
-    cookie_pub = hub.post(HUB, data={"topic": "t", "data": "c"},
-                          cookies={"mercureAuthorization": PUBLISHER}, headers={"Origin": hub.url})
+    assert (
+        hub.get(
+            HUB, params={"topic": "t", "authorization": mtoken(PUB_KEY, subscribe=["*"])}, stream=True
+        ).status_code
+        == 401
+    )  # signed with the publisher's key
+    cookie_pub = hub.post(
+        HUB,
+        data={"topic": "t", "data": "c"},
+        cookies={"mercureAuthorization": PUBLISHER},
+        headers={"Origin": hub.url},
+    )
     assert cookie_pub.status_code == 200  # a cookie publisher, from the hub's own origin
-    cookie_pub = hub.post(HUB, data={"topic": "t", "data": "c"},
-                          cookies={"mercureAuthorization": PUBLISHER})
+    cookie_pub = hub.post(HUB, data={"topic": "t", "data": "c"}, cookies={"mercureAuthorization": PUBLISHER})
     assert cookie_pub.status_code == 403  # saying nothing of where it comes from (CSRF)
 
 
-def test_an_expiring_token_ends_the_stream_and_an_expired_one_is_refused(make_server,
-                                                                          database_url):
+def test_an_expiring_token_ends_the_stream_and_an_expired_one_is_refused(make_server, database_url):
     hub = make_server(database_url, TOKEN_LEEWAY_S="0", **MERCURE)
     s = subscribe(hub, "t", tok=mtoken(SUB_KEY, exp=int(time.time()) + 2))
     assert s.next(("end",), timeout=10) == ("end",)
@@ -262,10 +287,13 @@ BAD_UPDATES = [
     ("non-integer retry", {"topic": "t", "retry": "soon"}, PUBLISHER, 400),
     ("negative retry", {"topic": "t", "retry": "-5"}, PUBLISHER, 400),
     ("reserved topic", {"topic": "/.well-known/mercure/subscriptions/x"}, PUBLISHER, 400),
-    ("reserved absolute topic", {"topic": ["t", "https://h.example/.well-known/mercure"]},
-     PUBLISHER, 400),
-    ("claims not covering every topic", {"topic": ["https://ex.net/a/1", "https://ex.net/b/1"]},
-     mtoken(publish=["https://ex.net/a/{id}"]), 403),
+    ("reserved absolute topic", {"topic": ["t", "https://h.example/.well-known/mercure"]}, PUBLISHER, 400),
+    (
+        "claims not covering every topic",
+        {"topic": ["https://ex.net/a/1", "https://ex.net/b/1"]},
+        mtoken(publish=["https://ex.net/a/{id}"]),
+        403,
+    ),
     ("no publish claim", {"topic": "t"}, mtoken(subscribe=["*"]), 403),
     ("a subscriber's key", {"topic": "t"}, mtoken(SUB_KEY, publish=["*"]), 401),
     ("no token", {"topic": "t"}, None, 401),
@@ -287,16 +315,18 @@ def test_bad_updates_are_refused_with_nothing_stored_or_sent(hub, name, fields, 
 
 
 def test_other_bad_requests(hub):
-    r = hub.post(HUB, data=b'{"topic": "t"}', headers={"Authorization": f"Bearer {PUBLISHER}",
-                                                       "Content-Type": "application/json"})
+    r = hub.post(
+        HUB,
+        data=b'{"topic": "t"}',
+        headers={"Authorization": f"Bearer {PUBLISHER}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 415
     assert hub.get(HUB).status_code == 400  # no topic selector
     many = hub.get(HUB, params={"topic": [f"t{i}" for i in range(60)]})
     assert many.status_code == 400
 
 
-def test_the_door_is_off_without_a_key_and_apart_from_native_streams(make_server,
-                                                                      database_url):
+def test_the_door_is_off_without_a_key_and_apart_from_native_streams(make_server, database_url):
     off = make_server(database_url)
     assert off.get(HUB, params={"topic": "t"}).status_code == 404
     assert post(off, "topic=t&data=x").status_code == 404
@@ -319,8 +349,9 @@ def test_public_key_tokens_verify_with_the_configured_algorithm_only():
     from mercure.tokens import MercureKey, MercureTokens
 
     private = ec.generate_private_key(ec.SECP256R1())
-    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     tokens = MercureTokens(MercureKey(pem.decode(), "ES256"))
     good = jwt.encode({"mercure": {"subscribe": ["a/{x}"]}}, private, algorithm="ES256")
     assert tokens.verify(good).subscribe == ("a/{x}",)
@@ -334,8 +365,14 @@ def test_public_key_tokens_verify_with_the_configured_algorithm_only():
 
 
 def test_browsers_sharing_a_token_and_address_are_paced_never_refused(make_server, database_url):
-    hub = make_server(database_url, MAX_RECONNECTS="2", RETRY_BASE_MS="100", RETRY_MAX_MS="5000",
-                      MERCURE_ANONYMOUS="1", **MERCURE)
+    hub = make_server(
+        database_url,
+        MAX_RECONNECTS="2",
+        RETRY_BASE_MS="100",
+        RETRY_MAX_MS="5000",
+        MERCURE_ANONYMOUS="1",
+        **MERCURE,
+    )
     first = publish(hub, "p", "x")
     fresh = []
     for _ in range(5):  # new subscribers: admitted, with the base retry
@@ -367,28 +404,30 @@ def test_heartbeats_and_the_fleet_connection_limit_apply(make_server, database_u
 @needs_chromium[0]
 @needs_chromium[1]
 def test_chromium_eventsource_with_the_cookie_gets_private_updates_and_resumes_by_id(
-        make_server, database_url):
+    make_server, database_url
+):
     hub = make_server(database_url, RETRY_BASE_MS="300", RETRY_MAX_MS="1000", **MERCURE)
     mine = mtoken(SUB_KEY, subscribe=["https://example.com/users/7/{?topic}"])
     other = mtoken(SUB_KEY, subscribe=["https://example.com/users/8/{?topic}"])
     page = BrowserHelper("mercure.py", hub.url, mine, other)
     assert page.read()["step"] == "open"
-    private_topics = ["https://example.com/doc/1",
-                      "https://example.com/users/7/?topic=https%3A%2F%2Fexample.com%2Fdoc%2F1"]
+    private_topics = [
+        "https://example.com/doc/1",
+        "https://example.com/users/7/?topic=https%3A%2F%2Fexample.com%2Fdoc%2F1",
+    ]
     public = publish(hub, "https://example.com/doc/2", "for everyone", id="pub-1")
-    secret = publish(hub, private_topics, "for user 7", private="on", type="doc.updated",
-                     id="priv-1")
+    secret = publish(hub, private_topics, "for user 7", private="on", type="doc.updated", id="priv-1")
     page.tell("published")
     before = page.read()
     assert before["step"] == "before-restart"
     assert before["seen"]["cookie"] == [
         {"id": public, "type": "message", "data": "for everyone"},
-        {"id": secret, "type": "doc.updated", "data": "for user 7"}]
+        {"id": secret, "type": "doc.updated", "data": "for user 7"},
+    ]
     assert before["seen"]["other"] == [{"id": public, "type": "message", "data": "for everyone"}]
     hub.stop()
     hub.start()
-    later = [publish(hub, "https://example.com/doc/3", f"after {n}", id=f"after-{n}")
-             for n in range(2)]
+    later = [publish(hub, "https://example.com/doc/3", f"after {n}", id=f"after-{n}") for n in range(2)]
     page.tell("restarted")
     done = page.read(timeout=60)
     assert done["step"] == "done" and done["opens"]["cookie"] >= 2

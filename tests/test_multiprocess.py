@@ -1,5 +1,6 @@
 """Several server processes on one database: ids still follow commit order, so a reader tailing
 over HTTP with `after=next` receives every event exactly once while both processes write."""
+
 import json
 
 import gevent
@@ -31,9 +32,12 @@ def test_tail_across_two_writing_processes_misses_nothing(make_server, database_
         while True:
             finished = len(writers_done) == 6
             server = (a, b)[len(seen) % 2]  # alternate which process serves the read
-            page = session.get(server.url + EVENTS, params={"clientId": "writer", "after": after,
-                                                           "limit": 1000},
-                               headers=auth("reader"), timeout=20).json()
+            page = session.get(
+                server.url + EVENTS,
+                params={"clientId": "writer", "after": after, "limit": 1000},
+                headers=auth("reader"),
+                timeout=20,
+            ).json()
             committed = [e for e in page["events"] if not e.get("pending")]
             seen.extend(int(e["id"]) for e in committed)
             after = page["next"]
@@ -43,14 +47,14 @@ def test_tail_across_two_writing_processes_misses_nothing(make_server, database_
 
     jobs = [gevent.spawn(writer, (a, b)[w % 2], w) for w in range(6)] + [gevent.spawn(tail)]
     gevent.joinall(jobs, raise_error=True, timeout=180)
-    everything = requests.get(a.url + EVENTS, params={"clientId": "writer", "limit": 1000},
-                              headers=auth("reader"), timeout=20).json()["events"]
+    everything = requests.get(
+        a.url + EVENTS, params={"clientId": "writer", "limit": 1000}, headers=auth("reader"), timeout=20
+    ).json()["events"]
     assert len(everything) == sum(1 + i % 4 for i in range(40)) * 6
     assert seen == [int(e["id"]) for e in everything]  # every event, once, in id order
 
 
-def test_sse_subscribers_hopping_between_processes_under_writers_on_both(make_server,
-                                                                         database_url):
+def test_sse_subscribers_hopping_between_processes_under_writers_on_both(make_server, database_url):
     from tests.sse import Stream
 
     # These clients hop far faster than any `retry:` allows, on purpose: lift the cap.
@@ -75,8 +79,11 @@ def test_sse_subscribers_hopping_between_processes_under_writers_on_both(make_se
         got, last_id, hops, sids = [], "0", 0, set()
         while len(got) < expected_total:
             server = (a, b)[hops % 2]
-            s = Stream(server.url + "/api/v1/sse", headers={**auth(), "Last-Event-ID": last_id},
-                       params={"stream": "hop"})
+            s = Stream(
+                server.url + "/api/v1/sse",
+                headers={**auth(), "Last-Event-ID": last_id},
+                params={"stream": "hop"},
+            )
             for _ in range(7 + k):
                 if len(got) == expected_total:
                     break
@@ -94,8 +101,7 @@ def test_sse_subscribers_hopping_between_processes_under_writers_on_both(make_se
     history = []
     after = "0"
     while True:
-        page = a.get(EVENTS, params={"stream": "hop", "after": after, "limit": "1000"},
-                     headers=auth()).json()
+        page = a.get(EVENTS, params={"stream": "hop", "after": after, "limit": "1000"}, headers=auth()).json()
         if not page["events"]:
             break
         history += [(int(e["id"]), tuple(e["data"])) for e in page["events"]]

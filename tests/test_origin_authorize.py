@@ -3,6 +3,7 @@
 The origin is a small WSGI server in the test process that decides by the `session` cookie and
 counts every request it gets, so caching is measured where it matters: at the origin.
 """
+
 import json
 
 import gevent
@@ -30,10 +31,16 @@ class Origin:
     def app(self, environ, start_response):
         body = json.loads(environ["wsgi.input"].read() or b"{}")
         cookie = environ.get("HTTP_COOKIE", "")
-        self.calls.append({"path": environ["PATH_INFO"], "cookie": cookie, "body": body,
-                           "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
-                           "tenant": environ.get("HTTP_X_TENANT"),
-                           "authorization": environ.get("HTTP_AUTHORIZATION")})
+        self.calls.append(
+            {
+                "path": environ["PATH_INFO"],
+                "cookie": cookie,
+                "body": body,
+                "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
+                "tenant": environ.get("HTTP_X_TENANT"),
+                "authorization": environ.get("HTTP_AUTHORIZATION"),
+            }
+        )
         session = dict(p.strip().split("=", 1) for p in cookie.split(";") if "=" in p).get("session")
 
         def answer(status, obj, ctype="application/json"):
@@ -48,9 +55,11 @@ class Origin:
         if session == "short":
             return answer("200 OK", {"streams": ["room/*"], "ttl": 0, "sub": "user-8"})
         if session == "bad":
-            return answer("403 Forbidden", {"type": "about:blank", "title": "Forbidden",
-                                            "detail": "user-9 may not watch this room"},
-                          "application/problem+json")
+            return answer(
+                "403 Forbidden",
+                {"type": "about:blank", "title": "Forbidden", "detail": "user-9 may not watch this room"},
+                "application/problem+json",
+            )
         if session == "slow":
             gevent.sleep(5)
             return answer("200 OK", {"streams": ["**"], "ttl": 60})
@@ -73,8 +82,13 @@ def origin():
 
 @pytest.fixture
 def srv(make_server, database_url, origin):
-    s = make_server(database_url, SLUICE_AUTHORIZE_URL=origin.url, AUTHORIZE_TIMEOUT_S="0.5",
-                    AUTHORIZE_FORWARD_HEADERS="Cookie,X-Tenant", HEARTBEAT_S="0.3")
+    s = make_server(
+        database_url,
+        SLUICE_AUTHORIZE_URL=origin.url,
+        AUTHORIZE_TIMEOUT_S="0.5",
+        AUTHORIZE_FORWARD_HEADERS="Cookie,X-Tenant",
+        HEARTBEAT_S="0.3",
+    )
     for name in ("room/1", "room/2", "other/1"):
         assert s.put(f"/api/v1/streams/{name}", headers=auth()).status_code in (200, 201)
     return s
@@ -87,8 +101,12 @@ def publish(server, stream, data):
 
 
 def test_origin_grant_lets_a_cookie_subscriber_in_and_sees_what_was_asked(srv, origin):
-    s = Stream(srv.url + SSE, params={"stream": "room/1"}, cookies={"session": "good"},
-               headers={"X-Tenant": "acme", "X-Not-Forwarded": "secret"})
+    s = Stream(
+        srv.url + SSE,
+        params={"stream": "room/1"},
+        cookies={"session": "good"},
+        headers={"X-Tenant": "acme", "X-Not-Forwarded": "secret"},
+    )
     try:
         assert s.response.status_code == 200
         s.next(("retry",))
@@ -107,13 +125,13 @@ def test_origin_grant_lets_a_cookie_subscriber_in_and_sees_what_was_asked(srv, o
 
 
 def test_grants_are_cached_for_their_ttl_across_reconnects_transports_and_processes(
-        srv, origin, make_server, database_url):
+    srv, origin, make_server, database_url
+):
     for _ in range(4):
         s = Stream(srv.url + SSE, params={"stream": "room/1"}, cookies={"session": "good"})
         assert s.response.status_code == 200
         s.close()
-        r = srv.get(POLL, params={"stream": "room/1", "timeout": "0"},
-                    cookies={"session": "good"})
+        r = srv.get(POLL, params={"stream": "room/1", "timeout": "0"}, cookies={"session": "good"})
         assert r.status_code == 200, r.text
     assert len(origin.calls) == 1
     # Another process shares the answer through Redis.
@@ -131,16 +149,19 @@ def test_grants_are_cached_for_their_ttl_across_reconnects_transports_and_proces
 
 def test_a_zero_ttl_grant_is_asked_every_time(srv, origin):
     for _ in range(3):
-        r = srv.get(POLL, params={"stream": "room/1", "timeout": "0"},
-                    cookies={"session": "short"})
+        r = srv.get(POLL, params={"stream": "room/1", "timeout": "0"}, cookies={"session": "short"})
         assert r.status_code == 200
     assert len(origin.calls) == 3
 
 
 def test_concurrent_checks_share_one_origin_request(srv, origin):
     # The origin takes 0.3 s, so all 20 checks are in flight together.
-    jobs = [gevent.spawn(srv.get, POLL, params={"stream": "room/1", "timeout": "0"},
-                         cookies={"session": "unhurried"}) for _ in range(20)]
+    jobs = [
+        gevent.spawn(
+            srv.get, POLL, params={"stream": "room/1", "timeout": "0"}, cookies={"session": "unhurried"}
+        )
+        for _ in range(20)
+    ]
     gevent.joinall(jobs, timeout=20)
     assert all(j.value is not None and j.value.status_code == 200 for j in jobs)
     assert len(origin.calls) == 1
@@ -150,20 +171,23 @@ def test_the_grant_covers_only_its_patterns(srv, origin):
     r = srv.get(POLL, params={"stream": "other/1", "timeout": "0"}, cookies={"session": "good"})
     assert r.status_code == 403
     assert r.json()["type"].endswith("/not-granted")
-    s = Stream(srv.url + SSE, params={"stream": ["room/1", "other/1"]},
-               cookies={"session": "good"})
+    s = Stream(srv.url + SSE, params={"stream": ["room/1", "other/1"]}, cookies={"session": "good"})
     assert s.response.status_code == 403
     s.close()
 
 
-@pytest.mark.parametrize("session, status, detail", [
-    ("bad", 403, "user-9 may not watch this room"),
-    ("", 401, "log in first"),
-])
+@pytest.mark.parametrize(
+    "session, status, detail",
+    [
+        ("bad", 403, "user-9 may not watch this room"),
+        ("", 401, "log in first"),
+    ],
+)
 @pytest.mark.parametrize("path", [SSE, POLL])
 def test_origin_refusals_reach_the_client_as_problems(srv, origin, path, session, status, detail):
-    r = srv.get(path, params={"stream": "room/1"}, cookies={"session": session} if session else {},
-                timeout=10)
+    r = srv.get(
+        path, params={"stream": "room/1"}, cookies={"session": session} if session else {}, timeout=10
+    )
     assert r.status_code == status
     assert r.headers["Content-Type"] == "application/problem+json"
     assert r.json()["detail"] == detail
@@ -190,11 +214,13 @@ def test_a_slow_or_failing_origin_gets_retry_or_503_never_a_hang(srv, origin, se
 
 
 def test_a_token_is_used_instead_of_the_origin(srv, origin):
-    r = srv.get(POLL, params={"stream": "room/1", "timeout": "0"}, headers=auth(),
-                cookies={"session": "bad"})
+    r = srv.get(POLL, params={"stream": "room/1", "timeout": "0"}, headers=auth(), cookies={"session": "bad"})
     assert r.status_code == 200
-    r = srv.get(POLL, params={"stream": "room/1", "timeout": "0"},
-                headers={"Authorization": f"Bearer {token(subscribe=['other/*'])}"})
+    r = srv.get(
+        POLL,
+        params={"stream": "room/1", "timeout": "0"},
+        headers={"Authorization": f"Bearer {token(subscribe=['other/*'])}"},
+    )
     assert r.status_code == 403
     assert origin.calls == []
 
@@ -207,14 +233,18 @@ def test_without_an_authorize_url_a_token_is_required(make_server, database_url)
 
 
 def test_revoking_a_subject_drops_its_cached_grants_so_the_origin_is_asked_again(
-        srv, origin, make_server, database_url):
-    other = make_server(database_url, SLUICE_AUTHORIZE_URL=origin.url,
-                        AUTHORIZE_FORWARD_HEADERS="Cookie,X-Tenant")
+    srv, origin, make_server, database_url
+):
+    other = make_server(
+        database_url, SLUICE_AUTHORIZE_URL=origin.url, AUTHORIZE_FORWARD_HEADERS="Cookie,X-Tenant"
+    )
     s = Stream(srv.url + SSE, params={"stream": "room/1"}, cookies={"session": "good"})
     assert s.response.status_code == 200
     s.next(("retry",))
-    assert other.get(POLL, params={"stream": "room/1", "timeout": "0"},
-                     cookies={"session": "good"}).status_code == 200
+    assert (
+        other.get(POLL, params={"stream": "room/1", "timeout": "0"}, cookies={"session": "good"}).status_code
+        == 200
+    )
     assert len(origin.calls) == 1  # the second process used the grant cached in Redis
     revoker = {"Authorization": f"Bearer {token('origin-app', revoke=True)}"}
     r = srv.post("/api/v1/revocations", json={"sub": "user-7"}, headers=revoker)
@@ -225,8 +255,7 @@ def test_revoking_a_subject_drops_its_cached_grants_so_the_origin_is_asked_again
     # the origin again (which still says yes), the other uses that fresh grant from Redis.
     calls = len(origin.calls)
     for server in (srv, other):
-        r = server.get(POLL, params={"stream": "room/1", "timeout": "0"},
-                       cookies={"session": "good"})
+        r = server.get(POLL, params={"stream": "room/1", "timeout": "0"}, cookies={"session": "good"})
         assert r.status_code == 200, r.text
         assert len(origin.calls) == calls + 1, server.url
     again = Stream(other.url + SSE, params={"stream": "room/1"}, cookies={"session": "good"})

@@ -1,6 +1,7 @@
 """Pattern subscriptions on the native door: `room/*` and `user/42/**` deliver every matching
 stream, streams created after connecting included, admitted only when the grant covers the
 pattern, with catch-up and resume across the matching streams in position order."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ def test_a_pattern_delivers_matching_streams_including_new_ones(server):
     first = publish(server, "room/1", "a")
     later = publish(server, "room/new", "b")  # created after the subscription
     got = s.events(2)
-    assert [(e[0].rpartition(".")[2], json.loads(e[2])) for e in got] == [(first, "a"),
-                                                                         (later, "b")]
+    assert [(e[0].rpartition(".")[2], json.loads(e[2])) for e in got] == [(first, "a"), (later, "b")]
     s.close()
 
 
@@ -44,20 +44,27 @@ def test_deep_patterns_and_long_poll(server):
     a = publish(server, "user/42/inbox", 1)
     b = publish(server, "user/42/feeds/x", 2)
     publish(server, "user/43/inbox", 3)
-    r = server.get(POLL, params={"stream": "user/42/**", "cursor": "0", "timeout": "0"},
-                   headers=auth())
+    r = server.get(POLL, params={"stream": "user/42/**", "cursor": "0", "timeout": "0"}, headers=auth())
     assert r.status_code == 200
     assert [(e["id"], e["data"]) for e in r.json()["events"]] == [(a, 1), (b, 2)]
 
 
-@pytest.mark.parametrize("grant, pattern, status", [
-    (["room/1"], "room/*", 403), (["room/*"], "room/**", 403), (["other/**"], "room/*", 403),
-    (["room/**"], "room/*", 200), (["**"], "**", 200), (["room/*"], "room/*", 200),
-])
+@pytest.mark.parametrize(
+    "grant, pattern, status",
+    [
+        (["room/1"], "room/*", 403),
+        (["room/*"], "room/**", 403),
+        (["other/**"], "room/*", 403),
+        (["room/**"], "room/*", 200),
+        (["**"], "**", 200),
+        (["room/*"], "room/*", 200),
+    ],
+)
 def test_a_pattern_is_admitted_only_when_the_grant_covers_it(server, grant, pattern, status):
     tok = token(subscribe=grant)
-    r = server.get(POLL, params={"stream": pattern, "timeout": "0"},
-                   headers={"Authorization": f"Bearer {tok}"})
+    r = server.get(
+        POLL, params={"stream": pattern, "timeout": "0"}, headers={"Authorization": f"Bearer {tok}"}
+    )
     assert r.status_code == status, r.text
     s = open_sse(server, pattern, tok)
     assert s.response.status_code == status

@@ -1,5 +1,6 @@
 """Presence across processes: subscriber counts, one connection per connection id, and the
 signed subscribe/unsubscribe notices the origin receives (`SLUICE_WEBHOOK_URL`)."""
+
 import json
 import signal
 
@@ -35,8 +36,11 @@ def test_subscriber_counts_add_up_every_process_and_forget_a_dead_one(make_serve
     on_a = [open_sse(a, "room") for _ in range(2)]
     on_b = [open_sse(b, "room") for _ in range(3)]
     try:
-        wait_until(lambda: subscribers(a, "room") == 5 and subscribers(b, "room") == 5, 10,
-                   message="5 subscribers seen from both processes")
+        wait_until(
+            lambda: subscribers(a, "room") == 5 and subscribers(b, "room") == 5,
+            10,
+            message="5 subscribers seen from both processes",
+        )
         for s in on_b[:2]:
             s.close()
         wait_until(lambda: subscribers(a, "room") == 3, 10, message="3 after two left")
@@ -48,8 +52,7 @@ def test_subscriber_counts_add_up_every_process_and_forget_a_dead_one(make_serve
 
 
 @pytest.mark.parametrize("same_process", [True, False])
-def test_a_newer_connection_with_the_same_id_closes_the_older(make_server, database_url,
-                                                             same_process):
+def test_a_newer_connection_with_the_same_id_closes_the_older(make_server, database_url, same_process):
     a = make_server(database_url)
     b = a if same_process else make_server(database_url)
     a.put("/api/v1/streams/room", headers=auth())
@@ -112,7 +115,8 @@ def notifying_pair(make_server, database_url, origin, grace_s):
 
 
 def test_notices_are_signed_and_a_quick_reconnect_elsewhere_is_not_reported(
-        make_server, database_url, origin):
+    make_server, database_url, origin
+):
     a, b = notifying_pair(make_server, database_url, origin, 1.5)
     first = open_sse(a, "room", sub="user-1")
     sid = first.next(("event", "retry"), timeout=10) and first.parser.last_id.split(".")[0]
@@ -133,12 +137,12 @@ def test_notices_are_signed_and_a_quick_reconnect_elsewhere_is_not_reported(
     assert 'sluice_webhook_notices_total{outcome="sent"}' in text
 
 
-def test_a_failing_or_slow_origin_gets_retries_and_never_slows_streaming(make_server,
-                                                                        database_url):
+def test_a_failing_or_slow_origin_gets_retries_and_never_slows_streaming(make_server, database_url):
     origin = Origin(fail=3, delay=1.0)
     try:
-        srv = make_server(database_url, SLUICE_WEBHOOK_URL=origin.url, WEBHOOK_GRACE_S="0.5",
-                          WEBHOOK_TIMEOUT_S="3")
+        srv = make_server(
+            database_url, SLUICE_WEBHOOK_URL=origin.url, WEBHOOK_GRACE_S="0.5", WEBHOOK_TIMEOUT_S="3"
+        )
         srv.put("/api/v1/streams/room", headers=auth())
         streams = [open_sse(srv, "room", sub=f"user-{i}") for i in range(5)]
         # While the origin fails and dawdles, events still flow at once.
@@ -159,10 +163,10 @@ def test_a_failing_or_slow_origin_gets_retries_and_never_slows_streaming(make_se
         origin.server.stop(timeout=1)
 
 
-def test_a_long_poll_client_polling_with_its_sid_is_one_subscriber(make_server, database_url,
-                                                                   origin):
-    srv = make_server(database_url, SLUICE_WEBHOOK_URL=origin.url, WEBHOOK_GRACE_S="1.5",
-                      LONGPOLL_MAX_RATE="50")
+def test_a_long_poll_client_polling_with_its_sid_is_one_subscriber(make_server, database_url, origin):
+    srv = make_server(
+        database_url, SLUICE_WEBHOOK_URL=origin.url, WEBHOOK_GRACE_S="1.5", LONGPOLL_MAX_RATE="50"
+    )
     srv.put("/api/v1/streams/room", headers=auth())
     sid = None
     for _ in range(6):
@@ -171,8 +175,7 @@ def test_a_long_poll_client_polling_with_its_sid_is_one_subscriber(make_server, 
             params["sid"] = sid
         sid = srv.get("/api/v1/poll", params=params, headers=auth("poller")).json()["sid"]
     wait_until(lambda: len(origin.notices) == 2, 15, message="subscribe, then unsubscribe")
-    assert origin.events() == [("subscribe", "room", "poller", sid),
-                               ("unsubscribe", "room", "poller", sid)]
+    assert origin.events() == [("subscribe", "room", "poller", sid), ("unsubscribe", "room", "poller", sid)]
 
 
 def test_sigterm_still_exits_quickly_with_notices_pending(make_server, database_url):
@@ -190,7 +193,8 @@ def test_sigterm_still_exits_quickly_with_notices_pending(make_server, database_
 
 
 def test_a_departure_is_reported_even_if_its_process_stops_during_the_grace(
-        make_server, database_url, origin):
+    make_server, database_url, origin
+):
     a, b = notifying_pair(make_server, database_url, origin, 2)
     s = open_sse(a, "room", sub="leaver")
     wait_until(lambda: origin.notices, 10, message="the subscribe notice")

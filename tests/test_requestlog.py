@@ -1,4 +1,5 @@
 """The request log's line buffer: lines reach the file together, in order, within FLUSH_S."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -71,6 +72,12 @@ def test_a_per_second_value_is_computed_once_a_second():
 
     calls: list[int] = []
     clock = PerSecond(lambda whole: calls.append(whole) or f"s{whole}")
-    assert [clock(t) for t in (100.0, 100.2, 100.999, 101.0, 101.5, 99.9)] == \
-        ["s100", "s100", "s100", "s101", "s101", "s99"]
+    assert [clock(t) for t in (100.0, 100.2, 100.999, 101.0, 101.5, 99.9)] == [
+        "s100",
+        "s100",
+        "s100",
+        "s101",
+        "s101",
+        "s99",
+    ]
     assert calls == [100, 101, 99]

@@ -1,6 +1,7 @@
 """Retention against a real server and Postgres: whole slices dropped past the age, streams that
 keep longer survive in compacted slices, per-stream age and count limits, keys forgotten with
 their events, bad retention bodies refused, and history gone signalled on every read path."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def age(database_url, seconds, where="TRUE"):
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute(f"UPDATE events SET created_at = created_at - make_interval(secs => %s) "
-                    f"WHERE {where}", (seconds,))
+        cur.execute(
+            f"UPDATE events SET created_at = created_at - make_interval(secs => %s) WHERE {where}", (seconds,)
+        )
     conn.close()
 
 
@@ -74,34 +76,48 @@ def test_expired_slices_are_dropped_and_long_retention_streams_kept(make_server,
 
 def test_per_stream_count_and_age_limits_trim_rows(make_server, database_url):
     server = make_server(database_url, RETENTION_MAX_AGE_S="0", **FAST)  # default: forever
-    assert server.put("/api/v1/streams/few", json={"retention": {"maxEvents": 3}},
-                      headers=auth()).status_code == 201
-    assert server.put("/api/v1/streams/brief", json={"retention": {"maxAgeS": 60}},
-                      headers=auth()).status_code == 201
+    assert (
+        server.put("/api/v1/streams/few", json={"retention": {"maxEvents": 3}}, headers=auth()).status_code
+        == 201
+    )
+    assert (
+        server.put("/api/v1/streams/brief", json={"retention": {"maxAgeS": 60}}, headers=auth()).status_code
+        == 201
+    )
     post(server, [{"stream": "few", "data": i} for i in range(10)])
     post(server, [{"stream": "brief", "data": i} for i in range(4)])
     post(server, [{"stream": "other", "data": i} for i in range(4)])
     age(database_url, 120, "stream = 'brief'")
     post(server, {"stream": "brief", "data": "fresh"})
-    wait_until(lambda: datas(server, "few")[0] == [7, 8, 9], timeout=30,
-               message="the count limit")
-    wait_until(lambda: datas(server, "brief")[0] == ["fresh"], timeout=30,
-               message="the stream's own age")
+    wait_until(lambda: datas(server, "few")[0] == [7, 8, 9], timeout=30, message="the count limit")
+    wait_until(lambda: datas(server, "brief")[0] == ["fresh"], timeout=30, message="the stream's own age")
     assert datas(server, "other")[0] == [0, 1, 2, 3]  # the default keeps forever
     post(server, [{"stream": "few", "data": i} for i in range(10, 12)])
-    wait_until(lambda: datas(server, "few")[0] == [9, 10, 11], timeout=30,
-               message="the count limit after more events")
+    wait_until(
+        lambda: datas(server, "few")[0] == [9, 10, 11],
+        timeout=30,
+        message="the count limit after more events",
+    )
 
 
-@pytest.mark.parametrize("body", [
-    {"retention": {"maxAgeS": -1}}, {"retention": {"maxAgeS": 1.5}},
-    {"retention": {"maxEvents": "10"}}, {"retention": {"maxAgeS": True}},
-    {"retention": {"maxAge": 10}}, {"retention": 5}, {"other": 1}, [1],
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"retention": {"maxAgeS": -1}},
+        {"retention": {"maxAgeS": 1.5}},
+        {"retention": {"maxEvents": "10"}},
+        {"retention": {"maxAgeS": True}},
+        {"retention": {"maxAge": 10}},
+        {"retention": 5},
+        {"other": 1},
+        [1],
+    ],
+)
 def test_bad_retention_is_a_400_and_changes_nothing(module_server, body):
     server = module_server
-    assert server.put("/api/v1/streams/rules", json={"retention": {"maxEvents": 7}},
-                      headers=auth()).status_code in (200, 201)
+    assert server.put(
+        "/api/v1/streams/rules", json={"retention": {"maxEvents": 7}}, headers=auth()
+    ).status_code in (200, 201)
     r = server.put("/api/v1/streams/rules", json=body, headers=auth())
     assert r.status_code == 400, r.text
     assert r.headers["Content-Type"] == "application/problem+json"
@@ -111,10 +127,8 @@ def test_bad_retention_is_a_400_and_changes_nothing(module_server, body):
 
 def test_null_restores_the_default(module_server):
     server = module_server
-    server.put("/api/v1/streams/back", json={"retention": {"maxAgeS": 5, "maxEvents": 2}},
-               headers=auth())
-    r = server.put("/api/v1/streams/back", json={"retention": {"maxAgeS": None}},
-                   headers=auth())
+    server.put("/api/v1/streams/back", json={"retention": {"maxAgeS": 5, "maxEvents": 2}}, headers=auth())
+    r = server.put("/api/v1/streams/back", json={"retention": {"maxAgeS": None}}, headers=auth())
     assert r.status_code == 200
     assert r.json()["retentionOverride"] == {"maxAgeS": None, "maxEvents": None}
     assert r.json()["retention"]["maxAgeS"] == 86400  # RETENTION_MAX_AGE_S's default
@@ -145,18 +159,22 @@ def test_history_gone_is_signalled_on_sse_poll_and_history(make_server, database
     finally:
         stream.close()
 
-    poll = server.get(POLL, params={"stream": "g", "cursor": str(ids[1]), "timeout": 0},
-                      headers=auth()).json()
+    poll = server.get(
+        POLL, params={"stream": "g", "cursor": str(ids[1]), "timeout": 0}, headers=auth()
+    ).json()
     assert poll["reset"]["streams"] == ["g"] and [e["data"] for e in poll["events"]] == [4, 5]
-    assert "reset" not in server.get(POLL, params={"stream": "g", "cursor": str(ids[5]),
-                                                   "timeout": 0}, headers=auth()).json()
+    assert (
+        "reset"
+        not in server.get(
+            POLL, params={"stream": "g", "cursor": str(ids[5]), "timeout": 0}, headers=auth()
+        ).json()
+    )
     page = datas(server, "g", after=str(ids[0]))[1]
     assert page["reset"] == notice and [e["data"] for e in page["events"]] == [4, 5]
     for resume in ("0", None):  # from the start, as SSE's lastEventId=0 and poll's cursor=0
         page = datas(server, "g", **({"after": resume} if resume else {}))[1]
         assert page["reset"] == notice, resume
-    poll = server.get(POLL, params={"stream": "g", "cursor": "0", "timeout": 0},
-                      headers=auth()).json()
+    poll = server.get(POLL, params={"stream": "g", "cursor": "0", "timeout": 0}, headers=auth()).json()
     assert poll["reset"] == notice
     stream = open_stream(server, ["g"], lastEventId="0")
     try:
@@ -176,8 +194,7 @@ def test_history_gone_is_signalled_on_sse_poll_and_history(make_server, database
 def test_one_process_prunes_at_a_time(database_url):
     pools = [Pool(database_url, 2, timeout_s=10) for _ in range(2)]
     store = EventStore(10)
-    pruners = [Pruner(store, pool, max_age_s=60, max_events=0, every_s=60, slice_width=10)
-               for pool in pools]
+    pruners = [Pruner(store, pool, max_age_s=60, max_events=0, every_s=60, slice_width=10) for pool in pools]
     holder = pools[0]
     with holder.connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_lock(%s)", (0x511D0,))  # someone else is pruning

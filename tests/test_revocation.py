@@ -1,6 +1,7 @@
 """Be paranoid about tokens: a live subscription ends when the token that admitted it expires,
 and `POST /api/v1/revocations` (by jti or by subject) ends every connection it admitted in every
 process and refuses the token afterwards, while tokens of that subject issued later work."""
+
 from __future__ import annotations
 
 import time
@@ -39,8 +40,13 @@ def test_an_expiring_token_ends_its_stream_and_its_held_poll(pair):
     s = open_sse(a, "rv/1", short)
     assert s.response.status_code == 200
     s.next(("retry",))  # the preamble
-    poll = gevent.spawn(a.get, POLL, params={"stream": "rv/1", "timeout": "20"},
-                        headers={"Authorization": f"Bearer {short}"}, timeout=30)
+    poll = gevent.spawn(
+        a.get,
+        POLL,
+        params={"stream": "rv/1", "timeout": "20"},
+        headers={"Authorization": f"Bearer {short}"},
+        timeout=30,
+    )
     items = ends_with_retry(s, timeout=20)  # exp + TOKEN_LEEWAY_S (5 s), then the ticker
     assert items and items[-1][0] == "retry"
     # The held poll (20 s) ends with the token too: the same second, not at its hold's end.
@@ -66,10 +72,12 @@ def test_revoking_a_jti_ends_its_connections_in_every_process(pair):
     for s in (on_a, on_b):
         assert ends_with_retry(s)[-1][0] == "retry"
     for server in (a, b):
-        wait_until(lambda server=server: open_sse(server, "rv/1", victim).response.status_code == 401,
-                   timeout=10, message="the revoked token refused")
-    r = a.get(POLL, params={"stream": "rv/1", "timeout": "0"},
-              headers={"Authorization": f"Bearer {victim}"})
+        wait_until(
+            lambda server=server: open_sse(server, "rv/1", victim).response.status_code == 401,
+            timeout=10,
+            message="the revoked token refused",
+        )
+    r = a.get(POLL, params={"stream": "rv/1", "timeout": "0"}, headers={"Authorization": f"Bearer {victim}"})
     assert r.status_code == 401 and "revoked" in r.json()["detail"]
     assert other.queue.empty()  # another token of the same user is untouched
     assert open_sse(b, "rv/1", bystander).response.status_code == 200
@@ -85,8 +93,11 @@ def test_revoking_a_subject_ends_its_tokens_but_later_ones_work(pair):
     r = a.post("/api/v1/revocations", json={"sub": "user-9"}, headers=REVOKER)
     assert r.status_code == 202 and r.json()["revoked"]["sub"] == "user-9"
     assert ends_with_retry(s)[-1][0] == "retry"
-    wait_until(lambda: open_sse(b, "rv/1", old).response.status_code == 401, timeout=10,
-               message="the subject's old token refused")
+    wait_until(
+        lambda: open_sse(b, "rv/1", old).response.status_code == 401,
+        timeout=10,
+        message="the subject's old token refused",
+    )
     later = token("user-9", iat=int(time.time()) + 2)  # issued after the revocation
     fresh = open_sse(a, "rv/1", later)
     assert fresh.response.status_code == 200
@@ -94,8 +105,9 @@ def test_revoking_a_subject_ends_its_tokens_but_later_ones_work(pair):
     s.close()
 
 
-@pytest.mark.parametrize("body", [{}, {"jti": ""}, {"jti": 5}, {"jti": "a", "sub": "b"},
-                                  {"user": "x"}, [1], "jti"])
+@pytest.mark.parametrize(
+    "body", [{}, {"jti": ""}, {"jti": 5}, {"jti": "a", "sub": "b"}, {"user": "x"}, [1], "jti"]
+)
 def test_bad_revocation_bodies_are_400(module_server, body):
     r = module_server.post("/api/v1/revocations", json=body, headers=REVOKER)
     assert r.status_code == 400, r.text

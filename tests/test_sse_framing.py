@@ -4,6 +4,7 @@ The parser (tests/sse.py) follows the WHATWG "event stream interpretation" steps
 or LF; a blank line dispatches; `data` lines join with LF; a field name ends at the first colon,
 one leading space of the value is dropped; lines starting with a colon are comments).
 """
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -14,7 +15,10 @@ from streaming.sse import EventStreamFraming
 from tests.sse import parse_event_stream
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.text()
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.text()
     | st.floats(allow_nan=False, allow_infinity=False),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
     max_leaves=12,
@@ -37,10 +41,19 @@ def test_parsing_frames_yields_exactly_the_published_events(published):
     assert [(i, t, orjson.loads(d)) for i, t, d in events] == expected
 
 
-@pytest.mark.parametrize("payload", [
-    "line\nbreak", "cr\rreturn", "crlf\r\nx", "data: injected", "\u2028\u2029", "nul\x00byte",
-    "\n\nevent: evil\ndata: {}\n\n", "id: 999",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "line\nbreak",
+        "cr\rreturn",
+        "crlf\r\nx",
+        "data: injected",
+        "\u2028\u2029",
+        "nul\x00byte",
+        "\n\nevent: evil\ndata: {}\n\n",
+        "id: 999",
+    ],
+)
 def test_known_injection_payloads_stay_inside_one_event(payload):
     wire = framing.encode("s.1", "message", orjson.dumps({"text": payload}).decode())
     events, last_id, _ = parse_event_stream(wire)
@@ -72,5 +85,6 @@ def test_the_direct_write_chunk_is_pywsgis_chunk_of_the_framed_event():
     prefix = id_prefix("abcdefgh")
     assert prefix + event.tail() == with_position(prefix, 4096, body)
     assert http_chunk_of(prefix, event.tail()) == http_chunk(with_position(prefix, 4096, body))
-    assert http_chunk_of(prefix, event.tail()).startswith(b"%x\r\nid: abcdefgh.4096\n" % (
-        len(with_position(prefix, 4096, body))))
+    assert http_chunk_of(prefix, event.tail()).startswith(
+        b"%x\r\nid: abcdefgh.4096\n" % (len(with_position(prefix, 4096, body)))
+    )

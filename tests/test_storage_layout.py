@@ -1,6 +1,7 @@
 """The storage layout for days, on real Postgres: every read shape is an index range scan that
 stops after a page (EXPLAIN says so at 300,000 rows over several slices), and migration 0002
 converts a 0001 database without losing an event or a key."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,15 +32,21 @@ def big_db(pg_admin_url):
         store.migrate(conn)
         store.ensure_slices(conn, ROWS + 1)
         with conn.cursor() as cur:
-            cur.execute("INSERT INTO events (id, stream, type, data, client_id, key) SELECT g, "
-                        "'s/' || (g %% 1000), 'message', '{\"n\":1}', 'c' || (g %% 10), "
-                        "CASE WHEN g %% 3 = 0 THEN 'k' || g END "
-                        "FROM generate_series(1, %s) g", (ROWS,))
-            cur.execute("INSERT INTO event_keys (client_id, key, id, stream) "
-                        "SELECT client_id, key, id, stream FROM events WHERE key IS NOT NULL")
+            cur.execute(
+                "INSERT INTO events (id, stream, type, data, client_id, key) SELECT g, "
+                "'s/' || (g %% 1000), 'message', '{\"n\":1}', 'c' || (g %% 10), "
+                "CASE WHEN g %% 3 = 0 THEN 'k' || g END "
+                "FROM generate_series(1, %s) g",
+                (ROWS,),
+            )
+            cur.execute(
+                "INSERT INTO event_keys (client_id, key, id, stream) "
+                "SELECT client_id, key, id, stream FROM events WHERE key IS NOT NULL"
+            )
             cur.execute("UPDATE sluice_position SET last = %s", (ROWS,))
-            cur.execute("INSERT INTO streams (name, last_id) SELECT 's/' || g, 0 "
-                        "FROM generate_series(0, 999) g")
+            cur.execute(
+                "INSERT INTO streams (name, last_id) SELECT 's/' || g, 0 FROM generate_series(0, 999) g"
+            )
             cur.execute("ANALYZE events")
             cur.execute("ANALYZE event_keys")
     yield pool, store
@@ -111,8 +118,16 @@ def test_a_read_by_client_within_a_grant_costs_what_the_grant_covers(big_db):
             return built
 
     store = Recording(WIDTH)
-    page = read_history(store, pool, Batcher(store, pool), Grants(["s/4", "s/5"]),
-                        client_id="c3", stream=None, after=0, limit=100)
+    page = read_history(
+        store,
+        pool,
+        Batcher(store, pool),
+        Grants(["s/4", "s/5"]),
+        client_id="c3",
+        stream=None,
+        after=0,
+        limit=100,
+    )
     assert page.events == [] and len(store.queries) == 1
     sql, params = store.queries[0]
     with pool.connection() as conn, conn.cursor() as cur:
@@ -121,10 +136,13 @@ def test_a_read_by_client_within_a_grant_costs_what_the_grant_covers(big_db):
         cur.execute(sql, params)
         assert cur.fetchall() == []
     scans = event_scans(root)
-    assert scans and all("stream" in scan.get("Index Name", "") or scan["Plan Rows"] <= 1
-                         for scan in scans), scans  # (empty slices aside)
-    read = sum((n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0))
-               * n.get("Actual Loops", 1) for n in scans)
+    assert scans and all(
+        "stream" in scan.get("Index Name", "") or scan["Plan Rows"] <= 1 for scan in scans
+    ), scans  # (empty slices aside)
+    read = sum(
+        (n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0)) * n.get("Actual Loops", 1)
+        for n in scans
+    )
     assert read <= 2 * ROWS // 1000, read  # the two streams' own rows, not c3's 30,000
 
 
@@ -140,8 +158,16 @@ def test_a_read_by_client_within_a_grant_of_too_many_streams_is_refused(big_db):
         cur.execute("INSERT INTO streams (name, last_id) VALUES ('s/extra', 0)")
     try:
         with pytest.raises(Problem) as info:  # s/* now covers 1,001 streams
-            read_history(store, pool, Batcher(store, pool), Grants(["s/*"]), client_id="c3",
-                         stream=None, after=0, limit=10)
+            read_history(
+                store,
+                pool,
+                Batcher(store, pool),
+                Grants(["s/*"]),
+                client_id="c3",
+                stream=None,
+                after=0,
+                limit=10,
+            )
         assert info.value.status == 400 and info.value.slug == "grant-too-wide"
     finally:
         with pool.connection() as conn, conn.cursor() as cur:
@@ -153,10 +179,13 @@ def test_a_mercure_resume_on_exact_topics_reads_only_the_updates_naming_them(big
     nothing, and one on a topic reads that topic's updates, through the topic index."""
     pool, store = big_db
     with pool.connection() as conn, conn.cursor() as cur:
-        cur.execute("INSERT INTO events (id, stream, type, data, client_id) SELECT %s + g, "
-                    "'.mercure', 'message', json_build_object('topics', json_build_array("
-                    "'https://ex.net/t/' || (g %% 100)), 'data', 'x')::text, 'mercure' "
-                    "FROM generate_series(1, 30000) g", (ROWS,))
+        cur.execute(
+            "INSERT INTO events (id, stream, type, data, client_id) SELECT %s + g, "
+            "'.mercure', 'message', json_build_object('topics', json_build_array("
+            "'https://ex.net/t/' || (g %% 100)), 'data', 'x')::text, 'mercure' "
+            "FROM generate_series(1, 30000) g",
+            (ROWS,),
+        )
         cur.execute("ANALYZE events")
     try:
         for topics, expected in ((["https://ex.net/none"], 0), (["https://ex.net/t/7"], 300)):
@@ -164,19 +193,21 @@ def test_a_mercure_resume_on_exact_topics_reads_only_the_updates_naming_them(big
             with pool.connection() as conn, conn.cursor() as cur:
                 cur.execute("BEGIN")
                 cur.execute(SQL_TOPICS_PLAN)  # as read_with_topics runs it
-                cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + store.topics_query(".mercure"),
-                            params)
+                cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + store.topics_query(".mercure"), params)
                 root = cur.fetchone()[0][0]["Plan"]
                 cur.execute("ROLLBACK")
-                rows = store.read_with_topics(conn, ".mercure", topics, after=0,
-                                              upto=ROWS + 30_000, limit=1000)
+                rows = store.read_with_topics(
+                    conn, ".mercure", topics, after=0, upto=ROWS + 30_000, limit=1000
+                )
             assert len(rows) == expected
             bitmap = [n for n in nodes(root) if n["Node Type"] == "Bitmap Index Scan"]
             assert bitmap and all(n["Index Cond"].find("topics") >= 0 for n in bitmap), root
-            assert all(n["Actual Rows"] == 0 for n in event_scans(root)
-                       if n["Node Type"] == "Seq Scan"), root  # empty slices aside
-            heap = sum(n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0)
-                       for n in event_scans(root))
+            assert all(n["Actual Rows"] == 0 for n in event_scans(root) if n["Node Type"] == "Seq Scan"), (
+                root
+            )  # empty slices aside
+            heap = sum(
+                n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0) for n in event_scans(root)
+            )
             assert heap <= expected, heap  # the matching updates, never the 30,000
     finally:
         with pool.connection() as conn, conn.cursor() as cur:
@@ -189,10 +220,12 @@ def test_deleting_a_stream_finds_its_keys_through_its_own_events(big_db):
     with pool.connection() as conn, conn.cursor() as cur:
         cur.execute("EXPLAIN (FORMAT JSON) " + SQL_DELETE_STREAM_EVENTS, ("s/5", "s/5"))
         root = cur.fetchone()[0][0]["Plan"]
-    keys = [n for n in nodes(root) if n.get("Relation Name") == "event_keys"
-            and n["Node Type"] != "ModifyTable"]
-    assert keys and all(n["Node Type"] == "Index Scan" and n["Index Name"] == "event_keys_pkey"
-                        for n in keys), keys
+    keys = [
+        n for n in nodes(root) if n.get("Relation Name") == "event_keys" and n["Node Type"] != "ModifyTable"
+    ]
+    assert keys and all(
+        n["Node Type"] == "Index Scan" and n["Index Name"] == "event_keys_pkey" for n in keys
+    ), keys
     for scan in [n for n in event_scans(root) if n["Node Type"] != "ModifyTable"]:
         # the stream's events by its index (empty slices aside)
         assert scan["Node Type"] == "Index Scan" or scan["Plan Rows"] <= 1, scan
@@ -217,23 +250,32 @@ def test_migration_0002_converts_a_0001_database(pg_admin_url):
     conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cur:  # a database as version 0001 left it, with history and keys
-        cur.execute("CREATE TABLE sluice_migrations (version text PRIMARY KEY, "
-                    "applied_at timestamptz NOT NULL DEFAULT now())")
+        cur.execute(
+            "CREATE TABLE sluice_migrations (version text PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
         cur.execute((MIGRATIONS_DIR / "0001_events.sql").read_text())
         cur.execute("INSERT INTO sluice_migrations (version) VALUES ('0001_events')")
-        cur.execute("INSERT INTO events (id, stream, type, data, client_id, key) SELECT g, "
-                    "'old/' || (g % 3), 'message', g::text, 'c', CASE WHEN g % 2 = 0 THEN "
-                    "'key' || g END FROM generate_series(1, 1000) g")
-        cur.execute("INSERT INTO streams (name, last_id) VALUES ('old/0', 999), ('old/1', 1000), "
-                    "('old/2', 998)")
+        cur.execute(
+            "INSERT INTO events (id, stream, type, data, client_id, key) SELECT g, "
+            "'old/' || (g % 3), 'message', g::text, 'c', CASE WHEN g % 2 = 0 THEN "
+            "'key' || g END FROM generate_series(1, 1000) g"
+        )
+        cur.execute(
+            "INSERT INTO streams (name, last_id) VALUES ('old/0', 999), ('old/1', 1000), ('old/2', 998)"
+        )
         cur.execute("UPDATE sluice_position SET last = 1000")
     conn.close()
 
     pool = Pool(url, 1, timeout_s=30)
     store = EventStore(100)
     with pool.connection() as conn:
-        assert store.migrate(conn) == ["0002_slices", "0003_key_batches", "0004_revocations",
-                                       "0005_mercure_topics"]
+        assert store.migrate(conn) == [
+            "0002_slices",
+            "0003_key_batches",
+            "0004_revocations",
+            "0005_mercure_topics",
+        ]
         rows = store.read_events(conn, after=0, limit=2000)
         assert [r.id for r in rows] == list(range(1, 1001))
         assert [r.data for r in rows[:3]] == ["1", "2", "3"]
@@ -278,10 +320,14 @@ def test_dropping_a_slice_forgets_its_keys_and_key_batches_and_keeps_the_rest(da
         old_style = ingest_request(stream="s", key="by-position")
         store.write_batch(conn, [old_style])
         with conn.cursor() as cur:  # as a key written before migration 0003 would be
-            cur.execute("UPDATE event_keys SET id = %s, ticket = NULL, place = NULL "
-                        "WHERE key = 'by-position'", (old_style.results[0].id,))
-        batches = [[ingest_request(stream="kept" if i == 3 else "s", key=f"k{i}-{j}")
-                    for j in range(4)] for i in range(6)]
+            cur.execute(
+                "UPDATE event_keys SET id = %s, ticket = NULL, place = NULL WHERE key = 'by-position'",
+                (old_style.results[0].id,),
+            )
+        batches = [
+            [ingest_request(stream="kept" if i == 3 else "s", key=f"k{i}-{j}") for j in range(4)]
+            for i in range(6)
+        ]
         for batch in batches:  # 24 events: positions 2..25 over slices of 10
             store.write_batch(conn, batch)
         cut = next(p.hi for p in store.slices(conn) if p.lo <= 20 < p.hi)
@@ -289,8 +335,7 @@ def test_dropping_a_slice_forgets_its_keys_and_key_batches_and_keeps_the_rest(da
             store.drop_slice(conn, piece, keep=["kept"])
         held = store.slices(conn)[0].lo  # the compacted copy still holds its range
         with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FILTER (WHERE upto < %s), count(*) FROM key_batches",
-                        (held,))
+            cur.execute("SELECT count(*) FILTER (WHERE upto < %s), count(*) FROM key_batches", (held,))
             below, left = cur.fetchone()
 
         def position(key):
@@ -302,8 +347,7 @@ def test_dropping_a_slice_forgets_its_keys_and_key_batches_and_keeps_the_rest(da
         later = [r for b in batches for r in b if r.results[0].id >= cut]
         assert later and all(position(r.events[0].key) == r.results[0].id for r in later)
         kept = batches[3]  # positions 14..17: in a compacted copy of its slice
-        assert all(r.results[0].id < cut and position(r.events[0].key) == r.results[0].id
-                   for r in kept)
+        assert all(r.results[0].id < cut and position(r.events[0].key) == r.results[0].id for r in kept)
         # The batches wholly below the oldest slice left are forgotten (the first three of the
         # seven), the others remain: the kept stream's keys still name theirs.
         assert held < cut and (below, left) == (0, 4)

@@ -1,4 +1,5 @@
 """The event store and pool against a real Postgres: ids, idempotency, ordering, bounds."""
+
 import random
 
 import gevent
@@ -48,8 +49,7 @@ def test_existing_key_returns_original(pool):
 
 
 @pytest.mark.parametrize("looked_up_first", [False, True])
-def test_a_key_repeated_later_in_the_same_batch_names_the_event_written_now(pool,
-                                                                            looked_up_first):
+def test_a_key_repeated_later_in_the_same_batch_names_the_event_written_now(pool, looked_up_first):
     """Positions are taken inside the batch statement, after the duplicates were decided: the
     repeat must still carry the real id of the event its key names, on either path."""
     store = EventStore()
@@ -61,8 +61,7 @@ def test_a_key_repeated_later_in_the_same_batch_names_the_event_written_now(pool
     assert upto - after == 4 and [w.id for w in plain.results] == [after + 1, after + 2]
     assert keyed.results[0].id == after + 3 and not keyed.results[0].duplicate
     assert repeat.results[0].duplicate and repeat.results[0].id == after + 3
-    assert [(r.id, r.key) for r in rows] == [(after + 1, None), (after + 2, None),
-                                             (after + 3, "twice")]
+    assert [(r.id, r.key) for r in rows] == [(after + 1, None), (after + 2, None), (after + 3, "twice")]
 
 
 def test_keys_looked_up_before_the_lock_are_checked_again_when_one_raced_in(pool):
@@ -114,8 +113,7 @@ def test_unique_key_table_backs_idempotency(pool):
     write(pool, req(key="k"))
     with pool.connection() as conn, conn.cursor() as cur:
         with pytest.raises(psycopg2.IntegrityError):
-            cur.execute("INSERT INTO event_keys (client_id, key, id, stream) "
-                        "VALUES ('c', 'k', 999, 's')")
+            cur.execute("INSERT INTO event_keys (client_id, key, id, stream) VALUES ('c', 'k', 999, 's')")
 
 
 def test_a_batch_claims_its_keys_without_the_position_lock(pool, database_url):
@@ -296,10 +294,14 @@ def test_commit_order_equals_id_order_under_concurrent_writers(database_url):
     (a sleep inside the batch statement, after the counter's UPDATE); with ids from a plain
     sequence, a later id could commit first and the tail would skip the earlier one for good.
     """
+
     class SlowStore(EventStore):
         def _write_sql(self, *, keyed):
-            return super()._write_sql(keyed=keyed).replace(
-                "SELECT set_config(", f"SELECT pg_sleep({random.uniform(0, 0.01):.4f}), set_config(")
+            return (
+                super()
+                ._write_sql(keyed=keyed)
+                .replace("SELECT set_config(", f"SELECT pg_sleep({random.uniform(0, 0.01):.4f}), set_config(")
+            )
 
     pool = Pool(database_url, 6, timeout_s=30)
     store = SlowStore()
@@ -326,8 +328,9 @@ def test_commit_order_equals_id_order_under_concurrent_writers(database_url):
                 return
             gevent.sleep(0.001)
 
-    gevent.joinall([gevent.spawn(writer, w) for w in range(4)] + [gevent.spawn(reader)],
-                   raise_error=True, timeout=120)
+    gevent.joinall(
+        [gevent.spawn(writer, w) for w in range(4)] + [gevent.spawn(reader)], raise_error=True, timeout=120
+    )
     with pool.connection() as conn:
         everything = [r.id for r in store.read_events(conn, after=0, limit=100000)]
     pool.close()

@@ -1,4 +1,5 @@
 """SSE and long-poll against a real server, read by a spec-following SSE client."""
+
 import json
 import socket
 
@@ -12,21 +13,24 @@ from tests.sse import Stream
 
 @pytest.fixture
 def srv(make_server, database_url):
-    return make_server(database_url, HEARTBEAT_S="0.3", RETRY_BASE_MS="1000",
-                       RETRY_MAX_MS="8000")
+    return make_server(database_url, HEARTBEAT_S="0.3", RETRY_BASE_MS="1000", RETRY_MAX_MS="8000")
 
 
 # -- everything is checked before the first byte -----------------------------------------------
 
-@pytest.mark.parametrize("params, headers, status", [
-    ({"stream": "nope"}, None, 404),
-    ({"stream": "room/1"}, {"Authorization": ""}, 401),
-    ({"stream": "room/1"}, {"Authorization": "Bearer garbage"}, 401),
-    ({"stream": "room/1"}, {"Authorization": f"Bearer {token(subscribe=['other/*'])}"}, 403),
-    ({}, None, 400),
-    ({"stream": "bad name"}, None, 400),
-    ({"stream": "room/1", "lastEventId": "not-an-id"}, None, 400),
-])
+
+@pytest.mark.parametrize(
+    "params, headers, status",
+    [
+        ({"stream": "nope"}, None, 404),
+        ({"stream": "room/1"}, {"Authorization": ""}, 401),
+        ({"stream": "room/1"}, {"Authorization": "Bearer garbage"}, 401),
+        ({"stream": "room/1"}, {"Authorization": f"Bearer {token(subscribe=['other/*'])}"}, 403),
+        ({}, None, 400),
+        ({"stream": "bad name"}, None, 400),
+        ({"stream": "room/1", "lastEventId": "not-an-id"}, None, 400),
+    ],
+)
 @pytest.mark.parametrize("path", [SSE, POLL])
 def test_refusals_come_before_any_stream_byte(srv, path, params, headers, status):
     srv.put("/api/v1/streams/room/1", headers=auth())
@@ -40,6 +44,7 @@ def test_refusals_come_before_any_stream_byte(srv, path, params, headers, status
 
 
 # -- SSE ---------------------------------------------------------------------------------------
+
 
 def test_sse_preamble_live_events_and_heartbeats(srv):
     srv.put("/api/v1/streams/room/1", headers=auth())
@@ -56,8 +61,10 @@ def test_sse_preamble_live_events_and_heartbeats(srv):
     first = publish(srv, "room/1", {"n": 1}, "chat")
     publish(srv, "other", {"n": "not mine"})
     second = publish(srv, "room/1", {"n": 2})
-    assert s.events(2) == [(f"{sid}.{first}", "chat", json.dumps({"n": 1}, separators=(",", ":"))),
-                           (f"{sid}.{second}", "message", '{"n":2}')]
+    assert s.events(2) == [
+        (f"{sid}.{first}", "chat", json.dumps({"n": 1}, separators=(",", ":"))),
+        (f"{sid}.{second}", "message", '{"n":2}'),
+    ]
     s.close()
 
 
@@ -111,7 +118,7 @@ def test_reconnects_get_a_growing_retry(srv):
         retries.append(s.next(("retry",))[1])
         s.close()
     assert retries[0] == 1000 and all(1000 <= r <= 8000 for r in retries)
-    ceilings = [min(8000, 1000 * 2 ** n) for n in range(5)]
+    ceilings = [min(8000, 1000 * 2**n) for n in range(5)]
     assert all(r <= c for r, c in zip(retries, ceilings, strict=False))
     assert max(retries[2:]) > 1000  # grows (a 1-in-10^9 chance of three draws at the base)
 
@@ -135,26 +142,32 @@ def test_deleting_a_stream_ends_its_subscriptions_in_every_process(make_server, 
 
 
 def test_slow_reader_is_cut_while_others_continue(make_server, database_url):
-    srv = make_server(database_url, SUBSCRIBER_QUEUE_MAX="3", SSE_WRITE_TIMEOUT_S="1",
-                      HEARTBEAT_S="0.3")
+    srv = make_server(database_url, SUBSCRIBER_QUEUE_MAX="3", SSE_WRITE_TIMEOUT_S="1", HEARTBEAT_S="0.3")
     srv.put("/api/v1/streams/big", headers=auth())
     # A raw client that subscribes and never reads: its socket buffers fill, then its queue.
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
     slow.connect(("127.0.0.1", srv.port))
-    slow.sendall(f"GET {SSE}?stream=big HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                 f"{auth()['Authorization']}\r\n\r\n".encode())
+    slow.sendall(
+        f"GET {SSE}?stream=big HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        f"{auth()['Authorization']}\r\n\r\n".encode()
+    )
     normal = [open_stream(srv, "big") for _ in range(5)]
-    wait_until(lambda: srv.get("/api/v1/streams/big", headers=auth()).json()["subscribers"] == 6,
-               message="all six subscribed")
+    wait_until(
+        lambda: srv.get("/api/v1/streams/big", headers=auth()).json()["subscribers"] == 6,
+        message="all six subscribed",
+    )
     payload = "x" * 60000
     for i in range(100):
         publish(srv, "big", {"i": i, "pad": payload})
     for s in normal:
         got = s.events(100, timeout=60)
         assert [json.loads(e[2])["i"] for e in got] == list(range(100))
-    wait_until(lambda: srv.get("/api/v1/streams/big", headers=auth()).json()["subscribers"] == 5,
-               timeout=30, message="the slow reader to be dropped")
+    wait_until(
+        lambda: srv.get("/api/v1/streams/big", headers=auth()).json()["subscribers"] == 5,
+        timeout=30,
+        message="the slow reader to be dropped",
+    )
     assert "sluice_slow_consumer_disconnects_total 1.0" in srv.get("/metrics").text
     slow.close()
     for s in normal:
@@ -167,15 +180,20 @@ def test_closed_connections_leave_nothing_behind(make_server, database_url):
     srv.put("/api/v1/streams/churn", headers=auth())
     for _ in range(100):
         conn = socket.create_connection(("127.0.0.1", srv.port))
-        conn.sendall(f"GET {SSE}?stream=churn HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                     f"{auth()['Authorization']}\r\n\r\n".encode())
+        conn.sendall(
+            f"GET {SSE}?stream=churn HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            f"{auth()['Authorization']}\r\n\r\n".encode()
+        )
         assert conn.recv(12) == b"HTTP/1.1 200"
         conn.close()
-    wait_until(lambda: srv.get("/api/v1/streams/churn", headers=auth()).json()["subscribers"] == 0,
-               message="every closed stream to be noticed while idle")
+    wait_until(
+        lambda: srv.get("/api/v1/streams/churn", headers=auth()).json()["subscribers"] == 0,
+        message="every closed stream to be noticed while idle",
+    )
 
 
 # -- long-poll ---------------------------------------------------------------------------------
+
 
 def test_long_poll_cursor_in_and_out(srv):
     ids = [publish(srv, "lp", i) for i in range(3)]
@@ -184,12 +202,14 @@ def test_long_poll_cursor_in_and_out(srv):
     body = r.json()
     assert [e["data"] for e in body["events"]] == [0, 1, 2] and body["cursor"] == ids[-1]
     sid = body["sid"]
-    empty = srv.get(POLL, params={"stream": "lp", "cursor": body["cursor"], "timeout": "0.3",
-                                  "sid": sid}, headers=auth()).json()
+    empty = srv.get(
+        POLL, params={"stream": "lp", "cursor": body["cursor"], "timeout": "0.3", "sid": sid}, headers=auth()
+    ).json()
     assert empty == {"events": [], "cursor": body["cursor"], "sid": sid}
 
-    waiting = gevent.spawn(srv.get, POLL, params={"stream": "lp", "cursor": body["cursor"],
-                                                  "timeout": "20"}, headers=auth())
+    waiting = gevent.spawn(
+        srv.get, POLL, params={"stream": "lp", "cursor": body["cursor"], "timeout": "20"}, headers=auth()
+    )
     gevent.sleep(0.3)
     new = publish(srv, "lp", "late")
     answer = waiting.get(timeout=20).json()
@@ -221,16 +241,15 @@ def test_streams_are_subscribed_across_processes(make_server, database_url):
     ids = [publish(a, "x", i) for i in range(5)]
     assert [e[0].rpartition(".")[2] for e in s.events(5)] == ids
     s.close()
-    r = requests.get(b.url + POLL, params={"stream": "x", "cursor": ids[1]}, headers=auth(),
-                     timeout=10)
+    r = requests.get(b.url + POLL, params={"stream": "x", "cursor": ids[1]}, headers=auth(), timeout=10)
     assert [e["id"] for e in r.json()["events"]] == ids[2:]
 
 
 # -- overload ----------------------------------------------------------------------------------
 
+
 def test_at_the_connection_limit_sse_gets_retry_and_poll_gets_503(make_server, database_url):
-    srv = make_server(database_url, MAX_STREAM_CONNECTIONS="3", RETRY_BASE_MS="1000",
-                      RETRY_MAX_MS="8000")
+    srv = make_server(database_url, MAX_STREAM_CONNECTIONS="3", RETRY_BASE_MS="1000", RETRY_MAX_MS="8000")
     srv.put("/api/v1/streams/full", headers=auth())
     held = [open_stream(srv, "full") for _ in range(3)]
     for s in held:
@@ -251,11 +270,13 @@ def test_at_the_connection_limit_sse_gets_retry_and_poll_gets_503(make_server, d
     r = srv.get(POLL, params={"stream": "full", "timeout": "0"}, headers=auth())
     assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
     assert r.headers["Content-Type"] == "application/problem+json"
-    assert "sluice_stream_connections_shed_total{transport=\"sse\"} 5.0" in srv.get("/metrics").text
+    assert 'sluice_stream_connections_shed_total{transport="sse"} 5.0' in srv.get("/metrics").text
     # The held streams are untouched, and a freed slot is taken again.
     held.pop().close()
-    wait_until(lambda: srv.get("/api/v1/streams/full", headers=auth()).json()["subscribers"] == 2,
-               message="the closed stream to be noticed")
+    wait_until(
+        lambda: srv.get("/api/v1/streams/full", headers=auth()).json()["subscribers"] == 2,
+        message="the closed stream to be noticed",
+    )
     again = open_stream(srv, "full")
     assert again.response.status_code == 200 and again.next(("retry",))[0] == "retry"
     ids = [publish(srv, "full", i) for i in range(2)]
@@ -269,34 +290,36 @@ def test_long_poll_clients_that_poll_too_fast_are_told_to_slow_down(make_server,
     publish(srv, "pace", 1)
     first = srv.get(POLL, params={"stream": "pace", "timeout": "0"}, headers=auth())
     sid, cursor = first.json()["sid"], first.json()["cursor"]
-    answers = [srv.get(POLL, params={"stream": "pace", "timeout": "0", "cursor": cursor,
-                                     "sid": sid}, headers=auth()) for _ in range(20)]
+    answers = [
+        srv.get(POLL, params={"stream": "pace", "timeout": "0", "cursor": cursor, "sid": sid}, headers=auth())
+        for _ in range(20)
+    ]
     assert all(r.status_code == 200 for r in answers)
     waits = [int(r.headers.get("Retry-After", 0)) for r in answers]
-    assert waits[:5] == [0] * 5            # within the budget: no pacing
+    assert waits[:5] == [0] * 5  # within the budget: no pacing
     assert all(w >= 1 for w in waits[5:])  # past it: answered, but told to wait...
-    assert waits[-1] > waits[5]            # ...longer the further over it is
-    refused = [srv.get(POLL, params={"stream": "pace", "timeout": "0", "sid": sid},
-                       headers=auth()) for _ in range(2)]
+    assert waits[-1] > waits[5]  # ...longer the further over it is
+    refused = [
+        srv.get(POLL, params={"stream": "pace", "timeout": "0", "sid": sid}, headers=auth()) for _ in range(2)
+    ]
     assert [r.status_code for r in refused] == [429, 429]  # past 4x the budget: refused
     assert int(refused[-1].headers["Retry-After"]) >= 1
     assert refused[-1].json()["type"].endswith("polling-too-fast")
     # Another client (another sid) is not affected.
-    other = srv.get(POLL, params={"stream": "pace", "timeout": "0", "sid": "othersid"},
-                    headers=auth())
+    other = srv.get(POLL, params={"stream": "pace", "timeout": "0", "sid": "othersid"}, headers=auth())
     assert other.status_code == 200 and "Retry-After" not in other.headers
 
 
 def test_a_deleted_stream_is_not_served_from_the_existence_cache(make_server, database_url):
     srv = make_server(database_url, STREAM_CACHE_S="3600")
     publish(srv, "cached", 1)
-    s = open_stream(srv, "cached")   # now known to exist for an hour
+    s = open_stream(srv, "cached")  # now known to exist for an hour
     s.next(("retry",))
     s.close()
     assert srv.delete("/api/v1/streams/cached", headers=auth()).status_code == 204
     assert srv.get(SSE, params={"stream": "cached"}, headers=auth()).status_code == 404
     assert srv.get(POLL, params={"stream": "cached"}, headers=auth()).status_code == 404
-    publish(srv, "cached", 2)        # publishing creates it again
+    publish(srv, "cached", 2)  # publishing creates it again
     again = open_stream(srv, "cached")
     assert again.response.status_code == 200
     again.close()
@@ -314,13 +337,11 @@ def test_opt_in_hello_and_envelope_framing(srv):
     finally:
         s.close()
     # Every type arrives as a `message` whose data carries the type: one listener sees all.
-    assert (caught_up[1], json.loads(caught_up[2])) == ("message", {"type": "chat",
-                                                                    "data": {"n": 0}})
+    assert (caught_up[1], json.loads(caught_up[2])) == ("message", {"type": "chat", "data": {"n": 0}})
     assert (live[1], json.loads(live[2])) == ("message", {"type": "message", "data": {"n": 1}})
     # Without the options, the same events keep their own types.
     plain = open_stream(srv, "env/1", lastEventId="0")
     try:
-        assert [(e[1], e[2]) for e in plain.events(2)] == [("chat", '{"n":0}'),
-                                                           ("message", '{"n":1}')]
+        assert [(e[1], e[2]) for e in plain.events(2)] == [("chat", '{"n":0}'), ("message", '{"n":1}')]
     finally:
         plain.close()

@@ -2,6 +2,7 @@
 beside 200 subscribers, 100,000 events of catch-up beside live subscribers, and 1,000
 connect/disconnect cycles. Assertions are about what arrived and what the server still holds,
 never about how long it took."""
+
 import json
 import socket
 from pathlib import Path
@@ -39,14 +40,14 @@ def never_reading_client(server, query: str) -> socket.socket:
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
     slow.connect(("127.0.0.1", server.port))
-    slow.sendall(f"GET {SSE}?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                 f"{auth()['Authorization']}\r\n\r\n".encode())
+    slow.sendall(
+        f"GET {SSE}?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth()['Authorization']}\r\n\r\n".encode()
+    )
     return slow
 
 
 def test_never_reading_client_beside_200_subscribers(make_server, database_url):
-    srv = make_server(database_url, SUBSCRIBER_QUEUE_MAX="4", SSE_WRITE_TIMEOUT_S="2",
-                      HEARTBEAT_S="1")
+    srv = make_server(database_url, SUBSCRIBER_QUEUE_MAX="4", SSE_WRITE_TIMEOUT_S="2", HEARTBEAT_S="1")
     srv.put("/api/v1/streams/wide", headers=auth())
     srv.put("/api/v1/streams/bulk", headers=auth())
     # It also takes a bulk stream nobody else reads, so that its socket buffers (megabytes on
@@ -65,8 +66,9 @@ def test_never_reading_client_beside_200_subscribers(make_server, database_url):
         got = reader.get(timeout=180)
         assert [json.loads(e[2])["i"] for e in got] == list(range(n))
     # The one that never reads is cut loose; the 200 others are all still subscribed.
-    wait_until(lambda: subscribers(srv, "wide") == 200, timeout=30,
-               message="the never-reading client to be dropped")
+    wait_until(
+        lambda: subscribers(srv, "wide") == 200, timeout=30, message="the never-reading client to be dropped"
+    )
     assert metric(srv, "sluice_slow_consumer_disconnects_total") == 1.0
     # 36 MB went to the one that never reads and 60 x 4 KB to 201 connections: bodies are
     # shared and queues bounded, so the server holds far less than what was published to it.
@@ -91,8 +93,13 @@ def test_catch_up_of_100000_events_beside_live_subscribers(make_server, database
         s.next(("retry",))
     # A reader that takes its time: the server pages through the history in its greenlet,
     # yielding between pages, while live delivery and ingest carry on.
-    replay = Stream(srv.url + SSE, headers={**auth(), "Last-Event-ID": "0"},
-                    params={"stream": "history"}, recv_delay=0.005, recv_size=16384)
+    replay = Stream(
+        srv.url + SSE,
+        headers={**auth(), "Last-Event-ID": "0"},
+        params={"stream": "history"},
+        recv_delay=0.005,
+        recv_size=16384,
+    )
     replayed: list[int] = []
 
     def read_history() -> None:
@@ -124,8 +131,9 @@ def test_1000_connect_and_disconnect_cycles_leak_nothing(make_server, database_u
     keep = open_stream(srv, "churn")
     keep.next(("retry",))
     baseline = metric(srv, "sluice_greenlets")
-    request = (f"GET {SSE}?stream=churn HTTP/1.1\r\nHost: x\r\nAuthorization: "
-               f"{auth()['Authorization']}\r\n\r\n").encode()
+    request = (
+        f"GET {SSE}?stream=churn HTTP/1.1\r\nHost: x\r\nAuthorization: {auth()['Authorization']}\r\n\r\n"
+    ).encode()
 
     def cycle(i: int) -> None:
         conn = socket.create_connection(("127.0.0.1", srv.port))
@@ -137,12 +145,16 @@ def test_1000_connect_and_disconnect_cycles_leak_nothing(make_server, database_u
 
     group = GreenletPool(20)
     list(group.imap_unordered(cycle, range(1000)))
-    wait_until(lambda: subscribers(srv, "churn") == 1, timeout=30,
-               message="every closed stream to be noticed")
+    wait_until(
+        lambda: subscribers(srv, "churn") == 1, timeout=30, message="every closed stream to be noticed"
+    )
     # Every connection's greenlet, watcher and queue is gone: back to the baseline (a few
     # greenlets may still be finishing the last HTTP requests of this test).
-    wait_until(lambda: metric(srv, "sluice_greenlets") <= baseline + 5, timeout=30,
-               message="greenlets back to the baseline")
+    wait_until(
+        lambda: metric(srv, "sluice_greenlets") <= baseline + 5,
+        timeout=30,
+        message="greenlets back to the baseline",
+    )
     got = keep.events(500)
     positions = [int(e[0].rpartition(".")[2]) for e in got]
     assert positions == sorted(set(positions))  # in order, none twice
@@ -166,8 +178,8 @@ def chunked_body_to_eof(sock: socket.socket) -> bytes:
             assert rest == b"\r\n"  # the last chunk, then the connection closes
             return body
         body += rest[:size]
-        assert rest[size:size + 2] == b"\r\n"
-        rest = rest[size + 2:]
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]
 
 
 def test_held_streams_park_without_a_greenlet_and_still_get_everything(make_server, database_url):
@@ -179,12 +191,17 @@ def test_held_streams_park_without_a_greenlet_and_still_get_everything(make_serv
     baseline = metric(srv, "sluice_greenlets")
     held = list(GreenletPool(20).imap_unordered(lambda _: open_stream(srv, "park"), range(100)))
     raw = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-    raw.sendall(f"GET {SSE}?stream=park HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                f"{auth()['Authorization']}\r\n\r\n".encode())
+    raw.sendall(
+        f"GET {SSE}?stream=park HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        f"{auth()['Authorization']}\r\n\r\n".encode()
+    )
     wait_until(lambda: subscribers(srv, "park") == 101, message="101 subscribers")
     # 101 held streams, and no more greenlets than before they came (a few for the requests).
-    wait_until(lambda: metric(srv, "sluice_greenlets") <= baseline + 5, timeout=30,
-               message="the held streams to park")
+    wait_until(
+        lambda: metric(srv, "sluice_greenlets") <= baseline + 5,
+        timeout=30,
+        message="the held streams to park",
+    )
     for s in held:
         assert s.next(("comment",))  # a heartbeat, written straight to a parked socket
     positions = [int(publish(srv, "park", {"n": i})) for i in range(5)]

@@ -1,4 +1,5 @@
 """Token verification and grant patterns (single-use tokens against a real Redis)."""
+
 import time
 import uuid
 
@@ -11,13 +12,23 @@ from auth.tokens import TokenVerifier, mint
 from common.problems import Problem
 
 
-@pytest.mark.parametrize("pattern, stream, allowed", [
-    ("client/1", "client/1", True), ("client/1", "client/10", False),
-    ("client/*", "client/1", True), ("client/*", "client/1/x", False),
-    ("client/*", "client", False), ("a/**", "a/b/c", True), ("a/**", "a", False),
-    ("a/**", "ab/c", False), ("**", "anything/at/all", True), ("a.b", "axb", False),
-    ("mail/*-x", "mail/user-x", True), ("*:1", "acct:1", True),
-])
+@pytest.mark.parametrize(
+    "pattern, stream, allowed",
+    [
+        ("client/1", "client/1", True),
+        ("client/1", "client/10", False),
+        ("client/*", "client/1", True),
+        ("client/*", "client/1/x", False),
+        ("client/*", "client", False),
+        ("a/**", "a/b/c", True),
+        ("a/**", "a", False),
+        ("a/**", "ab/c", False),
+        ("**", "anything/at/all", True),
+        ("a.b", "axb", False),
+        ("mail/*-x", "mail/user-x", True),
+        ("*:1", "acct:1", True),
+    ],
+)
 def test_patterns(pattern, stream, allowed):
     assert Grants([pattern]).allows(stream) is allowed
 

@@ -1,4 +1,5 @@
 """The lean request-header parser, alone and on a real server over raw sockets."""
+
 import io
 import socket
 
@@ -52,24 +53,29 @@ def srv(module_server):
 def test_folded_header_is_refused(srv):
     """RFC 9112 obs-fold: a reader that unfolds and one that does not disagree (400)."""
     token = auth()["Authorization"]
-    req = (b"GET /api/v1/events?clientId=nobody HTTP/1.1\r\nHost: x\r\nAuthorization: "
-           + token.encode() + b"\r\nX-Folded: a\r\n b\r\nConnection: close\r\n\r\n")
+    req = (
+        b"GET /api/v1/events?clientId=nobody HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        + token.encode()
+        + b"\r\nX-Folded: a\r\n b\r\nConnection: close\r\n\r\n"
+    )
     assert raw_request(srv, req).startswith(b"HTTP/1.1 400")
 
 
-@pytest.mark.parametrize("headers", [
-    b"X-Big: " + b"a" * 70000 + b"\r\n",
-    b"".join(b"X-%d: 1\r\n" % i for i in range(MAX_HEADERS + 1)),
-    b"garbage without colon\r\n",
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"X-Big: " + b"a" * 70000 + b"\r\n",
+        b"".join(b"X-%d: 1\r\n" % i for i in range(MAX_HEADERS + 1)),
+        b"garbage without colon\r\n",
+    ],
+)
 def test_oversized_or_malformed_headers_are_400(srv, headers):
     req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n"
     assert raw_request(srv, req).startswith(b"HTTP/1.1 400")
     assert srv.get("/healthz").status_code == 200  # and the server carries on
 
 
-@pytest.mark.parametrize(("size", "chunked", "sends"), [
-    (100, False, 1), (100, True, 1), (70_000, False, 2)])
+@pytest.mark.parametrize(("size", "chunked", "sends"), [(100, False, 1), (100, True, 1), (70_000, False, 2)])
 def test_headers_and_a_small_first_chunk_go_out_in_one_send(size, chunked, sends):
     """A real pywsgi server with Sluice's handler, recording its writes: a small answer is one
     send (pywsgi alone makes two), a large first chunk keeps two, and the bytes are intact."""
@@ -132,8 +138,7 @@ def test_a_body_larger_than_one_send_arrives_whole_with_one_date_header(own_date
     body = bytes(range(256)) * (32 * 4096)
 
     def app(environ, start_response):
-        headers = [("Content-Type", "application/octet-stream"),
-                   ("Content-Length", str(len(body)))]
+        headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))]
         if own_date:
             headers.append(("Date", "Thu, 01 Jan 1970 00:00:00 GMT"))
         start_response("200 OK", headers)

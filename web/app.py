@@ -1,4 +1,5 @@
 """The application factory: a Flask app over the process's services, errors as problem+json."""
+
 from __future__ import annotations
 
 from pathlib import Path

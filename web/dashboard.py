@@ -6,6 +6,7 @@ live processes. Counters are cumulative (the page turns them into rates); gauges
 values. The stream explorer on the page tails streams with static/sluice.js and the viewer's
 token, so it shows exactly what that token grants.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -55,7 +56,10 @@ def stats() -> Response:
         finally:
             release()
 
-    response = Response(stream(), mimetype=framing.content_type,
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = Response(
+        stream(),
+        mimetype=framing.content_type,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
     response.call_on_close(release)  # also if the stream never started (not direct_passthrough)
     return response

@@ -12,6 +12,7 @@ statuses and headers (problem+json with its headers, `Connection: close` while d
 counts the response in the metrics under the route and writes the same request-log line.
 Everything else goes to Flask unchanged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -129,13 +130,14 @@ class FastRoutes:
         self.log = services.settings.request_log
         self.pid = os.getpid()
         self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], tuple[int, bytes, dict[str, str]]]] = {
-            ("POST", EVENTS): self._ingest, ("GET", POLL): self._poll}
+            ("POST", EVENTS): self._ingest,
+            ("GET", POLL): self._poll,
+        }
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         route = self.routes.get((environ.get("REQUEST_METHOD", ""), path))
-        if route is None or "HTTP_ORIGIN" in environ or (
-                path == EVENTS and environ.get("QUERY_STRING")):
+        if route is None or "HTTP_ORIGIN" in environ or (path == EVENTS and environ.get("QUERY_STRING")):
             return self.app(environ, start_response)
         started = time.monotonic()
         svc = self.svc
@@ -155,9 +157,17 @@ class FastRoutes:
         svc.metrics.count_response(path, status)
         start_response(REASONS.get(status, str(status)), out)
         if self.log:
-            write_line({"method": environ["REQUEST_METHOD"], "path": path, "route": path,
-                        "status": status, "ip": environ.get("REMOTE_ADDR"), "pid": self.pid},
-                       started)
+            write_line(
+                {
+                    "method": environ["REQUEST_METHOD"],
+                    "path": path,
+                    "route": path,
+                    "status": status,
+                    "ip": environ.get("REMOTE_ADDR"),
+                    "pid": self.pid,
+                },
+                started,
+            )
         return [body]
 
     def _ingest(self, environ: dict[str, Any]) -> tuple[int, bytes, dict[str, str]]:
@@ -167,8 +177,9 @@ class FastRoutes:
             raise unauthorized("a token is required (Authorization: Bearer <token>)")
         principal = svc.tokens.verify(parse_bearer(header))
         body = read_input(environ, svc.settings.max_body_bytes, svc.settings.body_timeout_s)
-        payload, status = accept_events(svc, principal, body, environ.get("CONTENT_TYPE", ""),
-                                        environ.get("HTTP_IDEMPOTENCY_KEY"))
+        payload, status = accept_events(
+            svc, principal, body, environ.get("CONTENT_TYPE", ""), environ.get("HTTP_IDEMPOTENCY_KEY")
+        )
         return status, orjson.dumps(payload), {}
 
     def _poll(self, environ: dict[str, Any]) -> tuple[int, bytes, dict[str, str]]:

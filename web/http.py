@@ -1,4 +1,5 @@
 """Small HTTP helpers shared by every blueprint: JSON and problem responses, auth extraction."""
+
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -20,8 +21,9 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 
 
 def problem_response(problem: Problem) -> Response:
-    return Response(orjson.dumps(problem.body()), status=problem.status, headers=problem.headers,
-                    mimetype=PROBLEM_MIME)
+    return Response(
+        orjson.dumps(problem.body()), status=problem.status, headers=problem.headers, mimetype=PROBLEM_MIME
+    )
 
 
 def read_body(limit: int, timeout_s: float | None = None) -> bytes:
@@ -40,17 +42,21 @@ def read_input(environ: dict[str, Any], limit: int, timeout_s: float | None = No
     except gevent.Timeout as exc:
         if exc is not timer:
             raise
-        raise Problem(408, "body-timeout", f"the body did not arrive within {timeout_s:g} s",
-                      headers={"Connection": "close"}) from None
+        raise Problem(
+            408,
+            "body-timeout",
+            f"the body did not arrive within {timeout_s:g} s",
+            headers={"Connection": "close"},
+        ) from None
 
 
 def _read_body(environ: dict[str, Any], limit: int) -> bytes:
     raw_length = environ.get("CONTENT_LENGTH")
-    length = int(raw_length) if raw_length and raw_length.isascii() and raw_length.isdigit() \
-        else None
+    length = int(raw_length) if raw_length and raw_length.isascii() and raw_length.isdigit() else None
     if length is not None and length > limit:
-        raise Problem(413, "body-too-large", f"body is {length} bytes; at most {limit} are allowed",
-                      limit=limit)
+        raise Problem(
+            413, "body-too-large", f"body is {length} bytes; at most {limit} are allowed", limit=limit
+        )
     stream = environ["wsgi.input"]
     chunks, size = [], 0
     while True:
@@ -90,8 +96,9 @@ class RequestView(Protocol):
     def query_string(self) -> bytes: ...
 
 
-def bearer_token(*, allow_query: bool = False, allow_cookie: bool = False,
-                 req: RequestView | None = None) -> str | None:
+def bearer_token(
+    *, allow_query: bool = False, allow_cookie: bool = False, req: RequestView | None = None
+) -> str | None:
     """The request's token: `Authorization: Bearer`, else (if allowed) `?token=`, else cookie.
     `req`: a request other than Flask's current one (the precompiled routes)."""
     req = request if req is None else req
@@ -108,10 +115,10 @@ def bearer_token(*, allow_query: bool = False, allow_cookie: bool = False,
 def check_query_params(req: RequestView, max_params: int) -> None:
     """400 past `max_params` query parameters (counted only when the query could hold that
     many)."""
-    if req.query_string.count(b"&") >= max_params \
-            and sum(1 for _ in req.args.items(multi=True)) > max_params:
-        raise Problem(400, "too-many-parameters",
-                      f"at most {max_params} query parameters are allowed", limit=max_params)
+    if req.query_string.count(b"&") >= max_params and sum(1 for _ in req.args.items(multi=True)) > max_params:
+        raise Problem(
+            400, "too-many-parameters", f"at most {max_params} query parameters are allowed", limit=max_params
+        )
 
 
 def parse_bearer(header: str) -> str:
@@ -142,8 +149,7 @@ def install_error_handlers(app: Flask) -> None:
         headers = {}
         if exc.code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
-        return problem_response(Problem(exc.code or 500, slug, exc.description or exc.name,
-                                        headers=headers))
+        return problem_response(Problem(exc.code or 500, slug, exc.description or exc.name, headers=headers))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

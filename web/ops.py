@@ -1,4 +1,5 @@
 """Operations endpoints: liveness, readiness, Prometheus metrics, and the OpenAPI document."""
+
 from __future__ import annotations
 
 from flask import Blueprint, Response
@@ -30,8 +31,11 @@ def readyz() -> Response:
     except Exception as exc:  # noqa: BLE001
         checks["redis"] = f"unavailable: {type(exc).__name__}"
     ready = checks["database"] == "ok" and checks["redis"] == "ok" and not svc.draining
-    return json_response({"status": "ready" if ready else "not-ready", **checks},
-                         200 if ready else 503, headers=None if ready else {"Retry-After": "2"})
+    return json_response(
+        {"status": "ready" if ready else "not-ready", **checks},
+        200 if ready else 503,
+        headers=None if ready else {"Retry-After": "2"},
+    )
 
 
 @bp.get("/metrics")

@@ -4,6 +4,7 @@ Fields: time, method, path, route (the matched rule), status, ms, ip, pid, and f
 connection id (`sid`). Written when the response is closed, so a stream's line carries how long
 it was held. Never logged: query strings (they may hold `?token=`), headers, cookies, bodies.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -25,8 +26,9 @@ START_KEY = "sluice.started"
 SID_KEY = "sluice.sid"  # streams put their connection id here for the log line
 
 
-def write_line(fields: dict[str, Any], started: float, sid: str | None = None,
-               out: TextIO | None = None) -> None:
+def write_line(
+    fields: dict[str, Any], started: float, sid: str | None = None, out: TextIO | None = None
+) -> None:
     """Write one request's line: `fields` with the time, the duration and a stream's sid."""
     line = {"time": utc_now_ms(), **fields, "ms": round((time.monotonic() - started) * 1000, 2)}
     if sid:
@@ -40,8 +42,7 @@ def write_line(fields: dict[str, Any], started: float, sid: str | None = None,
     STDOUT.add(orjson.dumps(line) + b"\n")
 
 
-_UTC_SECOND = PerSecond(
-    lambda whole: dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+_UTC_SECOND = PerSecond(lambda whole: dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def utc_now_ms() -> str:
@@ -62,7 +63,7 @@ class LineBuffer:
     MAX_BYTES = 65536
 
     def __init__(self, write: Any) -> None:
-        self._write = write        # () -> the binary file to write to, looked up per flush
+        self._write = write  # () -> the binary file to write to, looked up per flush
         self._lines: list[bytes] = []
         self._bytes = 0
         self._timer: Any = None
@@ -110,9 +111,12 @@ def install_request_log(app: Flask, out: TextIO | None = None) -> None:
         environ = request.environ
         rule = request.url_rule
         fields: dict[str, Any] = {
-            "method": request.method, "path": request.path[:500],
-            "route": rule.rule if rule else None, "status": response.status_code,
-            "ip": request.remote_addr, "pid": pid,
+            "method": request.method,
+            "path": request.path[:500],
+            "route": rule.rule if rule else None,
+            "status": response.status_code,
+            "ip": request.remote_addr,
+            "pid": pid,
         }
         started = environ.get(START_KEY, time.monotonic())
 

@@ -3,6 +3,7 @@ foreign page submits, so a write authenticated by a cookie alone is accepted onl
 browser says where it comes from and that place is allowed: `Origin`, else `Sec-Fetch-Site`,
 else `Referer`. A write carrying none of them is refused too (a browser always sends one of
 them on a cross-site POST; other clients send their token in a header instead)."""
+
 from __future__ import annotations
 
 from collections.abc import Collection
@@ -26,8 +27,11 @@ def _origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
-def check_write_origin(headers: HeaderSource, allowed: Collection[str], own_host: str,
-                       ) -> None:
+def check_write_origin(
+    headers: HeaderSource,
+    allowed: Collection[str],
+    own_host: str,
+) -> None:
     """Raise a 403 problem unless the browser's own account of the write's origin is allowed
     (`allowed`: `https://host[:port]` entries or `*`; `own_host`: this server's Host)."""
     allowed_lower = {a.lower() for a in allowed}
@@ -35,24 +39,37 @@ def check_write_origin(headers: HeaderSource, allowed: Collection[str], own_host
     def ok(origin: str | None) -> bool:
         if origin is None:
             return False
-        return "*" in allowed_lower or origin in allowed_lower \
-            or origin.split("://", 1)[1] == own_host.lower()
+        return (
+            "*" in allowed_lower or origin in allowed_lower or origin.split("://", 1)[1] == own_host.lower()
+        )
 
     origin = headers.get("Origin")
     if origin is not None:
         if ok(_origin_of(origin)):  # `null` (a sandboxed or file page) never is
             return
-        raise Problem(403, "cross-origin-write", f"a write authenticated by a cookie is not "
-                      f"accepted from the origin {origin[:200]!r}", field="Origin")
+        raise Problem(
+            403,
+            "cross-origin-write",
+            f"a write authenticated by a cookie is not accepted from the origin {origin[:200]!r}",
+            field="Origin",
+        )
     site = (headers.get("Sec-Fetch-Site") or "").lower()
     if site:
         if site in ("same-origin", "none") or "*" in allowed_lower:
             return
-        raise Problem(403, "cross-origin-write", f"a write authenticated by a cookie is not "
-                      f"accepted from a {site} page", field="Sec-Fetch-Site")
+        raise Problem(
+            403,
+            "cross-origin-write",
+            f"a write authenticated by a cookie is not accepted from a {site} page",
+            field="Sec-Fetch-Site",
+        )
     referer = headers.get("Referer")
     if referer is not None and ok(_origin_of(referer)):
         return
-    raise Problem(403, "cross-origin-write", "a write authenticated by a cookie needs an "
-                  "allowed `Origin` (or `Referer`); send the token in `Authorization` instead",
-                  field="Origin")
+    raise Problem(
+        403,
+        "cross-origin-write",
+        "a write authenticated by a cookie needs an "
+        "allowed `Origin` (or `Referer`); send the token in `Authorization` instead",
+        field="Origin",
+    )

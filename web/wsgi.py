@@ -26,6 +26,7 @@ and a fifth that matters at 10,000 held streams.
 
 The same handler serves `python app.py` and gunicorn's workers (`SluiceGunicornWorker`).
 """
+
 from __future__ import annotations
 
 import _socket
@@ -83,8 +84,8 @@ class RequestHeaders:
 
     def __init__(self, fp: BinaryIO, max_bytes: int = MAX_HEADER_BYTES) -> None:
         self.status = ""
-        self._lines: list[str] = []          # raw "Name: value\r\n" lines
-        self._index: dict[str, str] = {}     # lower-cased name -> first value
+        self._lines: list[str] = []  # raw "Name: value\r\n" lines
+        self._index: dict[str, str] = {}  # lower-cased name -> first value
         framing: list[tuple[str, str]] = []  # every Content-Length / Transfer-Encoding value
         self._read(fp, max_bytes, framing)
         if framing and not self.status:
@@ -134,8 +135,9 @@ class RequestHeaders:
     def __delitem__(self, name: str) -> None:
         key = name.lower()
         self._index.pop(key, None)
-        self._lines = [line for line in self._lines
-                       if line[:1] in " \t" or line.partition(":")[0].strip().lower() != key]
+        self._lines = [
+            line for line in self._lines if line[:1] in " \t" or line.partition(":")[0].strip().lower() != key
+        ]
 
     def items(self) -> list[tuple[str, str]]:
         """(name, value) pairs in arrival order (gunicorn's access log reads these)."""
@@ -187,8 +189,11 @@ def body_unread(body: Any) -> bool:
     """Has the request body (pywsgi's Input) bytes the application has not read?"""
     if body is None:
         return False
-    return bool(body.chunk_length != 0) if body.chunked_input \
+    return (
+        bool(body.chunk_length != 0)
+        if body.chunked_input
         else bool(body.position < (body.content_length or 0))
+    )
 
 
 class HeaderDeadline:
@@ -201,8 +206,9 @@ class HeaderDeadline:
     _deadline: gevent.Timeout | None = None
 
     def handle_one_request(self) -> Any:  # pywsgi's
-        self._deadline = gevent.Timeout.start_new(self.header_timeout_s,
-                                                  HeaderTimeout("request headers too slow"))
+        self._deadline = gevent.Timeout.start_new(
+            self.header_timeout_s, HeaderTimeout("request headers too slow")
+        )
         try:
             return super().handle_one_request()  # type: ignore[misc]
         finally:
@@ -256,9 +262,9 @@ class OneSend:
     spare copying them."""
 
     ONE_SEND_MAX = 65536
-    headers_sent: bool          # pywsgi's state, which this method keeps as pywsgi's does
+    headers_sent: bool  # pywsgi's state, which this method keeps as pywsgi's does
     response_use_chunked: bool
-    status: bytes               # latin-1 bytes, as start_response stored them
+    status: bytes  # latin-1 bytes, as start_response stored them
     response_headers: list[tuple[bytes, bytes]]
     socket: Any
     code: int
@@ -342,14 +348,18 @@ class Parking:
         if this connection cannot be taken over (TLS, headers not sent, a blocking socket)."""
         sock: Any = getattr(self, "socket", None)
         raw = getattr(sock, "_sock", None)
-        if raw is None or type(sock).__module__ != "gevent._socket3" \
-                or not getattr(self, "headers_sent", False) or raw.gettimeout() != 0.0:
+        if (
+            raw is None
+            or type(sock).__module__ != "gevent._socket3"
+            or not getattr(self, "headers_sent", False)
+            or raw.gettimeout() != 0.0
+        ):
             return None
         own = _socket.socket(fileno=os.dup(raw.fileno()))
         own.setblocking(False)
         chunked = bool(getattr(self, "response_use_chunked", False))
         self.response_use_chunked = False  # pywsgi must not end the response: its owner will
-        self.close_connection = True       # nor read another request from this connection
+        self.close_connection = True  # nor read another request from this connection
         return own, chunked
 
 
@@ -369,7 +379,7 @@ class SluiceHandler(OneSend, Parking, HeaderDeadline, WSGIHandler):
     def get_environ(self) -> dict:
         env = super().get_environ()
         env["sluice.socket"] = self.socket  # streams watch it to notice a client going away
-        env["sluice.handler"] = self        # a held stream parks its socket (`park`)
+        env["sluice.handler"] = self  # a held stream parks its socket (`park`)
         if isinstance(self.headers, RequestHeaders):
             self.headers.forget_lines()  # in the environ now; a held stream keeps less
         return env
@@ -452,7 +462,6 @@ def drain_worker(worker: Any, services: Services) -> None:
     try:
         flushed = drain(services)
         if flushed is not None:
-            worker.log.info("worker %s: batcher %s", worker.pid,
-                            "flushed" if flushed else "NOT flushed")
+            worker.log.info("worker %s: batcher %s", worker.pid, "flushed" if flushed else "NOT flushed")
     finally:
         done.set()

@@ -10,6 +10,7 @@ STREAM through SLUICE_URL with the given transport ("sse", "poll", "auto", or
 `report` prints what the page has seen ({got, statuses, transport, errors, resets}); end of input
 quits.
 """
+
 from __future__ import annotations
 
 import sys
@@ -44,17 +45,24 @@ def main() -> None:
             page.evaluate("() => { window.EventSource = undefined; }")
             transport = "auto"
         page.evaluate(SUBSCRIBE, [sluice_url, token, stream, transport, last_event_id])
-        wait_for(page, "window.statuses.includes('open') || window.statuses.includes('polling')"
-                       " || window.errors.length > 0", 30)
+        wait_for(
+            page,
+            "window.statuses.includes('open') || window.statuses.includes('polling')"
+            " || window.errors.length > 0",
+            30,
+        )
         say(step="subscribed")
         for line in sys.stdin:
             if line.strip() == "report":
-                say(step="report", got=page.evaluate("window.got"),
+                say(
+                    step="report",
+                    got=page.evaluate("window.got"),
                     statuses=page.evaluate("window.statuses"),
                     errors=page.evaluate("window.errors"),
                     resets=page.evaluate("window.resets"),
                     transport=page.evaluate("window.sub.transport"),
-                    lastEventId=page.evaluate("window.sub.lastEventId"))
+                    lastEventId=page.evaluate("window.sub.lastEventId"),
+                )
         browser.close()
 
 

@@ -7,6 +7,7 @@ Opens BASE_URL/?token=TOKEN and waits for the charts to fill. Commands on stdin,
 publish form and wait for its answer), `report` (chart series and axis labels, the streams and
 processes tables, explorer rows, statuses), `screenshot PATH`. End of input quits.
 """
+
 from __future__ import annotations
 
 import sys
@@ -56,8 +57,11 @@ def main() -> None:
                 page.fill("#publish-data", '{"from": "the dashboard"}')
                 page.evaluate('document.getElementById("publish-result").textContent = ""')
                 page.click("#publish-form button")
-                wait_for(page, 'document.getElementById("publish-result").textContent'
-                               '.match(/^(published|[0-9])/)', 15)
+                wait_for(
+                    page,
+                    'document.getElementById("publish-result").textContent.match(/^(published|[0-9])/)',
+                    15,
+                )
                 say(step="published")
             elif command == "report":
                 say(step="report", **page.evaluate(REPORT))

@@ -7,6 +7,7 @@ waits for a line on stdin. Only the server URL it is given is contacted.
 
     python tests/browser/eventsource.py SCENARIO BASE_URL TOKEN STREAM
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,16 @@ import time
 from playwright.sync_api import sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 SETUP = """([url, token, stream]) => {
   window.got = []; window.opens = 0; window.errors = 0;
@@ -102,8 +111,7 @@ def main() -> None:
         page.evaluate(SETUP, [url, token, stream])
         if scenario == "unknown-stream":
             wait_for(page, "window.es.readyState === 2")
-            say(step="closed", opens=page.evaluate("window.opens"),
-                errors=page.evaluate("window.errors"))
+            say(step="closed", opens=page.evaluate("window.opens"), errors=page.evaluate("window.errors"))
         elif scenario == "receive-and-resume":
             wait_for(page, "window.opens >= 1")
             ids = [page.evaluate(PUBLISH, [url, token, stream, n]) for n in range(3)]
@@ -114,8 +122,12 @@ def main() -> None:
             ids += [page.evaluate(PUBLISH, [url, token, stream, n]) for n in range(3, 5)]
             wait_for(page, f"window.got.length >= {len(ids) + 2}", 40)
             time.sleep(0.5)  # anything extra (a duplicate) would arrive now
-            say(step="done", published=ids, got=page.evaluate("window.got"),
-                opens=page.evaluate("window.opens"))
+            say(
+                step="done",
+                published=ids,
+                got=page.evaluate("window.got"),
+                opens=page.evaluate("window.opens"),
+            )
         elif scenario == "hold":
             # The test cuts connections under the browser; on each "report" line it gets what
             # the page has seen so far; it ends when stdin closes.
@@ -123,10 +135,13 @@ def main() -> None:
             say(step="open")
             for line in sys.stdin:
                 if line.strip() == "report":
-                    say(step="report", got=page.evaluate("window.got"),
+                    say(
+                        step="report",
+                        got=page.evaluate("window.got"),
                         opens=page.evaluate("window.opens"),
                         errors=page.evaluate("window.errors"),
-                        state=page.evaluate("window.es.readyState"))
+                        state=page.evaluate("window.es.readyState"),
+                    )
         else:
             raise SystemExit(f"unknown scenario {scenario}")
         browser.close()

@@ -8,6 +8,7 @@ The page sets the `mercureAuthorization` cookie (COOKIE_TOKEN) and opens two Eve
 `?authorization=OTHER_TOKEN` (whose claims do not cover the private topics). It reports what
 each received before and after the test restarts the server.
 """
+
 from __future__ import annotations
 
 import sys

@@ -3,6 +3,7 @@
 Only the standard library speaks HTTP here (`http.client`), so the SDK adds no HTTP stack to an
 origin's dependencies.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -24,8 +25,13 @@ BATCH_MAX = 1000  # events per publish request (the server's MAX_BATCH_EVENTS de
 class SluiceError(Exception):
     """A request Sluice refused (4xx) or could not serve after the retries (5xx, network)."""
 
-    def __init__(self, status: int, detail: str, problem: Mapping[str, Any] | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        problem: Mapping[str, Any] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{status}: {detail}" if status else detail)
         self.status = status
         self.detail = detail
@@ -45,7 +51,7 @@ class Published:
 
 @dataclass(frozen=True)
 class StoredEvent:
-    id: str | None          # None while accepted but not yet committed (`pending`)
+    id: str | None  # None while accepted but not yet committed (`pending`)
     stream: str
     type: str
     data: Any
@@ -58,8 +64,8 @@ class StoredEvent:
 @dataclass(frozen=True)
 class HistoryPage:
     events: list[StoredEvent]
-    next: str | None        # pass back as `after` for the next page
-    reset: Any = None       # set when history after `after` is gone (retention)
+    next: str | None  # pass back as `after` for the next page
+    reset: Any = None  # set when history after `after` is gone (retention)
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,9 +81,16 @@ class Client:
     """One Sluice server. `token` is a token string or a function returning a fresh one (called
     for every request, so a short-lived token can be renewed)."""
 
-    def __init__(self, base_url: str, token: str | Callable[[], str], *, timeout_s: float = 10.0,
-                 retries: int = 5, max_wait_s: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | Callable[[], str],
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 5,
+        max_wait_s: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("base_url must be an http(s) URL")
@@ -102,11 +115,12 @@ class Client:
         return self.prefix + path + ("?" + query if query else "")
 
     def _wait(self, attempt: int, retry_after: float | None) -> None:
-        backoff = min(self.max_wait_s, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
+        backoff = min(self.max_wait_s, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
         self.sleep(min(self.max_wait_s, retry_after if retry_after is not None else backoff))
 
-    def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                body: Any = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None
+    ) -> tuple[int, Any]:
         """Send, retrying network errors and 429/5xx answers (after their Retry-After) up to
         `retries` times; returns (status, parsed JSON body) or raises SluiceError. Only
         requests that are safe to repeat use this (publishing carries idempotency keys)."""
@@ -135,13 +149,13 @@ class Client:
                 self._wait(attempt, retry_after)
                 continue
             detail = answer.get("detail", resp.reason) if isinstance(answer, dict) else resp.reason
-            raise SluiceError(resp.status, str(detail), answer if isinstance(answer, dict) else None,
-                              retry_after)
+            raise SluiceError(
+                resp.status, str(detail), answer if isinstance(answer, dict) else None, retry_after
+            )
         raise AssertionError("unreachable")
 
     # -- publishing -------------------------------------------------------------------------
-    def publish(self, stream: str, data: Any, *, type: str = "message",
-                key: str | None = None) -> Published:
+    def publish(self, stream: str, data: Any, *, type: str = "message", key: str | None = None) -> Published:
         """Publish one event; a key is generated when none is given, so the retries this makes
         (or yours, with the same key) never store it twice."""
         return self.publish_many([{"stream": stream, "type": type, "data": data, "key": key}])[0]
@@ -149,29 +163,62 @@ class Client:
     def publish_many(self, events: Iterable[Mapping[str, Any]]) -> list[Published]:
         """Publish events (`{"stream", "data", "type"?, "key"?}`), in requests of at most 1,000
         committed all or nothing each; every event without a key gets a fresh one."""
-        prepared = [{"stream": e["stream"], "type": e.get("type") or "message",
-                     "data": e.get("data"), "key": e.get("key") or uuid.uuid4().hex}
-                    for e in events]
+        prepared = [
+            {
+                "stream": e["stream"],
+                "type": e.get("type") or "message",
+                "data": e.get("data"),
+                "key": e.get("key") or uuid.uuid4().hex,
+            }
+            for e in events
+        ]
         results: list[Published] = []
         for start in range(0, len(prepared), BATCH_MAX):
-            _, answer = self.request("POST", "/api/v1/events", body=prepared[start:start + BATCH_MAX])
-            results.extend(Published(w["id"], w["stream"], w.get("key"), bool(w.get("duplicate")))
-                           for w in answer["events"])
+            _, answer = self.request("POST", "/api/v1/events", body=prepared[start : start + BATCH_MAX])
+            results.extend(
+                Published(w["id"], w["stream"], w.get("key"), bool(w.get("duplicate")))
+                for w in answer["events"]
+            )
         return results
 
     # -- history ----------------------------------------------------------------------------
-    def history(self, *, stream: str | None = None, client_id: str | None = None,
-                after: str | None = None, limit: int = 100) -> HistoryPage:
+    def history(
+        self,
+        *,
+        stream: str | None = None,
+        client_id: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> HistoryPage:
         """One page of history, oldest first (pending events included, as the API gives them)."""
-        _, answer = self.request("GET", "/api/v1/events", params={
-            "stream": stream, "clientId": client_id, "after": after, "limit": limit})
-        events = [StoredEvent(e["id"], e["stream"], e["type"], e["data"], e["clientId"],
-                              e.get("key"), e.get("createdAt"), bool(e.get("pending")))
-                  for e in answer["events"]]
+        _, answer = self.request(
+            "GET",
+            "/api/v1/events",
+            params={"stream": stream, "clientId": client_id, "after": after, "limit": limit},
+        )
+        events = [
+            StoredEvent(
+                e["id"],
+                e["stream"],
+                e["type"],
+                e["data"],
+                e["clientId"],
+                e.get("key"),
+                e.get("createdAt"),
+                bool(e.get("pending")),
+            )
+            for e in answer["events"]
+        ]
         return HistoryPage(events, answer.get("next"), answer.get("reset"), answer)
 
-    def iter_history(self, *, stream: str | None = None, client_id: str | None = None,
-                     after: str | None = None, limit: int = 500) -> Iterator[StoredEvent]:
+    def iter_history(
+        self,
+        *,
+        stream: str | None = None,
+        client_id: str | None = None,
+        after: str | None = None,
+        limit: int = 500,
+    ) -> Iterator[StoredEvent]:
         """Every committed event after `after`, page by page, until the end of history."""
         while True:
             page = self.history(stream=stream, client_id=client_id, after=after, limit=limit)
@@ -182,14 +229,26 @@ class Client:
             after = page.next
 
     # -- subscribing ------------------------------------------------------------------------
-    def subscribe(self, streams: str | Sequence[str], *, last_event_id: str | None = None,
-                  reconnect: bool = True, read_timeout_s: float = 60.0,
-                  max_retry_s: float = 60.0) -> Subscription:
+    def subscribe(
+        self,
+        streams: str | Sequence[str],
+        *,
+        last_event_id: str | None = None,
+        reconnect: bool = True,
+        read_timeout_s: float = 60.0,
+        max_retry_s: float = 60.0,
+    ) -> Subscription:
         """An iterator of live events (after `last_event_id`, if given), resuming from the
         last id received after every drop. See `Subscription`."""
         names = [streams] if isinstance(streams, str) else list(streams)
-        return Subscription(self, names, last_event_id, reconnect=reconnect,
-                            read_timeout_s=read_timeout_s, max_retry_s=max_retry_s)
+        return Subscription(
+            self,
+            names,
+            last_event_id,
+            reconnect=reconnect,
+            read_timeout_s=read_timeout_s,
+            max_retry_s=max_retry_s,
+        )
 
 
 class Subscription:
@@ -200,8 +259,16 @@ class Subscription:
     events (history gone) are yielded like any other. Call `close()` from another thread, or
     stop iterating and close, to end it."""
 
-    def __init__(self, client: Client, streams: list[str], last_event_id: str | None, *,
-                 reconnect: bool, read_timeout_s: float, max_retry_s: float) -> None:
+    def __init__(
+        self,
+        client: Client,
+        streams: list[str],
+        last_event_id: str | None,
+        *,
+        reconnect: bool,
+        read_timeout_s: float,
+        max_retry_s: float,
+    ) -> None:
         self.client = client
         self.streams = streams
         self.last_event_id = last_event_id
@@ -252,14 +319,12 @@ class Subscription:
             self._ready.append(event)
 
     def _open(self) -> None:
-        headers = {"Authorization": f"Bearer {self.client.token()}",
-                   "Accept": "text/event-stream"}
+        headers = {"Authorization": f"Bearer {self.client.token()}", "Accept": "text/event-stream"}
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
         conn = self.client.connection(self.read_timeout_s)
         try:
-            conn.request("GET", self.client.url("/api/v1/sse", {"stream": self.streams}),
-                         headers=headers)
+            conn.request("GET", self.client.url("/api/v1/sse", {"stream": self.streams}), headers=headers)
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException):
             conn.close()
@@ -276,8 +341,9 @@ class Subscription:
                 self._pause(_retry_after(resp.headers))
                 return
             self.closed = True
-            raise SluiceError(resp.status, str(problem.get("detail", resp.reason)), problem,
-                              _retry_after(resp.headers))
+            raise SluiceError(
+                resp.status, str(problem.get("detail", resp.reason)), problem, _retry_after(resp.headers)
+            )
         self._conn, self._resp = conn, resp
         self._parser = SSEParser()
         self._parser.last_event_id = self.last_event_id or ""

@@ -2,6 +2,7 @@
 at CRLF, LF or CR (also split across reads), `:` starts a comment, one leading space after the
 colon is dropped, the last-event-id buffer persists across events and an `id` with NUL is
 ignored, `retry` takes digits only, and an event with no data is not dispatched."""
+
 from __future__ import annotations
 
 import codecs
@@ -37,12 +38,12 @@ class SSEParser:
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._carry = ""           # an unfinished line (and a CR that may start a CRLF)
+        self._carry = ""  # an unfinished line (and a CR that may start a CRLF)
         self._started = False
         self._data: list[str] = []
         self._type = ""
         self._id = ""
-        self.last_event_id = ""    # what EventSource would send as Last-Event-ID
+        self.last_event_id = ""  # what EventSource would send as Last-Event-ID
         self.retry_ms: int | None = None
 
     def feed(self, chunk: bytes) -> list[Event]:
@@ -51,7 +52,7 @@ class SSEParser:
             self._started = True
             text = text[1:] if text.startswith("\ufeff") else text
         held = ""
-        if text.endswith("\r"):   # wait: the next byte may be the LF of a CRLF
+        if text.endswith("\r"):  # wait: the next byte may be the LF of a CRLF
             text, held = text[:-1], "\r"
         *complete, rest = _LINE_END.split(text)
         self._carry = rest + held

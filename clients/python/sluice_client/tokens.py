@@ -1,4 +1,5 @@
 """Minting the tokens an origin hands to its users and services."""
+
 from __future__ import annotations
 
 import time
@@ -11,9 +12,18 @@ import jwt
 ALGORITHMS = ("HS256", "RS256", "ES256")
 
 
-def mint_token(key: Any, subject: str, *, publish: Sequence[str] = (),
-               subscribe: Sequence[str] = (), ttl_s: float = 3600, algorithm: str = "HS256",
-               kid: str | None = None, jti: str | None = None, **claims: Any) -> str:
+def mint_token(
+    key: Any,
+    subject: str,
+    *,
+    publish: Sequence[str] = (),
+    subscribe: Sequence[str] = (),
+    ttl_s: float = 3600,
+    algorithm: str = "HS256",
+    kid: str | None = None,
+    jti: str | None = None,
+    **claims: Any,
+) -> str:
     """A Sluice token for `subject` with stream patterns to publish and subscribe to.
 
     `key` is the shared secret for HS256, or a private key (PEM text or a `cryptography` key
@@ -29,17 +39,29 @@ def mint_token(key: Any, subject: str, *, publish: Sequence[str] = (),
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
     now = int(time.time())
-    payload: dict[str, Any] = {"sub": subject, "iat": now, "exp": now + int(ttl_s),
-                               "jti": jti or uuid.uuid4().hex,
-                               "publish": list(publish), "subscribe": list(subscribe), **claims}
+    payload: dict[str, Any] = {
+        "sub": subject,
+        "iat": now,
+        "exp": now + int(ttl_s),
+        "jti": jti or uuid.uuid4().hex,
+        "publish": list(publish),
+        "subscribe": list(subscribe),
+        **claims,
+    }
     headers = {"kid": kid} if kid else None
     return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
 
 
-def mint_mercure_token(key: Any, *, publish: Sequence[str] | None = None,
-                       subscribe: Sequence[str] | None = None, payload: Any = None,
-                       ttl_s: float | None = 3600, algorithm: str = "HS256",
-                       **claims: Any) -> str:
+def mint_mercure_token(
+    key: Any,
+    *,
+    publish: Sequence[str] | None = None,
+    subscribe: Sequence[str] | None = None,
+    payload: Any = None,
+    ttl_s: float | None = 3600,
+    algorithm: str = "HS256",
+    **claims: Any,
+) -> str:
     """A token for Sluice's Mercure door (`mercure.publish` / `mercure.subscribe` selectors),
     signed with the key set as MERCURE_PUBLISHER_JWT_KEY or MERCURE_SUBSCRIBER_JWT_KEY."""
     if algorithm not in ALGORITHMS:

@@ -1,5 +1,6 @@
 """Checking the `Sluice-Signature` header of a subscription webhook (`t=<unix>,v1=<hex>`:
 HMAC-SHA256 over `<t>.` followed by the raw body)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,7 @@ import time
 def webhook_secret(sluice_secret: str) -> str:
     """The secret Sluice signs notices with when `SLUICE_WEBHOOK_SECRET` is not set: derived
     from `SLUICE_SECRET` (never the token key itself)."""
-    return hmac.new(sluice_secret.encode(), b"sluice webhook signing key v1",
-                    hashlib.sha256).hexdigest()
+    return hmac.new(sluice_secret.encode(), b"sluice webhook signing key v1", hashlib.sha256).hexdigest()
 
 
 def signature(secret: str, body: bytes, timestamp: int) -> str:
@@ -20,8 +20,9 @@ def signature(secret: str, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={mac}"
 
 
-def verify_webhook(secret: str, body: bytes, header: str | None, *, tolerance_s: float = 300,
-                   now: float | None = None) -> bool:
+def verify_webhook(
+    secret: str, body: bytes, header: str | None, *, tolerance_s: float = 300, now: float | None = None
+) -> bool:
     """True if `header` signs exactly `body` with `secret` and was made within `tolerance_s`
     of now (a replayed old notice fails). Compared in constant time; pass the raw body bytes,
     not a re-encoded JSON."""
