@@ -35,7 +35,7 @@ from streaming.webhooks import WebhookNotifier
 log = logging.getLogger("sluice")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Services:
     """Everything a process shares between requests, built once and handed to the app."""
 
@@ -212,23 +212,23 @@ def build_services(settings: Settings) -> Services:
         else None
     )
     services = Services(
-        settings,
-        pool,
-        store,
-        batcher,
-        tokens,
-        redis,
-        metrics,
-        hub,
-        backoff,
-        limits,
-        presence,
-        pruner,
-        pending,
-        revocations,
-        authorizer,
-        notifier,
-        build_door(settings, hub, revocations),
+        settings=settings,
+        pool=pool,
+        store=store,
+        batcher=batcher,
+        tokens=tokens,
+        redis=redis,
+        metrics=metrics,
+        hub=hub,
+        backoff=backoff,
+        limits=limits,
+        presence=presence,
+        pruner=pruner,
+        pending=pending,
+        revocations=revocations,
+        authorizer=authorizer,
+        notifier=notifier,
+        mercure=build_door(settings, hub, revocations),
     )
     metrics.start(services)
     presence.stats = lambda: snapshot(services)
