@@ -3,19 +3,26 @@ that runs without yielding (a slow match, a large encode) delays every connectio
 
 A ticker greenlet asks to wake every `interval_s`; how late it wakes is the loop's lag. The
 gauge `sluice_event_loop_lag_seconds` shows the worst lag of the last `window_s` (so a scrape
-every 15 s still sees a short block). gevent's monitor thread (`max_blocking_time`) notices a
-greenlet that holds the loop past `report_s` and names it with its stack; the thread only
-records it (a thread must not take gevent's locks) and the ticker logs it.
+every 15 s still sees a short block). A watcher on a native thread notices when the ticker has
+not run for `report_s` and takes the stack the main thread is running at that moment: the
+greenlet holding the loop. It only records it (a thread must not take gevent's locks) and the
+ticker logs it once the loop is free, with the block's measured length.
+
+gevent's own monitor thread was tried first: its report walks every object on the heap while
+holding the GIL, which under load made each block longer and set off the next one.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import traceback
 from collections import deque
 from typing import Any
 
 import gevent
+from gevent import monkey
 
 log = logging.getLogger("sluice.loop")
 
@@ -33,23 +40,23 @@ class LoopLag:
         self.last = 0.0
         self.worst_ever = 0.0
         self._recent: deque[tuple[float, float]] = deque()  # (when, lag), worst kept per tick
-        self._blocked: deque[tuple[str, float, list[str]]] = deque(maxlen=32)
+        self._blocked: deque[list[str]] = deque(maxlen=32)  # stacks the watcher took
+        self._beat = 0  # ticks so far: the watcher sees the loop move by this
+        self._running = False
         self._greenlet: gevent.Greenlet | None = None
-        self._subscribed = False
 
     def start(self) -> LoopLag:
-        self._watch_blocks()
+        self._running = True
         self._greenlet = gevent.spawn(self._tick_forever)
+        get_ident = monkey.get_original("_thread", "get_ident")
+        start_thread = monkey.get_original("_thread", "start_new_thread")
+        start_thread(self._watch, (get_ident(),))
         return self
 
     def stop(self) -> None:
+        self._running = False
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
-        if self._subscribed:
-            import gevent.events
-
-            if self._on_event in gevent.events.subscribers:
-                gevent.events.subscribers.remove(self._on_event)
 
     def worst(self) -> float:
         """The worst lag seen in the last `window_s`."""
@@ -60,6 +67,7 @@ class LoopLag:
         while True:
             began = time.perf_counter()
             gevent.sleep(self.interval_s)
+            self._beat += 1
             self.record(max(0.0, time.perf_counter() - began - self.interval_s))
 
     def record(self, lag: float) -> None:
@@ -74,43 +82,30 @@ class LoopLag:
         self._recent.append((now, lag))
         if self.gauge is not None:
             self.gauge.set(self.worst())
-        reported: set[str] = set()
         while self._blocked:
-            name, past, stack = self._blocked.popleft()
-            if name in reported:
-                continue  # the monitor saw the same block twice
-            reported.add(name)
+            stack = self._blocked.popleft()
             log.warning(
-                "the event loop was held %.0f ms (past %.0f ms) by %s%s",
+                "the event loop was held %.0f ms (past %.0f ms) by the greenlet running:%s",
                 lag * 1000,
-                past * 1000,
-                name,
-                "".join("\n  " + line.rstrip() for line in stack[-12:]),
+                self.report_s * 1000,
+                "".join("\n  " + line.rstrip().replace("\n", "\n  ") for line in stack),
             )
 
-    # -- gevent's monitor thread --------------------------------------------------------------
-    def _watch_blocks(self) -> None:
-        import gevent.events
-
-        hub = gevent.get_hub()
-        try:
-            gevent.config.max_blocking_time = self.report_s
-            gevent.config.monitor_thread = True
-            gevent.config.print_blocking_reports = False  # the ticker logs them, shorter
-            if hub.start_periodic_monitoring_thread() is None:
-                raise RuntimeError("gevent's monitor thread did not start")
-        except Exception as exc:  # noqa: BLE001 - the ticker still measures the lag
-            log.info("event-loop block reports are off: %s", exc)
-            return
-        gevent.events.subscribers.append(self._on_event)
-        self._subscribed = True
-
-    def _on_event(self, event: Any) -> None:
-        """In the monitor thread: record, never log (no gevent lock may be taken here)."""
-        import gevent.events
-
-        if isinstance(event, gevent.events.EventLoopBlocked):
-            lines = [str(line) for line in event.info]
-            start = next((i + 1 for i, line in enumerate(lines) if line.startswith("Blocked Stack")), 0)
-            stop = next((i for i, line in enumerate(lines) if line.startswith("Info:")), len(lines))
-            self._blocked.append((repr(event.greenlet), float(event.blocking_time), lines[start:stop]))
+    # -- the watcher (a native thread) ----------------------------------------------------------
+    def _watch(self, main_thread: int) -> None:
+        """Every `report_s / 2`: if the ticker has not moved for `report_s`, take the main
+        thread's current stack once per block (cheap: one frame chain, no heap walk)."""
+        sleep = monkey.get_original("time", "sleep")
+        seen, since, reported = self._beat, time.monotonic(), False
+        while self._running:
+            sleep(self.report_s / 2)
+            beat, now = self._beat, time.monotonic()
+            if beat != seen:
+                seen, since, reported = beat, now, False
+                continue
+            if reported or now - since < self.report_s + self.interval_s:
+                continue
+            frame = sys._current_frames().get(main_thread)
+            if frame is not None:
+                self._blocked.append(traceback.format_stack(frame)[-12:])
+                reported = True
