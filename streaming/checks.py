@@ -6,7 +6,6 @@ gets a status and a body instead of a stream; SSE and long-poll share it all.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from common.problems import Problem, invalid_parameter, not_granted, unauthorize
 from ingest.ids import parse_position
 from ingest.schema import invalid_stream, valid_stream
 from streaming.deps import StreamingServices
+from streaming.subscription import Subscription, subject_key
 
 SID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 SID_MAX = 32
@@ -54,8 +54,22 @@ class Checked:
 
 def unpaced_key(subject: str, address: str | None) -> str:
     """What a long-poll without a `sid` is paced by: its subject and address together."""
-    digest = hashlib.sha256(f"{subject}\x00{address or '-'}".encode("utf-8", "surrogatepass"))
-    return "a" + digest.hexdigest()[:24]
+    return subject_key("a", subject, address or "-")
+
+
+def subscribe_checked(svc: StreamingServices, checked: Checked) -> tuple[Subscription, int]:
+    """Register a checked subscription with the hub (both transports): what it was admitted
+    with, its credential's expiry and revocation keys, and its grant for pattern matches."""
+    return svc.hub.subscribe(
+        checked.streams,
+        svc.settings.subscriber_queue_max,
+        expires_at=checked.expires_at,
+        jti=checked.jti,
+        subject=checked.subject,
+        issued_at=checked.issued_at,
+        patterns=checked.patterns,
+        admits=checked.admits,
+    )
 
 
 def new_sid() -> str:

@@ -29,7 +29,7 @@ from ingest.ids import format_position
 from ingest.pool import DatabaseUnavailable
 from ingest.reads import history_gone
 from streaming.catchup import catch_up, streams_for
-from streaming.checks import Checked
+from streaming.checks import Checked, subscribe_checked
 from streaming.deps import StreamingServices
 from streaming.direct import DirectSink, Unsent
 from streaming.sse import EventStreamFraming, envelope_body, envelope_reset, http_chunk
@@ -356,16 +356,7 @@ class SSEConnection(StreamWriter):
         self.hello = hello
         self.opened_at = time.monotonic()
         self.takeover = checked.sid is not None  # a reconnect: an older connection loses
-        self.sub, self.seam = svc.hub.subscribe(
-            checked.streams,
-            svc.settings.subscriber_queue_max,
-            expires_at=checked.expires_at,
-            jti=checked.jti,
-            subject=checked.subject,
-            issued_at=checked.issued_at,
-            patterns=checked.patterns,
-            admits=checked.admits,
-        )
+        self.sub, self.seam = subscribe_checked(svc, checked)
         self.sub.envelope = envelope
         self.start = self.seam if checked.resume is None else checked.resume
         svc.presence.join(self.sub, sid, checked.subject, takeover=self.takeover)

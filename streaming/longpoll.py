@@ -14,7 +14,7 @@ from common.problems import unauthorized
 from ingest.ids import format_position
 from ingest.reads import history_gone
 from streaming.catchup import catch_up, streams_for
-from streaming.checks import Checked, new_sid
+from streaming.checks import Checked, new_sid, subscribe_checked
 from streaming.deps import StreamingServices
 from streaming.subscription import HEARTBEAT, StreamEnded
 
@@ -58,16 +58,7 @@ def long_poll(svc: StreamingServices, checked: Checked, hold_s: float) -> PollAn
     """Wait up to `hold_s` for events of the checked streams after its resume point."""
     page = svc.settings.catchup_page
     sid = checked.sid or new_sid()
-    sub, seam = svc.hub.subscribe(
-        checked.streams,
-        svc.settings.subscriber_queue_max,
-        expires_at=checked.expires_at,
-        jti=checked.jti,
-        subject=checked.subject,
-        issued_at=checked.issued_at,
-        patterns=checked.patterns,
-        admits=checked.admits,
-    )
+    sub, seam = subscribe_checked(svc, checked)
     svc.presence.join(sub, sid, checked.subject, takeover=False)
     reset = None
     try:

@@ -173,5 +173,10 @@ def bound_sid(subject: str, sid: str) -> str:
     """What pacing and takeover key a connection id by: the id within its subject, so another
     subject reusing a victim's sid neither spends the victim's reconnect budget nor takes its
     connection over."""
-    digest = hashlib.sha256(f"{subject}\x00{sid}".encode("utf-8", "surrogatepass"))
-    return "s" + digest.hexdigest()[:24]
+    return subject_key("s", subject, sid)
+
+
+def subject_key(prefix: str, subject: str, other: str) -> str:
+    """A short key for `other` within `subject` (a digest: both may be any text)."""
+    digest = hashlib.sha256(f"{subject}\x00{other}".encode("utf-8", "surrogatepass"))
+    return prefix + digest.hexdigest()[:24]
